@@ -1,0 +1,73 @@
+"""Shared settings: where Spectrascope keeps its files, devices, dtypes, progress callbacks.
+
+Every other module takes an explicit ``device`` and ``dtype``; this module turns the
+user's words ("auto", "cuda:1", "bf16") into torch objects in one place.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+#: ``progress(done, total, message)``: called by long work; the CLI draws a bar, the
+#: dashboard an ``st.progress``. ``None`` means nobody listens.
+Progress = Optional[Callable[[int, int, str], None]]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def home() -> Path:
+    """Spectrascope's own folder (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``)."""
+    path = Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else must exist on this machine."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asked for CUDA but no CUDA GPU is visible; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r} asked for Apple MPS, which is not available here; use cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    """Accepts a torch dtype or a name such as float32, fp16, bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).strip().lower()]
+    except KeyError:
+        raise ValueError(f"dtype={dtype!r} is unknown; use one of float32, float16, bfloat16") from None
+
+
+def report(progress: Progress, done: int, total: int, message: str = "") -> None:
+    """Call ``progress`` if somebody listens (keeps call sites one line)."""
+    if progress is not None:
+        progress(done, total, message)
