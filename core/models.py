@@ -48,7 +48,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str                     # attribute path of the block list
-    kinds: dict[str, str]           # module path inside a block -> short kind
+    kinds: dict[str, str]           # module path inside a block -> short kind, in module order
     transposed: bool = False        # weights stored in x out (GPT-2 Conv1D)
 
 
@@ -60,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                      "olmo", "olmo2", "granite"), "model.layers", _LLAMA_KINDS),
     Family("opt", ("opt",), "model.decoder.layers",
-           {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+           {"self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.q_proj": "q",   # module order
             "self_attn.out_proj": "o", "fc1": "fc1", "fc2": "fc2"}),
     Family("gpt2", ("gpt2",), "transformer.h",
            {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "fc", "mlp.c_proj": "proj"},
