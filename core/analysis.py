@@ -184,7 +184,9 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
         loaded = source if isinstance(source, LoadedModel) else load_model(
             source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
         items, infos = ((i, loaded.weight(i.name)) for i in loaded.matrices), loaded.matrices
-    spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress)
+    # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
+    spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress,
+                              budget_bytes=(256 << 20) if streaming else (1 << 30))
     report(progress, len(infos), len(infos), "fits and metrics")
     table = build_table(spectra, xmin=xmin, device=dev)
     result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),

@@ -103,7 +103,7 @@ def compute_spectra(items: Iterable[tuple[MatrixInfo, torch.Tensor]], *, total: 
 
         workers = workers or min(os.cpu_count() or 1, 8)
         with threadpool_limits(1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool:
-            for chunk in _chunks(items, budget_bytes // max(workers, 1) * workers):
+            for chunk in _chunks(items, budget_bytes):
                 for spec in pool.map(lambda it: _cpu_one(*it), chunk):
                     out.append(spec)
                     report(progress, len(out), total or len(out), "eigenvalues")
