@@ -1,0 +1,597 @@
+"""Pruning: magnitude, Wanda and SparseGPT with any per-matrix ratios, plus N:M sparsity.
+
+One block-sequential engine serves every method (primer section 5):
+
+1. capture the inputs of block 0 for every calibration window (a pre-hook that stops the
+   forward there) and the keyword arguments each block receives (attention mask, position
+   embeddings, ...) from one full forward of the first window;
+2. for each block: move it to ``device``; run the windows through it with hooks that feed
+   the method's statistics ``Collector``; prune each matrix with the method's rule; run the
+   windows through the pruned block to form the next block's inputs; move it back.
+
+Memory stays at one block plus two activation buffers (``nsamples x seqlen x hidden``).
+The methods differ only in their collector and rule:
+
+- ``magnitude``: no statistics; zero the fraction r of smallest ``|W|`` in the whole matrix.
+- ``wanda``: ``s_j = sum x_j^2`` over all calibration tokens; score ``|W_ij| sqrt(s_j)``;
+  in each output row zero the fraction r with the lowest score.
+- ``sparsegpt``: ``H = mean x x^T`` (+1% of its mean diagonal); columns in blocks of 128,
+  per block the fraction r with the lowest ``w^2 / [H^-1]_jj^2`` is zeroed and the error is
+  spread over the not yet processed columns (OBS update, lazy across blocks).
+
+N:M (``nm=(2, 4)``): in every group of M consecutive inputs of a row keep the N with the
+highest score; the ratios are then ignored (every matrix gets 1 - N/M).
+
+``owl_scores`` / ``owl_ratios``: OWL allocation from the same Wanda statistics of the dense
+model. The model passed in is pruned in place; ``prune(..., copy=True)`` prunes a deep copy.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .config import Progress, report, resolve_device
+from .models import LoadedModel, get_attr
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+NM_PATTERNS = ("2:4", "4:8")
+SPARSEGPT_BLOCKSIZE = 128
+SPARSEGPT_DAMP = 0.01
+OWL_LAMBDA = 0.08
+OWL_M = 5.0
+
+class Cancelled(RuntimeError):
+    """Raised between blocks when the caller's cancel flag is set."""
+
+
+def _cancelled(cancel: object) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def check_cancel(cancel: object, where: str = "") -> None:
+    if _cancelled(cancel):
+        raise Cancelled(f"cancelled{' ' + where if where else ''}")
+
+
+def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``; ``None``/``""`` -> ``None``. N must be in 1..M-1."""
+    if nm is None or nm == "":
+        return None
+    if isinstance(nm, str):
+        try:
+            n, m = (int(p) for p in nm.split(":"))
+        except ValueError:
+            raise ValueError(f"nm={nm!r}: write N:M, e.g. 2:4 or 4:8") from None
+    else:
+        n, m = (int(p) for p in nm)
+    if not (m >= 2 and 1 <= n < m):
+        raise ValueError(f"nm={nm!r}: need 1 <= N < M, e.g. 2:4 or 4:8")
+    return n, m
+
+
+# --- statistics collectors -------------------------------------------------------------
+
+class Collector:
+    """Statistics of one matrix's inputs, fed by a forward hook (``add(x)``, x: tokens x in)."""
+
+    def __init__(self, cols: int, device: torch.device) -> None:
+        self.cols, self.device, self.tokens = cols, device, 0
+
+    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - the magnitude collector
+        self.tokens += x.shape[0]
+
+
+class NormCollector(Collector):
+    """Wanda: ``sq[j] = sum over tokens of x_j^2`` (float32)."""
+
+    def __init__(self, cols: int, device: torch.device) -> None:
+        super().__init__(cols, device)
+        self.sq = torch.zeros(cols, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.sq += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+
+class HessianCollector(Collector):
+    """SparseGPT: running mean ``H = (1/n) sum x x^T`` in float32."""
+
+    def __init__(self, cols: int, device: torch.device) -> None:
+        super().__init__(cols, device)
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        n = x.shape[0]
+        total = self.tokens + n
+        self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
+        self.tokens = total
+
+
+_COLLECTORS: dict[str, type[Collector] | None] = {"magnitude": None, "wanda": NormCollector,
+                                                   "sparsegpt": HessianCollector}
+
+
+# --- prune rules (W: out x in, float32, modified in place) ----------------------------
+
+def _mask_lowest_flat(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of exactly round(ratio * numel) lowest entries of ``score``."""
+    k = int(round(ratio * score.numel()))
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = True
+    return mask.reshape(score.shape)
+
+
+def _mask_lowest_rows(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """In every row, the round(ratio * cols) lowest entries."""
+    k = int(round(ratio * score.shape[1]))
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, True)
+    return mask
+
+
+def _mask_nm(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of ``m`` consecutive columns of each row, the ``m - n`` lowest entries."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False, sorted=False).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def prune_magnitude(W: torch.Tensor, ratio: float, *, nm: tuple[int, int] | None = None) -> None:
+    score = W.abs()
+    W[_mask_nm(score, *nm) if nm else _mask_lowest_flat(score, ratio)] = 0
+
+
+def prune_wanda(W: torch.Tensor, sq: torch.Tensor, ratio: float, *, nm: tuple[int, int] | None = None) -> None:
+    score = W.abs() * sq.sqrt().unsqueeze(0)
+    W[_mask_nm(score, *nm) if nm else _mask_lowest_rows(score, ratio)] = 0
+
+
+def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), retrying with more damping if needed."""
+    n = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * (10 ** attempt) * max(mean_diag, 1e-8))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.info("SparseGPT: Hessian needed %gx the damping", 10 ** attempt)
+                return U
+    raise ValueError(f"SparseGPT: the {n}x{n} Hessian is not positive definite even with heavy damping; "
+                     "use more calibration samples")
+
+
+def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor, ratio: float, *, nm: tuple[int, int] | None = None,
+                    blocksize: int = SPARSEGPT_BLOCKSIZE, damp: float = SPARSEGPT_DAMP) -> None:
+    """OBS pruning with reconstruction (SparseGPT), ``W`` (out x in) updated in place.
+
+    ``U`` is the upper Cholesky factor of H^-1: row i of U restricted to columns >= i gives
+    the update direction that compensates removing column i once columns < i are fixed,
+    and ``U[i, i]^2`` plays the part of ``[H^-1]_ii`` in the saliency ``w^2 / [H^-1]_ii``.
+    """
+    rows, cols = W.shape
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0
+    U = _upper_inverse_cholesky(H, damp)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        Err1 = torch.zeros_like(W1)
+        if nm is None:
+            mask1 = _mask_lowest_flat(W1 ** 2 / d.unsqueeze(0) ** 2, ratio)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                score = W1[:, g] ** 2 / d[g].unsqueeze(0) ** 2
+                idx = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
+                mask1[:, g].scatter_(1, idx, True)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+
+
+# --- block-sequential engine -----------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by the block-0 pre-hook to end a capture forward early."""
+
+
+@dataclass
+class _Captured:
+    inputs: torch.Tensor                       # nsamples x seqlen x hidden, on device
+    args: list[tuple]                          # per block: positional args after hidden states
+    kwargs: list[dict]                         # per block: keyword args (hidden states removed)
+
+
+def _to(obj: object, device: torch.device) -> object:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _call_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _BlocksDetached:
+    """Temporarily take the block list out of the model (to move the rest to a device)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        path = loaded.family.blocks
+        parent_path, _, self.attr = path.rpartition(".")
+        self.parent = get_attr(loaded.model, parent_path) if parent_path else loaded.model
+        self.blocks = getattr(self.parent, self.attr)
+
+    def __enter__(self) -> nn.ModuleList:
+        setattr(self.parent, self.attr, nn.ModuleList())
+        return self.blocks
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.parent, self.attr, self.blocks)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _capture(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cancel: object) -> _Captured:
+    """Block-0 inputs of every window, and every block's other arguments from window 0.
+
+    Window 0 runs the whole model (each block visits ``device`` only while it runs) so the
+    pre-hooks record what every block receives (masks differ between sliding-window and
+    global layers in some families); later windows stop at block 0.
+    """
+    model, blocks = loaded.model, loaded.blocks
+    home_device = _model_device(model)
+    with _BlocksDetached(loaded):
+        model.to(device)                        # embeddings, rotary tables, final norm, head
+    buf: dict[str, torch.Tensor] = {}
+    per_block: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+    state = {"i": 0, "full": True}
+
+    def pre_hook(b: int):
+        def pre(module: nn.Module, args: tuple, kwargs: dict):
+            hidden, rest, kw = _split_hidden(args, kwargs)
+            if b == 0:
+                if "inputs" not in buf:
+                    buf["inputs"] = torch.empty((ids.shape[0],) + tuple(hidden.shape[1:]), dtype=hidden.dtype,
+                                                device=device)
+                buf["inputs"][state["i"]] = hidden[0].to(device)
+            if not state["full"]:
+                raise _Stop
+            per_block[b] = (rest, kw)
+            if _model_device(module) != device:
+                module.to(device)
+                module._spectrascope_home = home_device
+            return None
+        return pre
+
+    def post(module: nn.Module, args: tuple, output: object) -> None:
+        back = module.__dict__.pop("_spectrascope_home", None)
+        if back is not None:
+            module.to(back)
+
+    handles = [blk.register_forward_pre_hook(pre_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
+    handles += [blk.register_forward_hook(post) for blk in blocks]
+    try:
+        for i in range(ids.shape[0]):
+            check_cancel(cancel, "while capturing calibration inputs")
+            state["i"], state["full"] = i, i == 0
+            try:
+                model(input_ids=ids[i:i + 1].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        if home_device != device:
+            with _BlocksDetached(loaded):
+                model.to(home_device)
+    missing = [b for b, v in enumerate(per_block) if v is None]
+    if missing:
+        raise ValueError(f"blocks {missing[:5]} were never called in a forward pass; this architecture is "
+                         "not supported by the pruning engine")
+    return _Captured(buf["inputs"], [_to(a, device) for a, _ in per_block], [_to(k, device) for _, k in per_block])
+
+
+def _rel_names(loaded: LoadedModel, block: int) -> list:
+    return [m for m in loaded.matrices if m.block == block]
+
+
+@torch.no_grad()
+def _run_engine(loaded: LoadedModel, ids: torch.Tensor | None, *, collector: type[Collector] | None,
+                on_block: Callable[[int, dict[str, Collector]], None], forward_after: bool,
+                device: torch.device, progress: Progress, cancel: object, label: str) -> None:
+    """The shared loop: per block, collect statistics, call ``on_block``, forward again."""
+    blocks = loaded.blocks
+    n_blocks = len(blocks)
+    if collector is None:
+        # magnitude: no data flows; each block is handled where it is (moved if needed)
+        for b, blk in enumerate(blocks):
+            check_cancel(cancel, f"before block {b}")
+            home_device = _model_device(blk)
+            blk.to(device)
+            try:
+                on_block(b, {})
+            finally:
+                blk.to(home_device)
+            report(progress, b + 1, n_blocks, f"{label} block {b + 1}/{n_blocks}")
+        return
+    report(progress, 0, n_blocks, f"{label}: capturing inputs")
+    cap = _capture(loaded, ids, device, cancel)
+    inps, outs = cap.inputs, torch.empty_like(cap.inputs)
+    for b, blk in enumerate(blocks):
+        check_cancel(cancel, f"before block {b}")
+        home_device = _model_device(blk)
+        blk.to(device)
+        try:
+            infos = _rel_names(loaded, b)
+            stats = {m.name: collector(m.cols, device) for m in infos}
+
+            def make_hook(name: str):
+                def hook(module: nn.Module, args: tuple, output: object) -> None:
+                    x = args[0].detach()
+                    x = x.reshape(-1, x.shape[-1])
+                    stats[name].add(x)
+                return hook
+
+            handles = [loaded.module(m.name).register_forward_hook(make_hook(m.name)) for m in infos]
+            try:
+                for i in range(inps.shape[0]):
+                    outs[i] = _call_block(blk, inps[i:i + 1], cap.args[b], cap.kwargs[b])[0]
+            finally:
+                for h in handles:
+                    h.remove()
+            on_block(b, stats)
+            del stats
+            if forward_after:
+                for i in range(inps.shape[0]):
+                    outs[i] = _call_block(blk, inps[i:i + 1], cap.args[b], cap.kwargs[b])[0]
+        finally:
+            blk.to(home_device)
+        inps, outs = outs, inps
+        report(progress, b + 1, n_blocks, f"{label} block {b + 1}/{n_blocks}")
+
+
+# --- public API ------------------------------------------------------------------------
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did: per matrix the requested ratio and the achieved fraction of zeros."""
+
+    model: LoadedModel
+    method: str
+    nm: tuple[int, int] | None
+    matrices: pd.DataFrame            # name, block, kind, params, ratio, achieved
+    seconds: float
+    device: str
+    dtype: str
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Parameter-weighted achieved sparsity over the prunable matrices."""
+        m = self.matrices
+        return float((m["achieved"] * m["params"]).sum() / m["params"].sum())
+
+    @property
+    def requested(self) -> float:
+        m = self.matrices
+        return float((m["ratio"] * m["params"]).sum() / m["params"].sum())
+
+    def summary(self) -> str:
+        pattern = f" {self.nm[0]}:{self.nm[1]}" if self.nm else ""
+        return (f"{self.method}{pattern} pruned {len(self.matrices)} matrices in {self.seconds:.1f} s on "
+                f"{self.device} ({self.dtype}): requested {self.requested:.4f}, achieved {self.sparsity:.4f}")
+
+
+def _check_ratios(loaded: LoadedModel, ratios: Mapping[str, float] | float | None,
+                  nm: tuple[int, int] | None) -> dict[str, float]:
+    names = [m.name for m in loaded.matrices]
+    if nm is not None:
+        bad = [m.name for m in loaded.matrices if m.cols % nm[1]]
+        if bad:
+            raise ValueError(f"nm={nm[0]}:{nm[1]}: {len(bad)} matrices have an input size that is not a multiple "
+                             f"of {nm[1]}, e.g. {bad[0]}")
+        return {n: 1.0 - nm[0] / nm[1] for n in names}
+    if ratios is None:
+        raise ValueError("ratios=None: give per-matrix ratios (a mapping name -> ratio) or one float, or nm")
+    if isinstance(ratios, (int, float)):
+        ratios = {n: float(ratios) for n in names}
+    unknown = sorted(set(ratios) - set(names))
+    if unknown:
+        raise ValueError(f"ratios names {len(unknown)} matrices the model does not have, e.g. {unknown[0]!r}")
+    out = {}
+    for n in names:
+        r = float(ratios.get(n, 0.0))
+        if not (0.0 <= r < 1.0) or math.isnan(r):
+            raise ValueError(f"ratios[{n!r}]={r!r}: a ratio must be in [0, 1)")
+        out[n] = r
+    return out
+
+
+def achieved_sparsity(loaded: LoadedModel) -> dict[str, float]:
+    """Fraction of exact zeros in every prunable matrix."""
+    return {m.name: float((loaded.weight(m.name) == 0).sum()) / m.params for m in loaded.matrices}
+
+
+def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None, *, method: str = "wanda",
+          calibration: torch.Tensor | object | None = None, nm: str | tuple[int, int] | None = None,
+          device: str | torch.device = "auto", copy: bool = False, blocksize: int = SPARSEGPT_BLOCKSIZE,
+          damp: float = SPARSEGPT_DAMP, progress: Progress = None, cancel: object = None) -> PruneResult:
+    """Prune every matrix of ``loaded`` to its ratio with ``method``; returns a ``PruneResult``.
+
+    ``ratios``: ``{matrix name: fraction to prune}`` (missing names stay dense) or one float
+    for all. ``calibration``: token ids ``nsamples x seqlen`` or a ``Calibration`` (needed by
+    wanda and sparsegpt). ``nm``: ``"2:4"``/``"4:8"`` semi-structured (ratios ignored).
+    ``device``: where each block is processed (the model may live elsewhere; it ends where it
+    started). ``copy=True`` prunes a deep copy and leaves ``loaded`` untouched. ``cancel``: a
+    ``threading.Event`` or a callable checked between blocks (raises ``Cancelled``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+    nm = parse_nm(nm)
+    ratios = _check_ratios(loaded, ratios, nm)
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize={blocksize!r}: give a positive whole number such as 128")
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(f"blocksize={blocksize}: must be a multiple of M={nm[1]} for N:M pruning")
+    if not (0.0 <= damp < 1.0):
+        raise ValueError(f"damp={damp!r}: give a fraction of the mean Hessian diagonal such as 0.01")
+    dev = resolve_device(device)
+    ids, calib_info = _calibration_ids(calibration, method)
+    if copy:
+        loaded = _copy_loaded(loaded)
+    model = loaded.model
+    dtype = next(model.parameters()).dtype
+    start = time.perf_counter()
+
+    def on_block(b: int, stats: dict[str, Collector]) -> None:
+        for info in _rel_names(loaded, b):
+            r = ratios[info.name]
+            if r == 0.0 and nm is None:
+                continue
+            view = loaded.weight(info.name)          # out x in (transposed view for Conv1D)
+            W = view.detach().to(dev, torch.float32).clone()
+            if method == "magnitude":
+                prune_magnitude(W, r, nm=nm)
+            elif method == "wanda":
+                prune_wanda(W, stats[info.name].sq, r, nm=nm)
+            else:
+                prune_sparsegpt(W, stats[info.name].H, r, nm=nm, blocksize=blocksize, damp=damp)
+            view.copy_(W.to(view.dtype))
+
+    was_training = model.training
+    model.eval()
+    try:
+        _run_engine(loaded, ids, collector=_COLLECTORS[method], on_block=on_block, forward_after=True,
+                    device=dev, progress=progress, cancel=cancel, label=method)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    achieved = achieved_sparsity(loaded)
+    table = pd.DataFrame([{"name": m.name, "block": m.block, "kind": m.kind, "params": m.params,
+                           "ratio": ratios[m.name], "achieved": achieved[m.name]} for m in loaded.matrices])
+    result = PruneResult(loaded, method, nm, table, seconds, str(dev), str(dtype).replace("torch.", ""),
+                         calib_info)
+    log.info(result.summary())
+    return result
+
+
+def _calibration_ids(calibration: object, method: str) -> tuple[torch.Tensor | None, dict]:
+    if method == "magnitude":
+        return None, {}
+    if calibration is None:
+        raise ValueError(f"calibration=None: method {method!r} needs calibration token ids "
+                         "(core.calibration.calibration_data)")
+    if hasattr(calibration, "input_ids"):
+        return calibration.input_ids, dict(calibration.settings())
+    ids = torch.as_tensor(calibration)
+    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] < 2:
+        raise ValueError(f"calibration: expected token ids of shape nsamples x seqlen, got {tuple(ids.shape)} "
+                         f"{ids.dtype}")
+    return ids.long(), {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
+
+
+def _copy_loaded(loaded: LoadedModel) -> LoadedModel:
+    """A deep copy of the model (weights included); tokenizer and names shared."""
+    return LoadedModel(_copy.deepcopy(loaded.model), loaded.tokenizer, loaded.family, loaded.source,
+                       loaded.identity, list(loaded.matrices), loaded.path)
+
+
+# --- OWL allocation --------------------------------------------------------------------
+
+@torch.no_grad()
+def owl_scores(loaded: LoadedModel, calibration: object, *, m: float = OWL_M, device: str | torch.device = "auto",
+               progress: Progress = None, cancel: object = None) -> dict[int, float]:
+    """Per block, the share D_l of Wanda scores ``|W_ij| ||X_j||`` above ``m`` times the block's
+    mean score, with the inputs of the dense model (the model is not modified)."""
+    if not m > 0:
+        raise ValueError(f"m={m!r}: the outlier threshold multiple must be positive (OWL uses 5)")
+    ids, _ = _calibration_ids(calibration, "wanda")
+    dev = resolve_device(device)
+    out: dict[int, float] = {}
+
+    def on_block(b: int, stats: dict[str, Collector]) -> None:
+        scores = [(loaded.weight(name).detach().to(dev, torch.float32).abs()
+                   * stats[name].sq.sqrt().unsqueeze(0)).reshape(-1) for name in stats]
+        allscores = torch.cat(scores)
+        out[b] = float((allscores > m * allscores.mean()).float().mean())
+
+    _run_engine(loaded, ids, collector=NormCollector, on_block=on_block, forward_after=False, device=dev,
+                progress=progress, cancel=cancel, label="OWL statistics")
+    return out
+
+
+def owl_ratios(loaded: LoadedModel, scores: Mapping[int, float], *, sparsity: float,
+               lam: float = OWL_LAMBDA) -> pd.DataFrame:
+    """OWL per-matrix ratios: block sparsity ``S - (d_l - mean d)``, ``d_l = 2 lam (D_l - min D)/
+    (max D - min D)``, mean weighted by parameters so the overall sparsity is exactly S.
+    Returns a table name, block, kind, params, metric (D_l), ratio."""
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity={sparsity!r}: give a fraction in [0, 1), e.g. 0.7")
+    if not (0.0 <= lam < 1.0):
+        raise ValueError(f"lam={lam!r}: OWL's lambda must be in [0, 1) (0.08 by default)")
+    rows = [{"name": m.name, "block": m.block, "kind": m.kind, "params": m.params, "metric": scores[m.block]}
+            for m in loaded.matrices]
+    t = pd.DataFrame(rows)
+    D = t["metric"].to_numpy(dtype=float)
+    span = D.max() - D.min()
+    d = 2 * lam * (D - D.min()) / span if span > 0 else 0.0 * D
+    n = t["params"].to_numpy(dtype=float)
+    d = d - (d * n).sum() / n.sum()
+    ratio = (sparsity - d).clip(0.0, 0.99)
+    t["ratio"] = ratio
+    return t
