@@ -75,6 +75,51 @@ def _run_analyze(args: argparse.Namespace) -> int:
 # --- allocate --------------------------------------------------------------------------
 # (layer-wise sparsity ratios; issue 3)
 
+def _add_allocate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("allocate", help="layer-wise sparsity ratios (AlphaPruning) from a metrics table")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metrics", metavar="FILE", help="a table written by `spectrascope analyze --out` "
+                        "(.csv or .parquet)")
+    source.add_argument("--profile", metavar="NAME", help="a published LLaMA alpha profile, e.g. llama-7b-hf "
+                        "(an unknown name lists them all)")
+    p.add_argument("--metric", default="alpha", help="the score column (default alpha)")
+    p.add_argument("--method", default="alpha", choices=["alpha", "uniform"], help="default alpha (AlphaPruning)")
+    p.add_argument("--mapping", default="block", choices=["block", "matrix"],
+                   help="block (default): each matrix takes its block's mean metric; matrix: its own")
+    p.add_argument("--sparsity", type=float, required=True, help="target parameter-weighted sparsity S, 0 <= S < 1")
+    p.add_argument("--epsilon", type=float, help="tau range: ratios span about S(1 - eps)..S(1 + eps) (default 0.3)")
+    p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
+    p.add_argument("--dense-kinds", default="", metavar="KINDS",
+                   help="comma-separated kinds kept dense, e.g. k,v (the mean over all matrices is still S)")
+    p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
+    p.add_argument("--out", metavar="FILE.csv", help="write name, block, kind, params, metric, ratio")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+
+
+def _run_allocate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .allocation import allocate, load_profile
+
+    if args.profile:
+        table = load_profile(args.profile)
+    else:
+        path = Path(args.metrics)
+        if not path.is_file():
+            raise FileNotFoundError(f"--metrics {path}: no such file; write one with `spectrascope analyze --out`")
+        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    options = {"epsilon": args.epsilon, "r_max": args.r_max}
+    result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,
+                      dense_kinds=args.dense_kinds, reverse=args.reverse,
+                      **{k: v for k, v in options.items() if v is not None})
+    if args.out:
+        result.to_csv(args.out)
+    if not args.quiet:
+        print(result.summary())
+    return 0
+
 
 # --- main ------------------------------------------------------------------------------
 

@@ -1,0 +1,401 @@
+"""Layer-wise sparsity allocation: per-matrix pruning ratios from a table of HT-SR metrics.
+
+AlphaPruning (Lu et al., NeurIPS 2024; ``docs/htsr-primer.md`` section 4) gives matrices
+whose spectra are less heavy-tailed (larger ``alpha``: less well trained) more sparsity:
+
+1. score m_i: the metric of matrix i, or (``mapping="block"``, the default) the mean
+   metric of its transformer block;
+2. linear map into [1 - eps, 1 + eps]:  q_i = (1 - eps) + 2 eps (m_i - min m) / (max m - min m);
+3. rescale so the parameter-weighted mean is the target S:  r_i = q_i S sum(n) / sum(n q).
+
+Where no bound is hit, the ratios are exactly that formula, in the order of the input
+table. Beyond the published code this module keeps every ratio inside [0, r_max]: a
+matrix that would exceed r_max is set to r_max and its excess is re-spread over the
+others in proportion to their q (water-filling), so the weighted mean stays S. Kinds
+named in ``dense_kinds`` keep ratio 0 while the weighted mean over all matrices, those
+included, is still S. Requests that cannot be met are refused with a ``ValueError``.
+
+The LLaMA-family alpha profiles published with the paper ship in ``core/data/profiles``
+(MIT licence) and load as metric tables with :func:`load_profile`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("alpha", "uniform")
+MAPPINGS = ("block", "matrix")
+#: Default tau range. The paper's tuned values at 70 % sparsity lie in 0.2-0.5; 0.3 is the
+#: value it chose most often (LLaMA-7B magnitude, LLaMA-13B and LLaMA-2-7B Wanda, ...).
+DEFAULT_EPSILON = 0.3
+DEFAULT_R_MAX = 0.99
+#: Columns every input table needs besides the metric column.
+REQUIRED_COLUMNS = ("name", "block", "kind", "params")
+#: Columns written by :meth:`Allocation.to_csv` (and the CLI's ``--out``).
+CSV_COLUMNS = ("name", "block", "kind", "params", "metric", "ratio")
+#: Metrics whose spread is below this fraction of their magnitude count as all equal
+#: (uniform ratios) instead of turning rounding noise into the full [1 - eps, 1 + eps] range.
+_EQUAL_RTOL = 1e-12
+
+# --- published profiles ----------------------------------------------------------------
+
+#: Matrix kinds of a LLaMA block, in the published (module) order, with their module paths.
+LLAMA_KINDS = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+#: profile name: (blocks, hidden, intermediate, k/v out features), from the published README.
+PROFILE_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "llama-7b-hf": (32, 4096, 11008, 4096),
+    "llama-13b-hf": (40, 5120, 13824, 5120),
+    "llama-30b-hf": (60, 6656, 17920, 6656),
+    "llama-65b-hf": (80, 8192, 22016, 8192),
+    "llama2-7b-hf": (32, 4096, 11008, 4096),
+    "llama2-13b-hf": (40, 5120, 13824, 5120),
+    "llama2-70b-hf": (80, 8192, 28672, 1024),
+}
+
+
+def list_profiles() -> list[str]:
+    """Names of the published alpha profiles that ship with Spectrascope."""
+    return sorted(PROFILE_SHAPES)
+
+
+def load_profile(name: str) -> pd.DataFrame:
+    """A published LLaMA alpha profile as a metrics table, in the published order.
+
+    Columns: name (``model.layers.{b}.self_attn.q_proj`` ...), block, kind (q, k, v, o,
+    gate, up, down), rows and cols (the weight's out x in features), params, alpha.
+    """
+    if name not in PROFILE_SHAPES:
+        raise ValueError(f"profile={name!r} is not a published profile; use one of {', '.join(list_profiles())}")
+    return _build_profile(name).copy()
+
+
+@lru_cache(maxsize=None)
+def _build_profile(name: str) -> pd.DataFrame:
+    blocks, hidden, inter, kv = PROFILE_SHAPES[name]
+    with resources.as_file(resources.files(__package__) / "data" / "profiles" / f"{name}.npy") as path:
+        alpha = np.load(path)
+    if alpha.shape != (blocks * len(LLAMA_KINDS),):
+        raise ValueError(f"profile {name!r}: expected {blocks * len(LLAMA_KINDS)} alphas, found shape {alpha.shape}; "
+                         "the packaged file is damaged, reinstall Spectrascope")
+    # (out_features, in_features) of each kind, in LLAMA_KINDS order
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+              (inter, hidden), (inter, hidden), (hidden, inter)]
+    rows, cols = (np.tile(np.array(side, dtype=np.int64), blocks) for side in zip(*shapes))
+    block = np.repeat(np.arange(blocks, dtype=np.int64), len(LLAMA_KINDS))
+    kinds = list(LLAMA_KINDS) * blocks
+    names = [f"model.layers.{b}.{LLAMA_KINDS[k]}" for b, k in zip(block.tolist(), kinds)]
+    return pd.DataFrame({"name": names, "block": block, "kind": kinds, "rows": rows, "cols": cols,
+                         "params": rows * cols, "alpha": alpha.astype(np.float64)})
+
+
+# --- result ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-matrix sparsity ratios and how they were obtained.
+
+    ``ratios`` has one row per input matrix, in input order: name, block, kind, params,
+    metric (the matrix's own metric; the block mean where ``filled``), ratio (fraction of
+    the matrix's weights to prune), clipped (held at ``r_max``), filled (the metric was NaN
+    and took its block's mean). ``epsilon`` is the one used (0 for ``uniform``).
+    """
+
+    ratios: pd.DataFrame
+    sparsity: float
+    method: str
+    metric: str
+    mapping: str
+    epsilon: float
+    r_max: float
+    dense_kinds: tuple[str, ...]
+    reverse: bool
+    weighted_mean: float
+    n_clipped: int
+    n_filled: int
+    warnings: tuple[str, ...] = ()
+
+    def ratio_by_name(self) -> dict[str, float]:
+        """``{matrix name: ratio}``, the form a pruner takes."""
+        return dict(zip(self.ratios["name"].tolist(), self.ratios["ratio"].tolist()))
+
+    def summary(self) -> str:
+        """A few lines for a terminal: method, target, range, weighted mean, clipping."""
+        r = self.ratios
+        if self.method == "uniform":
+            how = "uniform allocation"
+        else:
+            how = (f"alpha allocation (metric {self.metric}, {self.mapping} mapping, epsilon {self.epsilon:g}"
+                   f"{', reversed' if self.reverse else ''})")
+        prunable = r.loc[~r["kind"].isin(self.dense_kinds), "ratio"]
+        lines = [
+            f"{how} of {len(r)} matrices",
+            f"target sparsity {self.sparsity:.4f}, parameter-weighted mean {self.weighted_mean:.6f}",
+            f"ratio min {prunable.min():.4f}, max {prunable.max():.4f}"
+            + (f" (dense kinds {','.join(self.dense_kinds)} at 0)" if self.dense_kinds else ""),
+            f"clipped at r_max={self.r_max:g}: {self.n_clipped} matrices",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the columns name, block, kind, params, metric, ratio to ``path`` atomically
+        (a temporary file in the same folder, then ``os.replace``). Returns the path."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+        # a plain open (not mkstemp, whose files are private) so the result gets the usual permissions
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "x", newline="") as fh:
+                self.ratios.loc[:, list(CSV_COLUMNS)].to_csv(fh, index=False)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        logger.info("wrote %d ratios to %s", len(self.ratios), path)
+        return path
+
+
+# --- allocation ------------------------------------------------------------------------
+
+def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", metric: str = "alpha",
+             mapping: str = "block", epsilon: float = DEFAULT_EPSILON, r_max: float = DEFAULT_R_MAX,
+             dense_kinds: Iterable[str] | str = (), reverse: bool = False) -> Allocation:
+    """Per-matrix sparsity ratios whose parameter-weighted mean is ``sparsity``.
+
+    ``table``: one row per prunable matrix with columns name, block (int), kind (str),
+    params (int > 0) and, for ``method="alpha"``, the ``metric`` column (any numeric
+    column of the analysis table: alpha, alpha_hat, log_norm, ...). Every row is allocated;
+    filter out matrices that are not to be pruned beforehand.
+
+    ``method``: ``alpha`` (AlphaPruning with ``metric`` as the score) or ``uniform``.
+    ``mapping``: ``block`` (each matrix takes its block's mean metric) or ``matrix``.
+    ``epsilon``: the tau range, 0 <= epsilon < 1; 0 gives uniform ratios. (At 1 or above
+    the lowest-scoring matrices would get a zero or negative share and the mean could not
+    always reach S, so those values are refused.) ``r_max``: upper bound of any ratio,
+    0 < r_max < 1. ``dense_kinds``: kinds (e.g. ``("k", "v")`` or ``"k,v"``) kept at ratio 0;
+    the other matrices carry the whole budget so the mean over all rows is still S.
+    ``reverse``: lower metric is pruned more (for teaching and ablation).
+
+    A matrix whose metric is NaN (no fit) takes its block's mean and is reported in
+    ``warnings``; a block without any finite metric is an error. Block means use every
+    matrix of the block, dense kinds included; the min and max of the tau map are taken
+    over the prunable matrices, so those span [1 - eps, 1 + eps].
+    """
+    sparsity = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True,
+                             hint="give the target fraction of pruned weights, e.g. 0.7")
+    epsilon = _check_number("epsilon", epsilon, 0.0, 1.0, hi_open=True,
+                            hint="use a value such as 0.2-0.5 (the paper's tuned range), or 0 for uniform")
+    r_max = _check_number("r_max", r_max, 0.0, 1.0, lo_open=True, hi_open=True,
+                          hint="use a bound below 1 such as the default 0.99")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping={mapping!r} is unknown; use one of {', '.join(MAPPINGS)}")
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise ValueError(f"reverse={reverse!r} must be True or False")
+    if sparsity > r_max:
+        raise ValueError(f"sparsity={sparsity:g} is above r_max={r_max:g}: no matrix may be pruned beyond r_max, "
+                         "so the mean cannot reach the target; lower sparsity or raise r_max")
+
+    cols, names, params, values = _columns(table, metric, need_metric=method == "alpha")
+    kinds = cols["kind"].to_numpy(dtype=object)
+    dense_kinds = _dense_kinds(dense_kinds, kinds)
+    codes, block_ids = pd.factorize(cols["block"].to_numpy(), sort=False)
+    n_blocks = len(block_ids)
+
+    warnings: list[str] = []
+    filled = np.zeros(len(names), dtype=bool)
+    if method == "alpha":
+        values, filled = _fill_missing(values, codes, block_ids, metric)
+        if filled.any():
+            warnings.append(f"{int(filled.sum())} matrices have no {metric} (NaN) and took their block's mean: "
+                            + _some(names[filled]))
+    else:
+        epsilon = 0.0
+
+    dense = np.isin(kinds, dense_kinds) if dense_kinds else np.zeros(len(names), dtype=bool)
+    prunable = ~dense
+    n = params.astype(np.float64)
+    n_total = float(n.sum())
+    n_prunable = float(n[prunable].sum())
+    if not prunable.any():
+        raise ValueError(f"dense_kinds={','.join(dense_kinds)} covers every kind in the table, which leaves nothing "
+                         "to prune; keep at least one kind prunable")
+    target = sparsity * n_total  # sum of n_i r_i over the prunable matrices
+    if target > r_max * n_prunable:
+        reachable = r_max * n_prunable / n_total
+        raise ValueError(f"sparsity={sparsity:g} cannot be reached with dense_kinds={','.join(dense_kinds)} and "
+                         f"r_max={r_max:g}: the other matrices hold {n_prunable / n_total:.1%} of the parameters, so "
+                         f"at most {reachable:.4f} is reachable; lower sparsity, raise r_max or keep fewer kinds dense")
+
+    q = np.ones(len(names))
+    if method == "alpha" and epsilon > 0.0:
+        score = values
+        if mapping == "block":
+            sums = np.bincount(codes, weights=values, minlength=n_blocks)
+            score = (sums / np.bincount(codes, minlength=n_blocks))[codes]
+        q = _tau_map(score, prunable, epsilon, reverse)
+
+    ratio = np.zeros(len(names))
+    clipped = np.zeros(len(names), dtype=bool)
+    ratio[prunable], clipped[prunable] = _water_fill(q[prunable], n[prunable], target, r_max)
+    weighted_mean = float(n @ ratio) / n_total
+    n_clipped = int(clipped.sum())
+    if n_clipped:
+        logger.info("%d matrices reached r_max=%g; their excess went to the others", n_clipped, r_max)
+    for w in warnings:
+        logger.warning(w)
+
+    # from the input's own column arrays (dtype kept): rebuilding string columns from objects is slow
+    ratios = pd.DataFrame({"name": cols["name"].array, "block": cols["block"].array, "kind": cols["kind"].array,
+                           "params": cols["params"].array, "metric": values, "ratio": ratio,
+                           "clipped": clipped, "filled": filled}, copy=True)
+    return Allocation(ratios=ratios, sparsity=sparsity, method=method, metric=metric, mapping=mapping,
+                      epsilon=epsilon, r_max=r_max, dense_kinds=dense_kinds, reverse=bool(reverse),
+                      weighted_mean=weighted_mean, n_clipped=n_clipped, n_filled=int(filled.sum()),
+                      warnings=tuple(warnings))
+
+
+def _tau_map(score: np.ndarray, prunable: np.ndarray, epsilon: float, reverse: bool) -> np.ndarray:
+    """q = (1 - eps) + 2 eps (m - min) / (max - min), min and max over the prunable matrices;
+    reversed: (max - m) instead of (m - min). All-equal scores give q = 1."""
+    live = score[prunable]
+    lo, hi = float(live.min()), float(live.max())
+    if hi - lo <= _EQUAL_RTOL * max(abs(lo), abs(hi)):
+        return np.ones(len(score))
+    shifted = (hi - score) if reverse else (score - lo)
+    return (1.0 - epsilon) + 2.0 * epsilon * shifted / (hi - lo)
+
+
+def _water_fill(q: np.ndarray, n: np.ndarray, target: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """r = c q with sum(n r) = target and r <= r_max: matrices over r_max are pinned there and
+    c is recomputed for the rest until none is over. The pinned set only grows (c only
+    rises), so there are at most as many passes as distinct q values, in practice 2-4 on the
+    LLaMA profiles. Needs q > 0 and target <= r_max sum(n)."""
+    nq = n * q
+    clipped = np.zeros(len(q), dtype=bool)
+    while True:
+        free_nq = float(nq[~clipped].sum())
+        budget = max(target - r_max * float(n[clipped].sum()), 0.0)
+        r = q * (budget / free_nq) if free_nq > 0.0 else np.zeros(len(q))
+        over = (r > r_max) & ~clipped
+        if not over.any():
+            break
+        clipped |= over
+    r[clipped] = r_max
+    return r, clipped
+
+
+# --- validation ------------------------------------------------------------------------
+
+def _check_number(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False,
+                  hi_open: bool = False, hint: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}={value!r} must be a number; {hint}")
+    x = float(value)
+    low_ok = x > lo if lo_open else x >= lo
+    high_ok = x < hi if hi_open else x <= hi
+    if not (math.isfinite(x) and low_ok and high_ok):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}={value!r} is outside {interval}; {hint}")
+    return x
+
+
+def _columns(table: pd.DataFrame, metric: str, *, need_metric: bool
+             ) -> tuple[dict[str, pd.Series], np.ndarray, np.ndarray, np.ndarray]:
+    """The columns name, block, kind, params and (if present) metric of ``table``, checked;
+    with the names, the parameter counts and the metric values (NaN if absent) as arrays.
+
+    Each column is taken from the table once: on a 560-row table every ``table[col]`` costs
+    tens of microseconds, and this runs on every slider move of the dashboard."""
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"table must be a pandas DataFrame (the output of `spectrascope analyze`), "
+                         f"not {type(table).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if need_metric and metric not in table.columns:
+        missing.append(metric)
+    if missing:
+        hint = " (metric=... names the score column)" if metric in missing else ""
+        raise ValueError(f"table lacks column(s) {', '.join(missing)}{hint}; it needs "
+                         f"{', '.join(REQUIRED_COLUMNS)} and the metric column, as written by `spectrascope analyze`")
+    if len(table) == 0:
+        raise ValueError("table has no rows; give at least one matrix")
+    cols = {c: table[c] for c in (*REQUIRED_COLUMNS, metric) if c in table.columns}
+    if not pd.api.types.is_integer_dtype(cols["block"].dtype):
+        raise ValueError("table column 'block' must hold integers (the transformer block index of each matrix)")
+    if not pd.api.types.is_integer_dtype(cols["params"].dtype):
+        raise ValueError("table column 'params' must hold integers (the number of weights of each matrix)")
+    names = cols["name"].to_numpy(dtype=object)
+    if pd.isna(names).any() or pd.isna(cols["kind"].to_numpy(dtype=object)).any():
+        raise ValueError("table columns 'name' and 'kind' must not have missing values")
+    if len(set(names.tolist())) != len(names):
+        dup = pd.unique(names[pd.Series(names).duplicated().to_numpy()])
+        raise ValueError(f"table column 'name' must be unique; repeated: {_some(dup)}")
+    params = cols["params"].to_numpy(dtype=np.int64)
+    if (params <= 0).any():
+        raise ValueError(f"table column 'params' must be positive; check {_some(names[params <= 0])}")
+    if metric in cols:
+        col = cols[metric]
+        if pd.api.types.is_bool_dtype(col.dtype) or not pd.api.types.is_numeric_dtype(col.dtype):
+            raise ValueError(f"metric={metric!r}: column {metric!r} is not numeric; choose a numeric column")
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        if need_metric and np.isinf(values).any():
+            raise ValueError(f"metric={metric!r} is infinite for {_some(names[np.isinf(values)])}; "
+                             "set those entries to NaN (no fit) or choose another metric")
+    else:
+        values = np.full(len(names), np.nan)
+    return cols, names, params, values
+
+
+def _dense_kinds(dense_kinds: Iterable[str] | str, kinds: np.ndarray) -> tuple[str, ...]:
+    if isinstance(dense_kinds, str):
+        dense_kinds = dense_kinds.split(",")
+    wanted = tuple(dict.fromkeys(str(k).strip() for k in dense_kinds if str(k).strip()))
+    present = set(kinds.tolist())
+    unknown = [k for k in wanted if k not in present]
+    if unknown:
+        raise ValueError(f"dense_kinds names {', '.join(unknown)}, which the table does not have; "
+                         f"its kinds are {', '.join(sorted(present))}")
+    return wanted
+
+
+def _fill_missing(values: np.ndarray, codes: np.ndarray, block_ids: np.ndarray,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """NaN metrics replaced by their block's mean; a block without any value is an error."""
+    missing = np.isnan(values)
+    if not missing.any():
+        return values, missing
+    ok = ~missing
+    sums = np.bincount(codes[ok], weights=values[ok], minlength=len(block_ids))
+    counts = np.bincount(codes[ok], minlength=len(block_ids))
+    if (counts == 0).any():
+        bad = ", ".join(str(b) for b in block_ids[counts == 0])
+        raise ValueError(f"block(s) {bad} have no {metric} value at all (every fit failed); drop or re-analyse "
+                         f"those blocks, choose another metric, or use method='uniform'")
+    values = values.copy()
+    values[missing] = (sums / np.maximum(counts, 1))[codes[missing]]
+    return values, missing
+
+
+def _some(names: np.ndarray, limit: int = 5) -> str:
+    """The first few names, then how many more."""
+    shown = ", ".join(str(x) for x in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
