@@ -1,0 +1,147 @@
+"""Plotly figures for the pages. Drawing only: every number comes from ``core``."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from pages.common import KIND_COLORS
+
+LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), height=420,
+              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+
+
+def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the positive eigenvalues: log bins (core) or linear bins."""
+    from core.metrics import log_histogram
+
+    x = np.asarray(eigs, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    if linear:
+        density, edges = np.histogram(x, bins=bins, density=True)
+        return edges, density
+    return log_histogram(x, bins=bins)
+
+
+def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True, show_mp: bool = True,
+               bins: int = 80) -> go.Figure:
+    """ESD of one or several matrices. ``items``: dicts with name, eigs, row (table row as dict)."""
+    from core.metrics import mp_bulk_edges, mp_density
+
+    fig = go.Figure()
+    for i, it in enumerate(items):
+        color = KIND_COLORS[i % len(KIND_COLORS)]
+        row, eigs, label = it["row"], np.asarray(it["eigs"], dtype=np.float64), it["label"]
+        pos = eigs[np.isfinite(eigs) & (eigs > 0)]
+        if pos.size == 0:
+            continue
+        edges, density = _hist(pos, linear, bins)
+        fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1] if len(density) else 0),
+                                 mode="lines", line=dict(shape="hv", color=color, width=2),
+                                 name=f"{label} ESD", legendgroup=label))
+        alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail")
+        if show_fit and alpha is not None and np.isfinite(alpha) and np.isfinite(xmin) and n_tail:
+            lam = np.geomspace(xmin, pos.max(), 60)
+            share = float(n_tail) / pos.size
+            pdf = share * (alpha - 1) / xmin * (lam / xmin) ** (-alpha)
+            fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
+                                     name=f"{label} power law α={alpha:.2f}", legendgroup=label))
+            fig.add_vline(x=xmin, line=dict(color=color, dash="dot", width=1.5),
+                          annotation_text=f"xmin {xmin:.3g}", annotation_position="top left")
+        if show_mp and np.isfinite(row.get("w_var", np.nan)) and row.get("w_var", 0) > 0:
+            lo, hi = mp_bulk_edges(rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
+            lam = np.linspace(max(lo, 1e-12), hi, 300)[1:-1] if linear else np.geomspace(max(lo, hi * 1e-4), hi, 300)[1:-1]
+            rho = mp_density(lam, rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
+            fig.add_trace(go.Scatter(x=lam, y=rho, mode="lines", line=dict(color="#888888", width=1.5),
+                                     name=f"{label} MP (shuffled)", legendgroup=label, opacity=0.8))
+            fig.add_vline(x=hi, line=dict(color="#888888", dash="dash", width=1),
+                          annotation_text="λ+ (MP edge)", annotation_position="bottom right")
+    axis = "linear" if linear else "log"
+    fig.update_layout(**LAYOUT, title="Empirical spectral density", xaxis_title="eigenvalue λ of WᵀW",
+                      yaxis_title="density")
+    fig.update_xaxes(type=axis)
+    fig.update_yaxes(type=axis)
+    return fig
+
+
+def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
+    """D and alpha against the candidate xmin (as powerlaw/WeightWatcher draw them)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KS distance D vs xmin", "alpha vs xmin"))
+    for i, (label, scan, chosen) in enumerate(scans):
+        color = KIND_COLORS[i % len(KIND_COLORS)]
+        if scan.empty:
+            continue
+        fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["D"], mode="lines", name=f"{label} D",
+                                 line=dict(color=color)), row=1, col=1)
+        fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["alpha"], mode="lines", name=f"{label} alpha",
+                                 line=dict(color=color, dash="dot")), row=1, col=2)
+        if chosen is not None and np.isfinite(chosen):
+            for c in (1, 2):
+                fig.add_vline(x=chosen, line=dict(color=color, dash="dash", width=1), row=1, col=c)
+    fig.update_layout(**{**LAYOUT, "height": 340})
+    fig.update_xaxes(type="log", title_text="xmin")
+    fig.update_yaxes(title_text="D", row=1, col=1)
+    fig.update_yaxes(title_text="alpha", range=[0, 12], row=1, col=2)
+    return fig
+
+
+def heatmap_figure(pivot: pd.DataFrame, metric: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=pivot.to_numpy().T, x=pivot.index.astype(str), y=list(pivot.columns),
+                               colorscale="RdYlBu_r" if metric == "alpha" else "Viridis",
+                               colorbar=dict(title=metric),
+                               hovertemplate="block %{x}<br>kind %{y}<br>" + metric + " %{z:.3f}<extra></extra>"))
+    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} by block and kind",
+                      xaxis_title="block", yaxis_title="kind")
+    return fig
+
+
+def depth_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figure:
+    fig = go.Figure()
+    for i, kind in enumerate(kinds):
+        t = table[table["kind"] == kind].sort_values("block")
+        fig.add_trace(go.Scatter(x=t["block"], y=t[metric], mode="lines+markers", name=kind,
+                                 line=dict(color=KIND_COLORS[i % len(KIND_COLORS)]),
+                                 customdata=t["name"], hovertemplate="%{customdata}<br>" + metric
+                                 + " %{y:.3f}<extra></extra>"))
+    if metric == "alpha":
+        fig.add_hrect(y0=2, y1=6, fillcolor="#54A24B", opacity=0.08, line_width=0,
+                      annotation_text="well trained (2-6)", annotation_position="top left")
+    fig.update_layout(**LAYOUT, title=f"{metric} against depth", xaxis_title="block", yaxis_title=metric)
+    return fig
+
+
+def distribution_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figure:
+    fig = go.Figure()
+    for i, kind in enumerate(kinds):
+        fig.add_trace(go.Histogram(x=table.loc[table["kind"] == kind, metric], name=kind, opacity=0.75,
+                                   marker_color=KIND_COLORS[i % len(KIND_COLORS)], nbinsx=30))
+    fig.update_layout(**LAYOUT, barmode="stack", title=f"distribution of {metric}", xaxis_title=metric,
+                      yaxis_title="matrices")
+    return fig
+
+
+def ratios_figure(ratios: pd.DataFrame, sparsity: float, kinds: list[str], title: str) -> go.Figure:
+    """Per-matrix ratios in model order, coloured by kind, with the target line."""
+    fig = go.Figure()
+    r = ratios.reset_index(drop=True)
+    for i, kind in enumerate(kinds):
+        sel = r[r["kind"] == kind]
+        fig.add_trace(go.Bar(x=sel.index, y=sel["ratio"], name=kind, marker_color=KIND_COLORS[i % len(KIND_COLORS)],
+                             customdata=sel["name"], hovertemplate="%{customdata}<br>ratio %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=sparsity, line=dict(color="#1F2430", dash="dash"), annotation_text=f"target S={sparsity:.2f}")
+    fig.update_layout(**{**LAYOUT, "height": 340}, title=title, xaxis_title="matrix (model order)",
+                      yaxis_title="sparsity ratio", bargap=0.05, yaxis_range=[0, 1])
+    return fig
+
+
+def block_ratios_figure(series: dict[str, pd.Series], sparsity: float) -> go.Figure:
+    """Parameter-weighted sparsity of each block, one line per allocation."""
+    fig = go.Figure()
+    for i, (label, s) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=s.index, y=s.values, mode="lines+markers", name=label,
+                                 line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
+    fig.add_hline(y=sparsity, line=dict(color="#1F2430", dash="dash"), annotation_text="mean")
+    fig.update_layout(**{**LAYOUT, "height": 340}, title="sparsity per block (parameter-weighted)",
+                      xaxis_title="block", yaxis_title="sparsity")
+    return fig

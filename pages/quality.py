@@ -1,0 +1,64 @@
+"""Layer quality: a metric over blocks and kinds, against depth, its distribution, the flagged matrices."""
+import streamlit as st
+
+from pages.common import METRICS, PAGES, State, kind_order, model_caption, require_analysis, setup
+from pages.plots import depth_figure, distribution_figure, heatmap_figure
+
+setup()
+ss = st.session_state
+st.title("Layer quality")
+analysis = require_analysis()
+table = analysis.table
+st.caption(model_caption(analysis))
+kinds = kind_order(table)
+metrics = [m for m in METRICS if m in table.columns and table[m].notna().any()]
+if ss[State.q_metric] not in metrics:
+    ss[State.q_metric] = metrics[0]
+metric = st.selectbox("Metric", metrics, key=State.q_metric,
+                      help="alpha: power-law exponent of the ESD tail (2-6 well trained); alpha_hat = alpha·log10 λmax; "
+                           "log_norm, log_spectral_norm: scale; stable_rank, entropy, mp_softrank: effective rank")
+
+
+def open_in_spectra(block: int, kind: str) -> None:
+    ss[State.sp_blocks], ss[State.sp_kinds] = [int(block)], [kind]
+    st.switch_page(PAGES["spectra"][0])
+
+
+pivot = table.pivot_table(index="block", columns="kind", values=metric, aggfunc="first").reindex(columns=kinds)
+st.plotly_chart(heatmap_figure(pivot, metric), width="stretch", key="heatmap")
+
+c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+blocks = sorted(int(b) for b in table["block"].unique())
+if ss[State.q_block] not in blocks:
+    ss[State.q_block] = blocks[0]
+if ss[State.q_kind] not in kinds:
+    ss[State.q_kind] = kinds[0]
+c1.selectbox("Block", blocks, key=State.q_block)
+c2.selectbox("Kind", kinds, key=State.q_kind)
+cell = table[(table["block"] == ss[State.q_block]) & (table["kind"] == ss[State.q_kind])]
+if c3.button("Open in Spectra", type="primary", icon=":material/ssid_chart:"):
+    open_in_spectra(ss[State.q_block], ss[State.q_kind])
+if not cell.empty:
+    r = cell.iloc[0]
+    st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g} · alpha = {r['alpha']:.3g} · status: {r['status']}")
+
+left, right = st.columns(2)
+left.plotly_chart(depth_figure(table, metric, kinds), width="stretch", key="depth")
+right.plotly_chart(distribution_figure(table, metric, kinds), width="stretch", key="dist")
+
+st.subheader("Flagged matrices")
+status = table["status"].astype(str)
+flagged = table[~status.str.lower().isin({"ok", "well trained", "well-trained", "good"})]
+st.caption("Over-trained (alpha < 2: very heavy tailed), under-trained (alpha > 6: random-like) and matrices "
+           "without a fit. Select a row to open it in Spectra.")
+if flagged.empty:
+    st.success("No matrix is flagged: every alpha is in the well-trained range.")
+else:
+    counts = flagged["status"].astype(str).str.replace(r"^no fit.*", "no fit", regex=True).value_counts()
+    st.write(" · ".join(f"**{k}**: {v}" for k, v in counts.items()))
+    event = st.dataframe(flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]], hide_index=True,
+                         width="stretch", on_select="rerun", selection_mode="single-row", key="flagged")
+    rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
+    if rows:
+        pick = flagged.iloc[rows[0]]
+        open_in_spectra(pick["block"], pick["kind"])
