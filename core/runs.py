@@ -285,10 +285,11 @@ class RunResult:
 
 def layer_ratios(loaded, *, allocation: str, sparsity: float, epsilon: float | None = None,
                  mapping: str = "block", calibration: object = None, owl: Mapping[int, float] | None = None,
-                 lam: float | None = None, device: str = "auto", progress: Progress = None,
-                 cancel: object = None) -> tuple[dict[str, float], dict]:
+                 metrics: pd.DataFrame | None = None, lam: float | None = None, device: str = "auto",
+                 progress: Progress = None, cancel: object = None) -> tuple[dict[str, float], dict]:
     """Per-matrix ratios for ``allocation`` (uniform, alpha, owl) and the parameters used.
-    ``owl``: precomputed OWL block scores (``pruning.owl_scores``) to reuse across runs."""
+    ``owl``: precomputed OWL block scores (``pruning.owl_scores``) to reuse across runs;
+    ``metrics``: a precomputed analysis table (``analyze(...).table``) for ``alpha``."""
     from .pruning import OWL_LAMBDA, OWL_M, owl_ratios, owl_scores
 
     if allocation not in ALLOCATIONS:
@@ -306,10 +307,15 @@ def layer_ratios(loaded, *, allocation: str, sparsity: float, epsilon: float | N
     from .allocation import DEFAULT_EPSILON, allocate
     from .analysis import analyze
 
-    analysis = analyze(loaded, device=device, progress=progress)
+    if metrics is None:
+        metrics = analyze(loaded, device=device, progress=progress).table
+    names = {m.name for m in loaded.matrices}
+    if set(metrics["name"]) != names:
+        raise ValueError(f"metrics: the table's matrix names do not match the model's ({len(names)} matrices); "
+                         "analyze the same model")
     eps = DEFAULT_EPSILON if epsilon is None else epsilon
-    alloc = allocate(analysis.table, sparsity=sparsity, method="alpha", mapping=mapping, epsilon=eps)
-    return alloc.ratio_by_name(), {"epsilon": eps, "mapping": mapping, "metric": "alpha", "xmin": analysis.xmin}
+    alloc = allocate(metrics, sparsity=sparsity, method="alpha", mapping=mapping, epsilon=eps)
+    return alloc.ratio_by_name(), {"epsilon": eps, "mapping": mapping, "metric": "alpha"}
 
 
 def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity: float = 0.5,
@@ -317,7 +323,7 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
                    calibration: object = None, evaluate: bool = False, eval_dataset: str = "wiki",
                    eval_seqlen: int = 2048, max_windows: int | None = None, save: str | os.PathLike | None = None,
                    device: str = "auto", registry: Registry | None = None, owl: Mapping[int, float] | None = None,
-                   progress: Progress = None, cancel: object = None) -> RunResult:
+                   metrics: pd.DataFrame | None = None, progress: Progress = None, cancel: object = None) -> RunResult:
     """Prune a copy of ``loaded`` (the original stays dense), optionally evaluate and save it,
     and record the run (``registry``; ``None`` uses the default database)."""
     from .evaluation import perplexity
@@ -334,7 +340,8 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
     with registry.record("prune", **fields) as run_id:
         ratios, params = ({}, {}) if nm else layer_ratios(
             loaded, allocation=allocation, sparsity=sparsity, epsilon=epsilon, mapping=mapping,
-            calibration=calibration, owl=owl, device=device, progress=progress, cancel=cancel)
+            calibration=calibration, owl=owl, metrics=metrics, device=device, progress=progress,
+            cancel=cancel)
         registry.update(run_id, allocation_params=params)
         result = prune(loaded, ratios or None, method=method, calibration=calibration, nm=nm, device=device,
                        copy=True, progress=progress, cancel=cancel)
@@ -373,3 +380,152 @@ def eval_run(loaded, *, dataset: str = "wiki", seqlen: int = 2048, max_windows: 
         registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
                         perplexity=ppl.perplexity, tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
     return run_id, ppl
+
+
+# --- sweep and epsilon tuning ---------------------------------------------------------------
+
+SWEEP_COLUMNS = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexity", "prune_seconds",
+                 "eval_seconds", "run_id"]
+
+
+def _alpha_metrics(loaded, device: str, progress: Progress) -> pd.DataFrame:
+    from .analysis import analyze
+
+    return analyze(loaded, device=device, progress=progress).table
+
+
+def sweep(loaded, *, methods: list[str], allocations: list[str], sparsities: list[float],
+          epsilons: list[float] | None = None, calibration: object = None, eval_dataset: str = "wiki",
+          eval_seqlen: int = 2048, max_windows: int | None = None, dense: bool = True, device: str = "auto",
+          registry: Registry | None = None, metrics: pd.DataFrame | None = None, progress: Progress = None,
+          cancel: object = None) -> pd.DataFrame:
+    """Every method x allocation x sparsity (x epsilon for ``alpha``), pruned from the same dense
+    model, evaluated, recorded; returns one comparison table (``SWEEP_COLUMNS``), dense first."""
+    from .pruning import METHODS, owl_scores
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods: {m!r} is unknown; use {', '.join(METHODS)}")
+    for a in allocations:
+        if a not in ALLOCATIONS:
+            raise ValueError(f"allocations: {a!r} is unknown; use {', '.join(ALLOCATIONS)}")
+    registry = registry or Registry()
+    rows = []
+    if dense:
+        run_id, ppl = eval_run(loaded, dataset=eval_dataset, seqlen=eval_seqlen, max_windows=max_windows,
+                               device=device, registry=registry, progress=progress, cancel=cancel)
+        rows.append({"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
+                     "perplexity": ppl.perplexity, "prune_seconds": 0.0, "eval_seconds": ppl.seconds,
+                     "run_id": run_id})
+    owl = owl_scores(loaded, calibration, device=device, progress=progress, cancel=cancel) \
+        if "owl" in allocations else None
+    if "alpha" in allocations and metrics is None:
+        metrics = _alpha_metrics(loaded, device, progress)
+    grid = []
+    for method in methods:
+        for allocation in allocations:
+            for s in sparsities:
+                for eps in (epsilons or [None]) if allocation == "alpha" else [None]:
+                    grid.append((method, allocation, float(s), eps))
+    for method, allocation, s, eps in grid:
+        log.info("sweep: %s %s S=%g eps=%s", method, allocation, s, eps)
+        run = prune_and_eval(loaded, method=method, allocation=allocation, sparsity=s, epsilon=eps,
+                             calibration=calibration if method != "magnitude" or allocation == "owl" else None,
+                             evaluate=True, eval_dataset=eval_dataset, eval_seqlen=eval_seqlen,
+                             max_windows=max_windows, device=device, registry=registry, owl=owl, metrics=metrics,
+                             progress=progress, cancel=cancel)
+        rows.append({"method": method, "allocation": allocation, "sparsity": s, "epsilon": run.epsilon,
+                     "achieved": run.achieved, "perplexity": run.perplexity.perplexity,
+                     "prune_seconds": run.prune_seconds, "eval_seconds": run.perplexity.seconds,
+                     "run_id": run.run_id})
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (numbers rounded for reading)."""
+    def cell(v: object) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def pivot(table: pd.DataFrame) -> pd.DataFrame:
+    """Perplexity with one row per method and allocation (epsilon in the label) and one column
+    per sparsity; the dense perplexity as its own row."""
+    t = table.copy()
+    t["setting"] = t.apply(lambda r: f"{r.method} {r.allocation}" + (f" (eps {r.epsilon:g})" if pd.notna(
+        r.epsilon) else "") if r.method != "dense" else "dense", axis=1)
+    p = t.pivot_table(index="setting", columns="sparsity", values="perplexity", sort=False)
+    p.columns = [f"{c:.0%}" for c in p.columns]
+    return p.reset_index()
+
+
+@dataclass
+class EpsilonTuning:
+    """``best`` epsilon by held-out calibration perplexity; ``table``: epsilon, perplexity."""
+
+    best: float
+    table: pd.DataFrame
+    method: str
+    sparsity: float
+    calibration: dict
+    holdout_tokens: int
+
+    def summary(self) -> str:
+        lines = [f"epsilon for {self.method} at sparsity {self.sparsity:g}: {self.best:g} "
+                 f"(held-out calibration text, {self.holdout_tokens} tokens; never the evaluation text)"]
+        lines += [f"  eps {r.epsilon:<5g} perplexity {r.perplexity:.3f}" for r in self.table.itertuples()]
+        return "\n".join(lines)
+
+
+def tune_epsilon(loaded, *, method: str = "wanda", sparsity: float = 0.7, epsilons: list[float] | None = None,
+                 dataset: str = "wiki", nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
+                 holdout: float = 0.1, holdout_windows: int | None = 16, mapping: str = "block",
+                 device: str = "auto", registry: Registry | None = None, metrics: pd.DataFrame | None = None,
+                 progress: Progress = None, cancel: object = None) -> EpsilonTuning:
+    """Pick AlphaPruning's epsilon from ``epsilons`` by perplexity on held-out calibration text.
+
+    The calibration split of ``dataset`` is tokenized and cut in two: calibration windows are
+    drawn from the first ``1 - holdout`` of the tokens, the perplexity is measured on the
+    last ``holdout`` (at most ``holdout_windows`` windows). The evaluation split is never read.
+    """
+    from .calibration import Calibration, cap_seqlen, sample_windows, tokenize
+    from .evaluation import perplexity
+    from .pruning import prune
+    from .texts import load_text
+
+    if not (0.0 < holdout < 0.5):
+        raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
+    epsilons = list(epsilons) if epsilons else [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    for e in epsilons:
+        if not (0.0 <= e < 1.0):
+            raise ValueError(f"epsilons: {e!r} is outside [0, 1)")
+    seqlen = cap_seqlen(seqlen, loaded.model)
+    ids = tokenize(loaded.tokenizer, load_text(dataset, split="calib"))
+    cut = int(ids.numel() * (1 - holdout))
+    calib = Calibration(sample_windows(ids[:cut], nsamples=nsamples, seqlen=seqlen, seed=seed), dataset, seed,
+                        cut)
+    held = ids[cut:]
+    if metrics is None:
+        metrics = _alpha_metrics(loaded, device, progress)
+    rows = []
+    for eps in epsilons:
+        ratios, _ = layer_ratios(loaded, allocation="alpha", sparsity=sparsity, epsilon=eps, mapping=mapping,
+                                 metrics=metrics, device=device)
+        pruned = prune(loaded, ratios, method=method, calibration=calib if method != "magnitude" else None,
+                       device=device, copy=True, progress=progress, cancel=cancel)
+        ppl = perplexity(pruned.model, ids=held, seqlen=seqlen, max_windows=holdout_windows, device=device,
+                         progress=progress, cancel=cancel)
+        rows.append({"epsilon": eps, "perplexity": ppl.perplexity, "achieved": pruned.sparsity})
+        del pruned
+    table = pd.DataFrame(rows)
+    best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
+    return EpsilonTuning(best, table, method, float(sparsity), calib.settings(),
+                         min(held.numel(), (holdout_windows or 10**9) * seqlen))
