@@ -1,7 +1,158 @@
+"""Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import setup
+from pages import jobs
+from pages.common import KIND_COLORS, PAGES, State, setup
+from pages.plots import LAYOUT
 
 setup()
-st.title("Prune")
-st.info("Coming soon.")
+ss = st.session_state
+st.title("Prune & compare")
+st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it survives page switches and "
+           "reloads and never blocks the other pages. Every run is recorded in the runs registry.")
+
+ALLOC = {"AlphaPruning": "alpha", "uniform": "uniform", "OWL": "owl"}
+loaded, analysis = ss[State.loaded], ss[State.analysis]
+source = (ss[State.source] or "demo").strip()
+try:
+    from core.models import resolve_source
+
+    src = resolve_source(source)
+    identity = loaded.identity if loaded is not None else src.identity()
+    label = src.label
+except (ValueError, FileNotFoundError) as exc:
+    st.error(f"The model on Home / model is not usable: {exc}")
+    st.stop()
+
+# --- settings ------------------------------------------------------------------------------
+allocation = ALLOC[ss[State.a_method]]
+S, eps, mapping = ss[State.a_sparsity], ss[State.a_epsilon], ss[State.a_mapping]
+with st.container(border=True):
+    st.markdown(f"**Model** `{label}` · **allocation** {ss[State.a_method]} at S = {S:.2f}"
+                + (f", ε = {eps:.2f}, {mapping} mapping" if allocation == "alpha" else ""))
+    st.page_link(PAGES["allocation"][0], label="change the allocation", icon=":material/tune:")
+    c1, c2 = st.columns(2)
+    c1.radio("Method", ["magnitude", "wanda", "sparsegpt"], key=State.p_method, horizontal=True,
+             help="magnitude: smallest |W|; Wanda: |W|·‖X‖ per output row; SparseGPT: OBS with weight updates")
+    c2.radio("N:M semi-structured", ["none", "2:4", "4:8"], key=State.p_nm, horizontal=True,
+             help="keep N of every M consecutive weights (the allocation is then ignored)")
+    c1, c2, c3 = st.columns(3)
+    c1.slider("Calibration windows", 1, 128, key=State.p_calib_n, help="the paper uses 128 windows of 2048 tokens")
+    c2.select_slider("Tokens per window", [64, 128, 256, 512, 1024, 2048], key=State.p_seqlen,
+                     help="also the evaluation window")
+    c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows, help="fewer windows: a quicker, rougher perplexity")
+    st.checkbox("Save the pruned model (Hugging Face folder with a report)", key=State.p_save)
+    b1, b2 = st.columns(2)
+    start = b1.button("Prune and evaluate", type="primary", icon=":material/play_arrow:")
+    baseline = b2.button("Evaluate the dense baseline", icon=":material/speed:")
+
+
+def metrics_file() -> list[str]:
+    """The page's own analysis as the alpha table of the job (no second analysis in the job)."""
+    if analysis is None or allocation != "alpha" or loaded is None or analysis.identity != identity:
+        return []
+    path = jobs.jobs_dir() / f"metrics-{identity.replace(':', '-')}-{analysis.xmin}.parquet"
+    if not path.is_file():
+        analysis.table.to_parquet(path, index=False)
+    return ["--metrics", str(path)]
+
+
+common = ["--model", source, "--device", ss[State.device], "--seqlen", str(ss[State.p_seqlen]),
+          "--max-windows", str(ss[State.p_eval_windows]), "--json"]
+if start:
+    nm = ss[State.p_nm]
+    args = ["prune", "--method", ss[State.p_method], "--allocation", allocation, "--sparsity", f"{S:g}",
+            "--mapping", mapping, "--nsamples", str(ss[State.p_calib_n]), "--eval", *common]
+    if allocation == "alpha":
+        args += ["--epsilon", f"{eps:g}", *metrics_file()]
+    if nm != "none":
+        args += ["--nm", nm]
+    if ss[State.p_save]:
+        args += ["--save", str(jobs.jobs_dir().parent / "pruned" / f"{ss[State.p_method]}-{allocation}-S{S:.2f}-"
+                               f"{pd.Timestamp.now():%Y%m%d-%H%M%S}")]
+    what = f"{ss[State.p_method]} {nm if nm != 'none' else allocation} S={S:.2f}"
+    ss[State.p_job] = jobs.start(args, what).id
+if baseline:
+    ss[State.p_job] = jobs.start(["eval", *common], "dense baseline").id
+
+
+# --- jobs (refreshed every second while one runs) --------------------------------------------
+def any_running() -> bool:
+    return any(j.status() in ("running", "cancelling") for j in jobs.list_jobs(5))
+
+
+@st.fragment(run_every=1.0 if any_running() else None)
+def job_panel() -> None:
+    recent = jobs.list_jobs(5)
+    if not recent:
+        return
+    st.subheader("Jobs")
+    finished_now = False
+    for job in recent:
+        status = job.status()
+        with st.container(border=True):
+            c1, c2 = st.columns([5, 1], vertical_alignment="center")
+            c1.markdown(f"**{job.title}** · {status} · started {pd.Timestamp(job.info['started'], unit='s'):%H:%M:%S}")
+            if status in ("running", "cancelling"):
+                frac, msg = job.progress()
+                c1.progress(frac, text=msg)
+                if c2.button("Cancel", key=f"cancel_{job.id}", icon=":material/stop:"):
+                    job.cancel()
+            elif status == "failed":
+                c1.error(job.error(), icon=":material/error:")
+            elif status == "done" and job.id == ss[State.p_job] and not ss.get(f"seen_{job.id}"):
+                ss[f"seen_{job.id}"] = True
+                finished_now = True
+    if finished_now:
+        st.rerun()
+
+
+job_panel()
+
+# --- results from the registry --------------------------------------------------------------
+from core.runs import REPORT_NAME, Registry  # noqa: E402
+
+runs = Registry().query(status="done", model_identity=identity)
+runs = runs[runs["perplexity"].notna()]
+st.subheader("Results")
+if runs.empty:
+    st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")
+    st.stop()
+
+dense = runs[runs["kind"] == "eval"]
+pruned = runs[runs["kind"] == "prune"].copy()
+pruned["setting"] = pruned["method"] + " · " + pruned["allocation"]
+fig = go.Figure()
+for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting", sort=True)):
+    t = t.groupby("sparsity", as_index=False)["perplexity"].last()
+    fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
+                             line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
+if not dense.empty:
+    fig.add_hline(y=float(dense["perplexity"].iloc[-1]), line=dict(dash="dash", color="#1F2430"),
+                  annotation_text=f"dense {dense['perplexity'].iloc[-1]:.2f}")
+fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
+fig.update_yaxes(type="log")
+st.plotly_chart(fig, width="stretch", key="ppl")
+
+
+def vs_uniform(row: pd.Series) -> float:
+    base = pruned[(pruned["method"] == row["method"]) & (pruned["allocation"] == "uniform")
+                  & np.isclose(pruned["sparsity"].fillna(-1), row["sparsity"] if pd.notna(row["sparsity"]) else -2)
+                  & (pruned["eval_dataset"] == row["eval_dataset"])]
+    if row["allocation"] == "uniform" or base.empty:
+        return np.nan
+    return 100.0 * (row["perplexity"] / base["perplexity"].iloc[-1] - 1.0)
+
+
+table = pd.concat([dense.assign(method="dense", allocation="-"), pruned], ignore_index=True)
+table["vs uniform %"] = table.apply(vs_uniform, axis=1) if not pruned.empty else np.nan
+table["report"] = table["output_dir"].map(lambda d: f"{d}/{REPORT_NAME}" if isinstance(d, str) and d else "")
+st.dataframe(table[["id", "method", "allocation", "sparsity", "epsilon", "nm", "achieved_sparsity", "perplexity",
+                    "vs uniform %", "eval_dataset", "eval_windows", "prune_seconds", "output_dir", "report"]],
+             hide_index=True, width="stretch", key="runs",
+             column_config={"perplexity": st.column_config.NumberColumn(format="%.2f"),
+                            "vs uniform %": st.column_config.NumberColumn(format="%+.1f %%"),
+                            "achieved_sparsity": st.column_config.NumberColumn("achieved", format="%.3f")})

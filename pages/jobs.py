@@ -1,0 +1,158 @@
+"""Background jobs for the dashboard: the `spectrascope` CLI in a separate process.
+
+A job is a folder ``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` with ``job.json`` (command,
+pid, start time), ``stdout`` (the CLI's ``--json`` result) and ``stderr`` (its tqdm progress
+bar). Jobs outlive page switches, browser reloads and even the Streamlit server; results
+land in the runs registry. Nothing here computes anything: it starts, watches and stops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+_BAR = re.compile(r"(?P<msg>[^\r\n|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")
+
+
+def jobs_dir() -> Path:
+    from core.config import home
+
+    path = home() / "dashboard-jobs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@st.cache_resource(show_spinner=False)
+def _processes() -> dict[str, subprocess.Popen]:
+    """Popen objects of the jobs this server started (to reap them and read exit codes)."""
+    return {}
+
+
+@dataclass
+class Job:
+    id: str
+    folder: Path
+    info: dict
+
+    @property
+    def title(self) -> str:
+        return self.info.get("title", self.id)
+
+    def _text(self, name: str) -> str:
+        try:
+            return (self.folder / name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def returncode(self) -> int | None:
+        """None while running; the exit code (or -1 when unknown) once finished."""
+        rc_file = self.folder / "rc"
+        if rc_file.is_file():
+            return int(rc_file.read_text().strip() or -1)
+        proc = _processes().get(self.id)
+        if proc is not None:
+            rc = proc.poll()
+            if rc is None:
+                return None
+        else:
+            pid = int(self.info.get("pid", 0))
+            if pid and _alive(pid):
+                return None
+            rc = 0 if self._result() is not None else -1
+        rc_file.write_text(str(rc))
+        return rc
+
+    def status(self) -> str:
+        rc = self.returncode()
+        if rc is None:
+            return "cancelling" if (self.folder / "cancel").exists() else "running"
+        if (self.folder / "cancel").exists():
+            return "cancelled"
+        return "done" if rc == 0 else "failed"
+
+    def progress(self) -> tuple[float, str]:
+        """(fraction, message) from the last state of the CLI's progress bar."""
+        tail = self._text("stderr")[-4000:]
+        matches = list(_BAR.finditer(tail))
+        if not matches:
+            return 0.0, "starting (loading the model)"
+        m = matches[-1]
+        done, total = int(m["done"]), int(m["total"])
+        return (done / total if total else 0.0), f"{m['msg'].strip() or 'working'} ({done}/{total})"
+
+    def _result(self) -> dict | None:
+        for line in reversed(self._text("stdout").strip().splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    def result(self) -> dict | None:
+        return self._result()
+
+    def error(self) -> str:
+        """The CLI's one-line error, or the last lines of its stderr."""
+        lines = [ln for ln in re.split(r"[\r\n]", self._text("stderr")) if ln.strip() and "%|" not in ln]
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        return (errors[-1] if errors else "\n".join(lines[-5:])) or "the job ended without a result"
+
+    def cancel(self) -> None:
+        """SIGINT to the job's process group (the CLI records the run as cancelled); SIGKILL later."""
+        flag = self.folder / "cancel"
+        pid = int(self.info.get("pid", 0))
+        if not pid or not _alive(pid):
+            return
+        sig = signal.SIGKILL if flag.exists() and time.time() - flag.stat().st_mtime > 10 else signal.SIGINT
+        flag.touch(exist_ok=True)
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie or a recycled pid is not our job
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def start(args: list[str], title: str) -> Job:
+    """Start ``spectrascope <args>`` in its own process group; returns the job at once."""
+    job_id = time.strftime("%Y%m%d-%H%M%S-") + f"{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    folder = jobs_dir() / job_id
+    folder.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "core.cli", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+    _processes()[job_id] = proc
+    info = {"title": title, "cmd": cmd, "pid": proc.pid, "started": time.time()}
+    (folder / "job.json").write_text(json.dumps(info, indent=1))
+    return Job(job_id, folder, info)
+
+
+def list_jobs(limit: int = 20) -> list[Job]:
+    """Newest first."""
+    jobs = []
+    for folder in sorted(jobs_dir().iterdir(), reverse=True)[:limit]:
+        try:
+            jobs.append(Job(folder.name, folder, json.loads((folder / "job.json").read_text())))
+        except (OSError, ValueError):
+            continue
+    return jobs

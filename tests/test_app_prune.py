@@ -1,0 +1,48 @@
+"""Prune & compare page: a real prune + eval job in a separate process, its progress, its result
+in the comparison; clear messages for a bad model and a failing job."""
+import json
+import time
+
+from test_app_common import new_app, texts
+
+
+def wait_for_jobs(at, timeout=240):
+    """Rerun the page until no job is running (the browser does this with a 1 s fragment)."""
+    from pages import jobs
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(j.status() in ("running", "cancelling") for j in jobs.list_jobs(5)):
+            return at.run()
+        time.sleep(1.0)
+    raise AssertionError("job did not finish: " + "; ".join(j.error() for j in jobs.list_jobs(5)))
+
+
+def test_bad_model_is_a_message():
+    at = new_app("prune", source="/no/such/folder/model.gguf")
+    assert not at.exception
+    assert "model path not found" in at.error[0].value
+
+
+def test_failing_job_shows_its_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nonsense"}))
+    at = new_app("prune", source=str(tmp_path), p_method="magnitude", p_eval_windows=1, p_seqlen=64)
+    at.button[0].click().run()
+    at = wait_for_jobs(at)
+    assert not at.exception, at.exception
+    assert any("could not load model" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_prune_and_eval_job_reaches_the_comparison(demo, demo_analysis_full):
+    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="AlphaPruning", a_sparsity=0.4,
+                 p_method="magnitude", p_eval_windows=2, p_seqlen=128)
+    assert not at.exception, at.exception
+    assert "No finished run" in texts(at)
+    at.button[0].click().run()                         # Prune and evaluate
+    assert "magnitude alpha S=0.40" in texts(at)
+    at = wait_for_jobs(at)
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    row = table[table["method"] == "magnitude"].iloc[-1]
+    assert row["allocation"] == "alpha" and abs(row["achieved_sparsity"] - 0.4) < 0.01
+    assert row["perplexity"] > 1
