@@ -357,7 +357,7 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
         out = RunResult(run_id, method, fields["allocation"], result.sparsity if nm else float(sparsity),
                         fields["epsilon"], nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib)
         if save:
-            report = {**out.to_dict(), "model": loaded.source, "model_identity": loaded.identity,
+            report = {**out.to_dict(), "output_dir": str(Path(save).expanduser().resolve()), "model": loaded.source, "model_identity": loaded.identity,
                       "allocation_params": params, "versions": software_versions(),
                       "matrices": result.matrices.to_dict(orient="records")}
             out.output_dir = save_model(result.model, save, report)
