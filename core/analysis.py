@@ -103,9 +103,11 @@ def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "c
     rows = []
     for s, f in zip(spectra, fits):
         i = s.info
-        m = spectral_metrics(s.eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
-        if s.reason:
-            m["status"] = f"no fit: {s.reason}"
+        if s.reason:      # unusable matrix: every metric nan, the status says why
+            m = spectral_metrics(np.full_like(s.eigs, np.nan), f, rows=i.rows, cols=i.cols, w_var=0.0)
+            m.update({k: np.nan for k, v in m.items() if isinstance(v, float)}, status=f"no fit: {s.reason}")
+        else:
+            m = spectral_metrics(s.eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
         rows.append({"name": i.name, "block": i.block, "kind": i.kind, "rows": i.rows, "cols": i.cols,
                      "params": i.params, "n_evals": int(s.eigs.size), "w_var": s.w_var, **m})
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
