@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -32,6 +31,8 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from .config import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +157,7 @@ class Allocation:
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the columns name, block, kind, params, metric, ratio to ``path`` atomically
         (a temporary file in the same folder, then ``os.replace``). Returns the path."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
-        # a plain open (not mkstemp, whose files are private) so the result gets the usual permissions
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "x", newline="") as fh:
-                self.ratios.loc[:, list(CSV_COLUMNS)].to_csv(fh, index=False)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        path = atomic_file(path, lambda tmp: self.ratios.loc[:, list(CSV_COLUMNS)].to_csv(tmp, index=False))
         logger.info("wrote %d ratios to %s", len(self.ratios), path)
         return path
 

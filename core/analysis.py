@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import Progress, home, report, resolve_device
+from .config import Progress, atomic_dir, atomic_file, home, report, resolve_device
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import spectral_metrics
 from .models import LoadedModel, load_model, resolve_source
@@ -55,7 +53,7 @@ class Analysis:
         path = Path(path)
         if path.suffix not in (".csv", ".parquet"):
             raise ValueError(f"--out {path}: use a .csv or .parquet file name")
-        return _atomic(path, lambda tmp: self.table.to_csv(tmp, index=False) if path.suffix == ".csv"
+        return atomic_file(path, lambda tmp: self.table.to_csv(tmp, index=False) if path.suffix == ".csv"
                        else self.table.to_parquet(tmp, index=False))
 
     def save_eigs(self, path: str | os.PathLike) -> Path:
@@ -67,7 +65,7 @@ class Analysis:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **self.eigs)
-        return _atomic(path, write)
+        return atomic_file(path, write)
 
     def summary(self) -> str:
         t = self.table
@@ -81,20 +79,6 @@ class Analysis:
             by_kind = t.groupby("kind", sort=False)["alpha"].mean()
             lines.append("mean alpha by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
         return "\n".join(lines)
-
-
-def _atomic(path: Path, write) -> Path:
-    path = path.expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "cpu") -> pd.DataFrame:
@@ -132,9 +116,7 @@ def _load_cached(folder: Path) -> Analysis | None:
 
 
 def _store(folder: Path, result: Analysis) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    def write(tmp: Path) -> None:
         result.table.to_parquet(tmp / "table.parquet", index=False)
         with open(tmp / "eigs.npz", "wb") as f:
             np.savez(f, **result.eigs)
@@ -142,11 +124,10 @@ def _store(folder: Path, result: Analysis) -> None:
                 "device": result.device, "seconds": result.seconds, "engine": ENGINE_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+    try:
+        atomic_dir(folder, write, replace=True)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         log.warning("could not cache the analysis in %s: %s", folder, exc)
 
 

@@ -6,6 +6,9 @@ user's words ("auto", "cuda:1", "bf16") into torch objects in one place.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -71,3 +74,46 @@ def report(progress: Progress, done: int, total: int, message: str = "") -> None
     """Call ``progress`` if somebody listens (keeps call sites one line)."""
     if progress is not None:
         progress(done, total, message)
+
+
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A reader never sees a half-written file, and a failure leaves nothing behind. The
+    temporary file is created with a plain ``open`` so the result has the usual permissions.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        open(tmp, "x").close()
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Call ``write(tmp)`` on a temporary folder beside ``dest``, then rename it to ``dest``.
+
+    An interrupted run leaves no half-written folder. With ``replace`` an existing ``dest``
+    is swapped out (caches); without it an existing ``dest`` is an error (user outputs).
+    """
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists() and not replace:
+        raise ValueError(f"{dest} already exists; choose a new folder (nothing is overwritten)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

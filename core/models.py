@@ -22,8 +22,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import Progress, home, report, resolve_device, resolve_dtype
+from .config import Progress, atomic_dir, home, report, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +226,14 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
     fresh.tie_weights()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        report(progress, 2, 3, "saving")
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").is_file():
-            raise
+
+    report(progress, 2, 3, "saving")
+    atomic_dir(dest, write, replace=True)
     report(progress, 3, 3, "converted")
     return dest
 
