@@ -1,7 +1,9 @@
 """Home / model: choose the model, device and xmin method; load it and run (or reuse) the analysis."""
 import streamlit as st
 
-from pages.common import PAGES, State, cached_analysis, cached_model, fmt_params, progress_callback, setup
+from pages.common import (PAGES, State, cached_analysis, cached_model, fmt_params, kind_order, progress_callback,
+                          setup)
+from pages.plots import kind_box_figure
 
 setup()
 ss = st.session_state
@@ -86,6 +88,10 @@ st.caption("Status of the matrices: " + ", ".join(f"{k}: {v}" for k, v in status
 if summary:
     st.caption(f"model type `{summary.get('model_type')}` · dtype {summary.get('dtype')} · "
                f"weights on {summary.get('device')} · source `{summary.get('source')}`")
+
+if fits.any():
+    st.plotly_chart(kind_box_figure(table, "alpha", kind_order(table)), width="stretch", key="overview")
+    st.caption("Shaded: alpha 2-6, the well-trained range. Below 2: very heavy tailed; above 6: random-like.")
 
 st.markdown("**Next:**")
 c1, c2, c3 = st.columns(3)

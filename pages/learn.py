@@ -99,7 +99,7 @@ with tabs[2]:
     lo, hi = mp_bulk_edges(rows=N, cols=M, w_var=var)
     fig = esd_figure([{"label": "noise + spike", "row": synthetic_row(N, M, var, eigs), "eigs": eigs}],
                      linear=True, show_fit=False)
-    fig.add_vline(x=eigs.max(), line=dict(color="#E45756", width=2), annotation_text="largest λ")
+    fig.add_vline(x=float(eigs.max()), line=dict(color="#E45756", width=2), annotation_text="largest λ")  # linear axis
     st.plotly_chart(fig, width="stretch", key="l_spike_fig")
     predicted = (theta**2 + var * N) * (theta**2 + var * M) / theta**2 if theta > theta_c else hi
     a, b, c = st.columns(3)

@@ -8,8 +8,13 @@ from plotly.subplots import make_subplots
 
 from pages.common import KIND_COLORS
 
-LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=40, b=10), height=420,
-              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420,
+              legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02))
+
+
+def _at(x: float, log: bool) -> float:
+    """A shape's x on a log axis is given in log10 units (Plotly's convention)."""
+    return float(np.log10(x)) if log else float(x)
 
 
 def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +52,7 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             pdf = share * (alpha - 1) / xmin * (lam / xmin) ** (-alpha)
             fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
                                      name=f"{label} power law α={alpha:.2f}", legendgroup=label))
-            fig.add_vline(x=xmin, line=dict(color=color, dash="dot", width=1.5),
+            fig.add_vline(x=_at(xmin, not linear), line=dict(color=color, dash="dot", width=1.5),
                           annotation_text=f"xmin {xmin:.3g}", annotation_position="top left")
         if show_mp and np.isfinite(row.get("w_var", np.nan)) and row.get("w_var", 0) > 0:
             lo, hi = mp_bulk_edges(rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
@@ -55,7 +60,7 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             rho = mp_density(lam, rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
             fig.add_trace(go.Scatter(x=lam, y=rho, mode="lines", line=dict(color="#888888", width=1.5),
                                      name=f"{label} MP (shuffled)", legendgroup=label, opacity=0.8))
-            fig.add_vline(x=hi, line=dict(color="#888888", dash="dash", width=1),
+            fig.add_vline(x=_at(hi, not linear), line=dict(color="#888888", dash="dash", width=1),
                           annotation_text="λ+ (MP edge)", annotation_position="bottom right")
     axis = "linear" if linear else "log"
     fig.update_layout(**LAYOUT, title="Empirical spectral density", xaxis_title="eigenvalue λ of WᵀW",
@@ -78,7 +83,7 @@ def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
                                  line=dict(color=color, dash="dot")), row=1, col=2)
         if chosen is not None and np.isfinite(chosen):
             for c in (1, 2):
-                fig.add_vline(x=chosen, line=dict(color=color, dash="dash", width=1), row=1, col=c)
+                fig.add_vline(x=_at(chosen, True), line=dict(color=color, dash="dash", width=1), row=1, col=c)
     fig.update_layout(**{**LAYOUT, "height": 340})
     fig.update_xaxes(type="log", title_text="xmin")
     fig.update_yaxes(title_text="D", row=1, col=1)
@@ -144,4 +149,19 @@ def block_ratios_figure(series: dict[str, pd.Series], sparsity: float) -> go.Fig
     fig.add_hline(y=sparsity, line=dict(color="#1F2430", dash="dash"), annotation_text="mean")
     fig.update_layout(**{**LAYOUT, "height": 340}, title="sparsity per block (parameter-weighted)",
                       xaxis_title="block", yaxis_title="sparsity")
+    return fig
+
+
+def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figure:
+    """One box of ``metric`` per kind (the Home page's overview)."""
+    fig = go.Figure()
+    for i, kind in enumerate(kinds):
+        t = table[table["kind"] == kind]
+        fig.add_trace(go.Box(y=t[metric], name=kind, marker_color=KIND_COLORS[i % len(KIND_COLORS)],
+                             boxpoints="all", jitter=0.4, pointpos=0, customdata=t["name"],
+                             hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>"))
+    if metric == "alpha":
+        fig.add_hrect(y0=2, y1=6, fillcolor="#54A24B", opacity=0.08, line_width=0)
+    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} of every matrix, by kind", showlegend=False,
+                      yaxis_title=metric)
     return fig

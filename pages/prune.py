@@ -131,10 +131,11 @@ for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting
     fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
                              line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
 if not dense.empty:
-    fig.add_hline(y=float(dense["perplexity"].iloc[-1]), line=dict(dash="dash", color="#1F2430"),
+    fig.add_hline(y=float(np.log10(dense["perplexity"].iloc[-1])),  # log axis: shapes take log10 line=dict(dash="dash", color="#1F2430"),
                   annotation_text=f"dense {dense['perplexity'].iloc[-1]:.2f}")
 fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
 fig.update_yaxes(type="log")
+fig.update_xaxes(range=[-0.02, 1.0])
 st.plotly_chart(fig, width="stretch", key="ppl")
 
 
