@@ -329,6 +329,8 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
     from .evaluation import perplexity
     from .pruning import prune
 
+    if save is not None and Path(save).expanduser().exists():
+        raise ValueError(f"save={save}: already exists; choose a new folder (nothing is overwritten)")
     registry = registry or Registry()
     calib = calibration.settings() if hasattr(calibration, "settings") else {}
     fields = {"model": loaded.source, "model_identity": loaded.identity, "method": method,

@@ -132,3 +132,41 @@ def test_failed_and_cancelled_runs_are_recorded_and_leave_no_folder(tmp_path, mo
     assert "disk full" in runs["error"].iloc[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.sqlite", "runs.sqlite-shm", "runs.sqlite-wal"] \
         or sorted(p.name for p in tmp_path.iterdir()) == ["runs.sqlite"]
+
+
+def test_cli_prune_and_eval_on_a_saved_folder(tmp_path, capsys, monkeypatch):
+    """The prune and eval sub-commands end to end (magnitude needs no tokenizer or text)."""
+    from core.cli import main
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path / "home"))
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    before = sorted(p.name for p in src.iterdir())
+    rc = main(["prune", "--model", str(src), "--method", "magnitude", "--sparsity", "0.6", "--device", "cpu",
+               "--save", str(tmp_path / "out"), "--json", "--quiet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["achieved_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert {"ratio", "achieved"} <= set(out["matrices"][0])
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["matrices"][0]["ratio"] == 0.6
+    assert sorted(p.name for p in src.iterdir()) == before            # the source is never touched
+    assert main(["prune", "--model", str(src), "--method", "magnitude", "--save", str(tmp_path / "out"),
+                 "--quiet"]) == 2                                        # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    runs = Registry(tmp_path / "home" / "runs.sqlite").query()
+    assert runs["status"].tolist() == ["done"]                         # refused before any work
+
+
+def test_alpha_allocation_prunes_to_the_target_mean(tmp_path):
+    loaded = wrap_model(tiny_model("llama"))
+    reg = Registry(tmp_path / "runs.sqlite")
+    run = prune_and_eval(loaded, method="wanda", allocation="alpha", sparsity=0.6, epsilon=0.3,
+                         calibration=_ids(), device="cpu", registry=reg)
+    m = run.matrices
+    assert m["ratio"].max() - m["ratio"].min() > 0.1                      # not uniform
+    assert (m["ratio"] * m["params"]).sum() / m["params"].sum() == pytest.approx(0.6)
+    assert run.achieved == pytest.approx(0.6, abs=0.01)
+    row = reg.get(run.run_id)
+    assert row["allocation"] == "alpha" and row["epsilon"] == 0.3
+    assert row["allocation_params"]["mapping"] == "block"
