@@ -47,6 +47,7 @@ class State:
     sp_linear = "sp_linear"
     sp_fit = "sp_fit"
     sp_mp = "sp_mp"
+    sp_scan = "sp_scan"
     # Layer quality
     q_metric = "q_metric"
     q_block = "q_block"
@@ -83,7 +84,7 @@ class State:
 
     DEFAULTS = {
         source: "demo", device: "auto", xmin: "peak", loaded: None, analysis: None, load_error: None,
-        sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True,
+        sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True, sp_scan: False,
         q_metric: "alpha", q_block: 0, q_kind: "q",
         a_source: "loaded model", a_method: "AlphaPruning", a_metric: "alpha", a_mapping: "block",
         a_sparsity: 0.7, a_epsilon: 0.3, a_rmax: 0.99, a_dense: [], a_compare: False,

@@ -1,4 +1,5 @@
 """Home / model: choose the model, device and xmin method; load it and run (or reuse) the analysis."""
+import pandas as pd
 import streamlit as st
 
 from pages.common import (PAGES, State, cached_analysis, cached_model, fmt_params, kind_order, progress_callback,
@@ -92,6 +93,11 @@ if summary:
 if fits.any():
     st.plotly_chart(kind_box_figure(table, "alpha", kind_order(table)), width="stretch", key="overview")
     st.caption("Shaded: alpha 2-6, the well-trained range. Below 2: very heavy tailed; above 6: random-like.")
+
+with st.expander("Most and least heavy-tailed matrices"):
+    ranked = table[fits].sort_values("alpha")
+    st.dataframe(pd.concat([ranked.head(3), ranked.tail(3)])[["name", "alpha", "D", "n_tail", "status"]],
+                 hide_index=True, width="stretch", key="extremes")
 
 st.markdown("**Next:**")
 c1, c2, c3 = st.columns(3)

@@ -51,12 +51,14 @@ show = ["name", "rows", "cols", "alpha", "xmin", "D", "sigma", "n_tail", "alpha_
 st.dataframe(chosen[show], hide_index=True, width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.4g") for c in show[3:-1]})
 
-with st.expander("Fit diagnostics: D and alpha as functions of xmin", expanded=len(items) <= 2):
+st.subheader("Fit diagnostics")
+if st.toggle("Show D and alpha as functions of xmin", key=State.sp_scan,
+             help="every candidate xmin of the `full` method, as powerlaw and WeightWatcher draw them"):
     scans = [(it["label"], cached_xmin_scan(analysis.identity, analysis.xmin, it["row"]["name"],
                                             _eigs=np.asarray(it["eigs"])), it["row"]["xmin"]) for it in items[:4]]
     if all(s.empty for _, s, _ in scans):
         st.info("No candidate xmin: these spectra have too few positive eigenvalues for a fit.")
     else:
         st.plotly_chart(xmin_scan_figure(scans), width="stretch", key="scan")
-        st.caption("Every candidate xmin of the `full` method: the fit keeps the smallest D (dashed: the xmin "
-                   f"the `{analysis.xmin}` method chose). A flat, low D valley means a clean power-law tail.")
+        st.caption("The fit keeps the xmin with the smallest KS distance D (dashed: the xmin the "
+                   f"`{analysis.xmin}` method chose). A flat, low D valley means a clean power-law tail.")

@@ -30,6 +30,8 @@ def test_selection_and_toggles_change_the_figure(demo_analysis_full):
 
 def test_fit_diagnostics_plot_d_and_alpha_against_xmin(demo_analysis_full):
     at = new_app("spectra", analysis=demo_analysis_full)
+    assert len(figures(at)) == 1
+    at.toggle(key="sp_scan").set_value(True).run()
     scan = figures(at)[1]
     names = [t["name"] for t in scan["data"]]
     assert names == ["0.q D", "0.q alpha"]
