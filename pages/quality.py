@@ -40,7 +40,8 @@ if c3.button("Open in Spectra", type="primary", icon=":material/ssid_chart:"):
     open_in_spectra(ss[State.q_block], ss[State.q_kind])
 if not cell.empty:
     r = cell.iloc[0]
-    st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g} · alpha = {r['alpha']:.3g} · status: {r['status']}")
+    extra = f" · alpha = {r['alpha']:.3g}" if metric != "alpha" else ""
+    st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g}{extra} · status: {r['status']}")
 
 left, right = st.columns(2)
 left.plotly_chart(depth_figure(table, metric, kinds), width="stretch", key="depth")

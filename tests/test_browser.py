@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 SCREENSHOTS = ROOT / "assets" / "screenshots"
+README_SHOTS = {"home", "spectra", "quality", "allocation", "prune", "learn"}   # copied for the README
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -81,10 +82,15 @@ def page(server):
 
 
 def shot(page, name: str) -> None:
-    page.wait_for_timeout(400)  # let Plotly finish its transitions
+    try:  # every Plotly chart drawn (not just its placeholder)
+        page.wait_for_function("() => Array.from(document.querySelectorAll('[data-testid=\"stPlotlyChart\"]'))"
+                               ".every(e => e.querySelector('.main-svg'))", timeout=10_000)
+    except Exception:  # a screenshot is still worth taking
+        pass
+    page.wait_for_timeout(600)  # let Plotly finish its transitions
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("SPECTRASCOPE_UPDATE_SCREENSHOTS") == "1":
+    if os.environ.get("SPECTRASCOPE_UPDATE_SCREENSHOTS") == "1" and name in README_SHOTS:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, SCREENSHOTS / path.name)
 
