@@ -236,9 +236,15 @@ class _Group:
         return (_GPU_CHUNK_BYTES if self.device.type != "cpu" else _CPU_CHUNK_BYTES) // 8
 
 
+def _batch_slices(B: int, per_spectrum: int, budget: int) -> list[slice]:
+    """Consecutive slices of the batch, as many spectra per slice as ``budget`` allows."""
+    step = max(1, min(B, budget // max(1, per_spectrum)))
+    return [slice(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
 def _ks_exact(g: _Group, rows: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """D for candidate rows (B, R) (ascending per spectrum; padding repeats a real row):
-    a masked max over the triangle k >= i, chunked over rows."""
+    a masked max over the triangle k >= i, in chunks of spectra x rows x columns."""
     B, n = g.shape
     R = rows.shape[1]
     dev = g.device
@@ -247,40 +253,43 @@ def _ks_exact(g: _Group, rows: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     fix_inf = not bool(np.all(np.isfinite(alpha)))
     cols = torch.arange(n, device=dev)
     out = torch.empty((B, R), dtype=torch.float64, device=dev)
-    # two flat scratch buffers reused by every chunk: on CPU, allocating large temporaries
-    # costs more than the arithmetic, and small chunks stay in cache
-    size = max(B * n, min(g.budget(), B * R * n))
+    budget = g.budget()
+    # two flat scratch buffers reused by every chunk (allocating large temporaries costs
+    # more than the arithmetic on CPU)
+    size = max(n, min(budget, B * R * n))
     buf_t = torch.empty(size, dtype=torch.float64, device=dev)
     buf_c = torch.empty(size, dtype=torch.float64, device=dev)
-    start = 0
-    while start < R:
-        # columns needed by this chunk start at the smallest candidate position in it
-        c0 = int(rows[:, start].min())
-        width = n - c0
-        stop = start + max(1, min(R - start, size // (B * width)))
-        sl = slice(start, stop)
-        shape = (B, stop - start, width)
-        count = B * (stop - start) * width
-        t = buf_t[:count].view(shape)
-        c = buf_c[:count].view(shape)
-        Lk = g.L[:, None, c0:]
-        if fix_inf:
-            # alpha = inf where x_k == x_i (ties at the top): (x_k/x_i)**(1 - alpha) is 1 there
-            torch.sub(Lk, g.L.gather(1, trows[:, sl])[:, :, None], out=t)
-            t.mul_(a1[:, sl, None]).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        else:
-            torch.addcmul(off[:, sl, None], Lk, a1[:, sl, None], out=t)
-        t.exp_()                                                            # 1 - T
-        torch.addcmul(coff[:, sl, None], g.kv[:, None, c0:], inv[:, sl, None], out=c)  # C - 1
-        t.add_(c)                                                           # C - T
-        # columns below a row's own position are not in its tail
-        c1 = int(rows[:, sl].max())
-        if c1 > c0:
-            below = cols[None, None, c0:c1] < trows[:, sl, None]
-            t[:, :, : c1 - c0].masked_fill_(below, 0.0)
-        lo, hi = torch.aminmax(t, dim=2)
-        out[:, sl] = torch.maximum(hi, lo.neg_())
-        start = stop
+    for bs in _batch_slices(B, n, size):
+        nb = bs.stop - bs.start
+        start = 0
+        while start < R:
+            # columns needed by this chunk start at the smallest candidate position in it
+            c0 = int(rows[bs, start].min())
+            width = n - c0
+            stop = start + max(1, min(R - start, size // (nb * width)))
+            sl = slice(start, stop)
+            shape = (nb, stop - start, width)
+            count = nb * (stop - start) * width
+            t = buf_t[:count].view(shape)
+            c = buf_c[:count].view(shape)
+            Lk = g.L[bs, None, c0:]
+            if fix_inf:
+                # alpha = inf where x_k == x_i (ties at the top): (x_k/x_i)**(1 - alpha) is 1 there
+                torch.sub(Lk, g.L[bs].gather(1, trows[bs, sl])[:, :, None], out=t)
+                t.mul_(a1[bs, sl, None]).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            else:
+                torch.addcmul(off[bs, sl, None], Lk, a1[bs, sl, None], out=t)
+            t.exp_()                                                              # 1 - T
+            torch.addcmul(coff[bs, sl, None], g.kv[bs, None, c0:], inv[bs, sl, None], out=c)  # C - 1
+            t.add_(c)                                                             # C - T
+            # columns below a row's own position are not in its tail
+            c1 = int(rows[bs, sl].max())
+            if c1 > c0:
+                below = cols[None, None, c0:c1] < trows[bs, sl, None]
+                t[:, :, : c1 - c0].masked_fill_(below, 0.0)
+            lo, hi = torch.aminmax(t, dim=2)
+            out[bs, sl] = torch.maximum(hi, lo.neg_())
+            start = stop
     return out.cpu().numpy()
 
 
@@ -295,23 +304,28 @@ def _ks_bounds(g: _Group, rows: np.ndarray, alpha: np.ndarray, q: int) -> tuple[
     dev = g.device
     trows = torch.as_tensor(rows, device=dev)
     a1, off, inv, coff = g.row_terms(rows, alpha)
-    steps = torch.arange(q + 1, device=dev)
+    # sampled offsets floor(j/q * span), j = 0..q: any non-decreasing choice that includes
+    # both ends of the tail gives valid bounds, so float rounding does no harm
+    frac = torch.arange(q + 1, device=dev, dtype=torch.float64) / q
     lb = torch.empty((B, R), dtype=torch.float64, device=dev)
     ub = torch.empty((B, R), dtype=torch.float64, device=dev)
-    rc = max(1, g.budget() // (B * (q + 1)))
-    for start in range(0, R, rc):
-        sl = slice(start, min(R, start + rc))
-        r = trows[:, sl]
-        span = (n - 1) - r
-        idx = (r[:, :, None] + torch.div(steps * span[:, :, None], q, rounding_mode="floor"))
-        flat = idx.reshape(B, -1)
-        e = torch.addcmul(off[:, sl, None], g.L.gather(1, flat).view(idx.shape), a1[:, sl, None]).exp_()
-        c = torch.addcmul(coff[:, sl, None], g.kv.gather(1, flat).view(idx.shape), inv[:, sl, None])
-        d = (c + e).abs_().amax(dim=2)
-        up = (c[:, :, 1:] + e[:, :, :-1]).amax(dim=2)
-        down = (c[:, :, :-1] + e[:, :, 1:]).amin(dim=2).neg_()
-        lb[:, sl] = d
-        ub[:, sl] = torch.maximum(torch.maximum(up, down), d)
+    budget = g.budget()
+    for bs in _batch_slices(B, q + 1, budget):
+        nb = bs.stop - bs.start
+        rc = max(1, budget // (nb * (q + 1)))
+        for start in range(0, R, rc):
+            sl = slice(start, min(R, start + rc))
+            r = trows[bs, sl]
+            span = ((n - 1) - r).to(torch.float64)
+            idx = r[:, :, None] + (frac * span[:, :, None]).long()
+            flat = idx.reshape(nb, -1)
+            e = torch.addcmul(off[bs, sl, None], g.L[bs].gather(1, flat).view(idx.shape), a1[bs, sl, None]).exp_()
+            c = torch.addcmul(coff[bs, sl, None], g.kv[bs].gather(1, flat).view(idx.shape), inv[bs, sl, None])
+            d = (c + e).abs_().amax(dim=2)
+            up = (c[:, :, 1:] + e[:, :, :-1]).amax(dim=2)
+            down = (c[:, :, :-1] + e[:, :, 1:]).amin(dim=2).neg_()
+            lb[bs, sl] = d
+            ub[bs, sl] = torch.maximum(torch.maximum(up, down), d)
     return lb.cpu().numpy(), ub.cpu().numpy()
 
 
