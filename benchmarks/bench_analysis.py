@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,18 +18,10 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from common import best_time
 from core.analysis import analyze
 from core.fit import fit_power_law
 from core.models import load_model
-
-
-def timed(fn, repeat: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def bare_eig(w: torch.Tensor) -> np.ndarray:
@@ -49,22 +40,22 @@ def main() -> None:
     weights = [demo.weight(i.name) for i in demo.matrices]
     print(f"demo model: {len(weights)} matrices, torch {torch.__version__}, {os.cpu_count()} CPUs")
 
-    t_seq, _ = timed(lambda: [bare_eig(w) for w in weights], args.repeat)
+    t_seq, _ = best_time(lambda: [bare_eig(w) for w in weights], args.repeat)
     with threadpool_limits(1):
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            t_par, _ = timed(lambda: list(pool.map(bare_eig, weights)), args.repeat)
+            t_par, _ = best_time(lambda: list(pool.map(bare_eig, weights)), args.repeat)
     floor = min(t_seq, t_par)
     print(f"floor, bare Gram+eigvalsh float64, one after another : {t_seq:7.2f} s")
     print(f"floor, bare Gram+eigvalsh float64, {os.cpu_count()} threads        : {t_par:7.2f} s")
-    t_peak, res = timed(lambda: analyze(demo, xmin="peak", device="cpu", use_cache=False), args.repeat)
-    t_full, res_full = timed(lambda: analyze(demo, xmin="full", device="cpu", use_cache=False), 1)
+    t_peak, res = best_time(lambda: analyze(demo, xmin="peak", device="cpu", use_cache=False), args.repeat)
+    t_full, res_full = best_time(lambda: analyze(demo, xmin="full", device="cpu", use_cache=False), 1)
     print(f"engine analyze(xmin=peak): eigenvalues+fits+metrics : {t_peak:7.2f} s  ({t_peak / floor:.2f}x floor)")
     print(f"engine analyze(xmin=full)                           : {t_full:7.2f} s  ({t_full / floor:.2f}x floor)")
 
     try:
         import weightwatcher as ww
         logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-        t_ww, details = timed(lambda: ww.WeightWatcher(model=demo.model).analyze(), 1)
+        t_ww, details = best_time(lambda: ww.WeightWatcher(model=demo.model).analyze(), 1)
         print(f"WeightWatcher {ww.__version__} analyze() defaults ({len(details)} layers): {t_ww:7.2f} s  "
               f"-> engine(peak) is {t_ww / t_peak:.1f}x faster, engine(full) {t_ww / t_full:.1f}x")
     except ImportError:
@@ -74,16 +65,16 @@ def main() -> None:
     names = list(res_full.table["name"])
     sample = names[:: max(1, len(names) // args.powerlaw_sample)][: args.powerlaw_sample]
     spectra = [res_full.eigs[n] for n in sample]
-    t_pl, _ = timed(lambda: [powerlaw.Fit(e, parameter_ranges={"alpha": [1, 1000]}, verbose=False)
+    t_pl, _ = best_time(lambda: [powerlaw.Fit(e, parameter_ranges={"alpha": [1, 1000]}, verbose=False)
                              for e in spectra], 1)
-    t_ours, _ = timed(lambda: [fit_power_law(e, xmin="full") for e in spectra], args.repeat)
+    t_ours, _ = best_time(lambda: [fit_power_law(e, xmin="full") for e in spectra], args.repeat)
     print(f"powerlaw.Fit on {len(spectra)} demo spectra: {t_pl:7.2f} s; our full fit: {t_ours:.3f} s "
           f"({t_pl / t_ours:.0f}x faster)")
 
     rng = np.random.default_rng(0)
     big = np.sort(rng.pareto(2.5, 4096) + 1.0)
     fit_power_law(big, xmin="full")
-    t_4096, _ = timed(lambda: fit_power_law(big, xmin="full"), 5)
+    t_4096, _ = best_time(lambda: fit_power_law(big, xmin="full"), 5)
     print(f"full fit of one 4096-eigenvalue spectrum: {t_4096 * 1e3:.1f} ms (target < 50 ms)")
 
 

@@ -21,22 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 import warnings
 
 import numpy as np
 import torch
 
+from common import best_time
 from core.fit import fit_power_law, fit_power_laws
-
-
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def student_eigs(rows: int, cols: int, rng: np.random.Generator, df: float = 4.0) -> np.ndarray:

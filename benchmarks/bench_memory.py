@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def write_checkpoint(folder: Path) -> int:
     if (folder / "config.json").is_file():
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
               "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
               "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
