@@ -150,7 +150,8 @@ def start(args: list[str], title: str) -> Job:
 def list_jobs(limit: int = 20) -> list[Job]:
     """Newest first."""
     jobs = []
-    for folder in sorted(jobs_dir().iterdir(), reverse=True)[:limit]:
+    folders = sorted((p for p in jobs_dir().iterdir() if (p / "job.json").is_file()), reverse=True)
+    for folder in folders[:limit]:
         try:
             jobs.append(Job(folder.name, folder, json.loads((folder / "job.json").read_text())))
         except (OSError, ValueError):

@@ -109,9 +109,14 @@ def job_panel() -> None:
                     job.cancel()
             elif status == "failed":
                 c1.error(job.error(), icon=":material/error:")
-            elif status == "done" and job.id == ss[State.p_job] and not ss.get(f"seen_{job.id}"):
-                ss[f"seen_{job.id}"] = True
-                finished_now = True
+            elif status == "done":
+                result = job.result() or {}
+                p = result.get("perplexity")
+                ppl = p.get("perplexity") if isinstance(p, dict) else p
+                c1.caption(f"run {result.get('run_id')}" + (f" · perplexity {ppl:.2f}" if ppl is not None else ""))
+                if job.id == ss[State.p_job] and not ss.get(f"seen_{job.id}"):
+                    ss[f"seen_{job.id}"] = True
+                    finished_now = True
     if finished_now:
         st.rerun()
 

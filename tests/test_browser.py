@@ -88,6 +88,10 @@ def shot(page, name: str) -> None:
                                ".every(e => e.querySelector('.main-svg'))", timeout=10_000)
     except Exception:  # a screenshot is still worth taking
         pass
+    try:  # no faded leftovers of the previous run
+        page.wait_for_function("() => !document.querySelector('[data-stale=\"true\"]')", timeout=10_000)
+    except Exception:
+        pass
     page.wait_for_timeout(600)  # let Plotly finish its transitions
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
