@@ -188,7 +188,8 @@ def test_dashboard_end_to_end(page, server):
     assert run["status"] == "done", run["error"]
     assert run["method"] == "magnitude" and run["perplexity"] > 1
     # the job card turns to done by itself (1 s fragment) and the comparison shows the run
-    page.get_by_test_id("stMarkdownContainer").filter(has_text=re.compile(r"magnitude alpha S=.*done")).first.wait_for()
+    page.get_by_test_id("stMarkdownContainer").filter(
+        has_text=re.compile(rf"magnitude alpha S={new_mean:.2f} · done")).first.wait_for()
     page.get_by_text("perplexity against sparsity").wait_for()
     wait_idle(page)
     shot(page, "prune")
