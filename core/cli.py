@@ -196,6 +196,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mapping", default="block", choices=["block", "matrix"], help="AlphaPruning mapping")
     p.add_argument("--metrics", metavar="FILE", help="alpha from a table of `spectrascope analyze --out` "
                    "instead of analysing now")
+    p.add_argument("--metric", default="alpha", help="AlphaPruning's score column (default alpha)")
+    p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
+    p.add_argument("--dense-kinds", default="", metavar="KINDS", help="kinds kept dense, e.g. k,v")
+    p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
+    p.add_argument("--ratios", metavar="FILE.csv", help="per-matrix ratios (columns name, ratio) from "
+                   "`spectrascope allocate --out` or the dashboard; --allocation then only labels the run")
     p.add_argument("--nm", metavar="N:M", help="semi-structured N:M sparsity, e.g. 2:4 or 4:8 (ratios ignored)")
     _opts_calib(p)
     p.add_argument("--save", metavar="DIR", help="write the pruned model as a Hugging Face folder (new DIR)")
@@ -206,16 +212,20 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 def _run_prune(args: argparse.Namespace) -> int:
     import json
 
-    from .runs import prune_and_eval
+    from .runs import prune_and_eval, read_ratios
 
+    options = {k: v for k, v in {"metric": args.metric, "r_max": args.r_max, "dense_kinds": args.dense_kinds,
+                                 "reverse": args.reverse}.items() if v not in (None, "", False)}
     with progress_bar(not args.quiet) as progress:
         loaded = _load_for(args, progress)
-        calib = _calibration_for(args, loaded, args.method != "magnitude" or args.allocation == "owl")
+        ratios = read_ratios(args.ratios, loaded) if args.ratios else None
+        calib = _calibration_for(args, loaded, args.method != "magnitude" or (args.allocation == "owl" and not ratios))
         run = prune_and_eval(loaded, method=args.method, allocation=args.allocation, sparsity=args.sparsity,
                              epsilon=args.epsilon, mapping=args.mapping, nm=args.nm, calibration=calib,
                              evaluate=args.eval, eval_dataset=args.dataset, eval_seqlen=args.seqlen,
                              max_windows=args.max_windows, save=args.save, device=args.device,
-                             metrics=_metrics_for(args), progress=progress)
+                             metrics=None if ratios else _metrics_for(args), ratios=ratios, options=options,
+                             progress=progress)
     if args.json:
         print(json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str))
         return 0

@@ -286,10 +286,13 @@ class RunResult:
 def layer_ratios(loaded, *, allocation: str, sparsity: float, epsilon: float | None = None,
                  mapping: str = "block", calibration: object = None, owl: Mapping[int, float] | None = None,
                  metrics: pd.DataFrame | None = None, lam: float | None = None, device: str = "auto",
-                 progress: Progress = None, cancel: object = None) -> tuple[dict[str, float], dict]:
+                 options: Mapping[str, object] | None = None, progress: Progress = None,
+                 cancel: object = None) -> tuple[dict[str, float], dict]:
     """Per-matrix ratios for ``allocation`` (uniform, alpha, owl) and the parameters used.
     ``owl``: precomputed OWL block scores (``pruning.owl_scores``) to reuse across runs;
-    ``metrics``: a precomputed analysis table (``analyze(...).table``) for ``alpha``."""
+    ``metrics``: a precomputed analysis table (``analyze(...).table``) for ``alpha``;
+    ``options``: further ``allocation.allocate`` keywords for ``alpha`` (metric, r_max,
+    dense_kinds, reverse)."""
     from .pruning import OWL_LAMBDA, OWL_M, owl_ratios, owl_scores
 
     if allocation not in ALLOCATIONS:
@@ -314,8 +317,30 @@ def layer_ratios(loaded, *, allocation: str, sparsity: float, epsilon: float | N
         raise ValueError(f"metrics: the table's matrix names do not match the model's ({len(names)} matrices); "
                          "analyze the same model")
     eps = DEFAULT_EPSILON if epsilon is None else epsilon
-    alloc = allocate(metrics, sparsity=sparsity, method="alpha", mapping=mapping, epsilon=eps)
-    return alloc.ratio_by_name(), {"epsilon": eps, "mapping": mapping, "metric": "alpha"}
+    options = {"metric": "alpha", **(options or {})}
+    alloc = allocate(metrics, sparsity=sparsity, method="alpha", mapping=mapping, epsilon=eps, **options)
+    return alloc.ratio_by_name(), {"epsilon": eps, "mapping": mapping, **options}
+
+
+def read_ratios(path: str | os.PathLike, loaded) -> dict[str, float]:
+    """Per-matrix ratios from a CSV with columns name and ratio (``spectrascope allocate --out``
+    or the dashboard's Allocation page); every prunable matrix of ``loaded`` must be there."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ratios file not found: {path}; write one with `spectrascope allocate --out`")
+    table = pd.read_csv(path)
+    if not {"name", "ratio"} <= set(table.columns):
+        raise ValueError(f"{path} needs the columns name and ratio (it has {', '.join(map(str, table.columns))})")
+    ratios = dict(zip(table["name"].astype(str), table["ratio"].astype(float)))
+    missing = [m.name for m in loaded.matrices if m.name not in ratios]
+    if missing:
+        raise ValueError(f"{path} has no ratio for {len(missing)} of the model's matrices (first: {missing[0]}); "
+                         "allocate for the same model")
+    bad = {k: v for k, v in ratios.items() if not 0.0 <= v < 1.0}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise ValueError(f"{path}: ratio {value} of {name} is outside [0, 1)")
+    return {m.name: ratios[m.name] for m in loaded.matrices}
 
 
 def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity: float = 0.5,
@@ -323,9 +348,13 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
                    calibration: object = None, evaluate: bool = False, eval_dataset: str = "wiki",
                    eval_seqlen: int = 2048, max_windows: int | None = None, save: str | os.PathLike | None = None,
                    device: str = "auto", registry: Registry | None = None, owl: Mapping[int, float] | None = None,
-                   metrics: pd.DataFrame | None = None, progress: Progress = None, cancel: object = None) -> RunResult:
+                   metrics: pd.DataFrame | None = None, ratios: Mapping[str, float] | None = None,
+                   options: Mapping[str, object] | None = None, progress: Progress = None,
+                   cancel: object = None) -> RunResult:
     """Prune a copy of ``loaded`` (the original stays dense), optionally evaluate and save it,
-    and record the run (``registry``; ``None`` uses the default database)."""
+    and record the run (``registry``; ``None`` uses the default database). ``ratios`` gives the
+    per-matrix ratios directly (e.g. ``read_ratios``); then ``allocation`` only labels the run.
+    ``options``: further ``allocate`` keywords for ``alpha``."""
     from .evaluation import perplexity
     from .pruning import prune
 
@@ -340,10 +369,15 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
               "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
               "output_dir": str(save) if save else None}
     with registry.record("prune", **fields) as run_id:
-        ratios, params = ({}, {}) if nm else layer_ratios(
-            loaded, allocation=allocation, sparsity=sparsity, epsilon=epsilon, mapping=mapping,
-            calibration=calibration, owl=owl, metrics=metrics, device=device, progress=progress,
-            cancel=cancel)
+        if nm:
+            ratios, params = {}, {}
+        elif ratios is not None:
+            ratios, params = dict(ratios), {"source": "given ratios"}
+        else:
+            ratios, params = layer_ratios(
+                loaded, allocation=allocation, sparsity=sparsity, epsilon=epsilon, mapping=mapping,
+                calibration=calibration, owl=owl, metrics=metrics, device=device, options=options,
+                progress=progress, cancel=cancel)
         registry.update(run_id, allocation_params=params)
         result = prune(loaded, ratios or None, method=method, calibration=calibration, nm=nm, device=device,
                        copy=True, progress=progress, cancel=cancel)

@@ -34,12 +34,6 @@ with st.container(border=True):
     st.markdown(f"**Model** `{label}` · **allocation** {ss[State.a_method]} at S = {S:.2f}"
                 + (f", ε = {eps:.2f}, {mapping} mapping" if allocation == "alpha" else ""))
     st.page_link(PAGES["allocation"][0], label="change the allocation", icon=":material/tune:")
-    ignored = [what for what, off in (("metric " + str(ss[State.a_metric]), ss[State.a_metric] != "alpha"),
-                                      ("r_max", ss[State.a_rmax] != 0.99), ("dense kinds", bool(ss[State.a_dense])))
-               if off and allocation == "alpha"]
-    if ignored:
-        st.caption(":material/warning: The prune command takes alpha with r_max 0.99 and no dense kinds; "
-                   f"these Allocation settings are preview-only for now: {', '.join(ignored)}.")
     c1, c2 = st.columns(2)
     c1.radio("Method", ["magnitude", "wanda", "sparsegpt"], key=State.p_method, horizontal=True,
              help="magnitude: smallest |W|; Wanda: |W|·‖X‖ per output row; SparseGPT: OBS with weight updates")
@@ -73,7 +67,9 @@ if start:
     args = ["prune", "--method", ss[State.p_method], "--allocation", allocation, "--sparsity", f"{S:g}",
             "--mapping", mapping, "--nsamples", str(ss[State.p_calib_n]), "--eval", *common]
     if allocation == "alpha":
-        args += ["--epsilon", f"{eps:g}", *metrics_file()]
+        # the Allocation page's own settings, so the job prunes with exactly the previewed ratios
+        args += ["--epsilon", f"{eps:g}", "--metric", str(ss[State.a_metric]), "--r-max", f"{ss[State.a_rmax]:g}",
+                 *(["--dense-kinds", ",".join(ss[State.a_dense])] if ss[State.a_dense] else []), *metrics_file()]
     if nm != "none":
         args += ["--nm", nm]
     if ss[State.p_save]:

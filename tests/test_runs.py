@@ -170,3 +170,30 @@ def test_alpha_allocation_prunes_to_the_target_mean(tmp_path):
     row = reg.get(run.run_id)
     assert row["allocation"] == "alpha" and row["epsilon"] == 0.3
     assert row["allocation_params"]["mapping"] == "block"
+
+
+def test_cli_prune_takes_the_ratios_of_an_allocation_file(tmp_path, capsys, monkeypatch):
+    """`analyze --out` -> `allocate --out` -> `prune --ratios`: the pruned model follows the file exactly."""
+    import pandas as pd
+
+    from core.cli import main
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path / "home"))
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    assert main(["analyze", "--model", str(src), "--device", "cpu", "--out", str(tmp_path / "m.csv"), "--quiet"]) == 0
+    assert main(["allocate", "--metrics", str(tmp_path / "m.csv"), "--sparsity", "0.5", "--epsilon", "0.4",
+                 "--dense-kinds", "k,v", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    wanted = pd.read_csv(tmp_path / "r.csv").set_index("name")["ratio"]
+    assert (wanted[wanted.index.str.contains("k_proj|v_proj")] == 0).all()
+    rc = main(["prune", "--model", str(src), "--method", "magnitude", "--allocation", "alpha", "--ratios",
+               str(tmp_path / "r.csv"), "--device", "cpu", "--json", "--quiet"])
+    assert rc == 0
+    got = pd.DataFrame(json.loads(capsys.readouterr().out)["matrices"]).set_index("name")
+    pd.testing.assert_series_equal(got["ratio"], wanted.loc[got.index], check_names=False)
+    assert (got["achieved"] - got["ratio"]).abs().max() < 1 / 64          # one weight per row of 64 inputs
+    # a file for another model is refused with the reason
+    pd.DataFrame({"name": ["x"], "ratio": [0.5]}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["prune", "--model", str(src), "--method", "magnitude", "--ratios", str(tmp_path / "bad.csv"),
+                 "--quiet"]) == 2
+    assert "no ratio for 14 of the model's matrices" in capsys.readouterr().err
