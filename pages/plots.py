@@ -12,9 +12,13 @@ LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), heig
               legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02))
 
 
-def _at(x: float, log: bool) -> float:
-    """A shape's x on a log axis is given in log10 units (Plotly's convention)."""
-    return float(np.log10(x)) if log else float(x)
+def _vmark(fig: go.Figure, x: float, y0: float, y1: float, *, name: str, color: str, dash: str,
+           group: str | None = None, row: int | None = None, col: int | None = None) -> None:
+    """A vertical marker drawn as a two-point line trace: unlike shapes and annotations, a trace
+    is placed in data units on linear and log axes alike, and it gets a legend entry."""
+    trace = go.Scatter(x=[x, x], y=[y0, y1], mode="lines", name=name, legendgroup=group,
+                       line=dict(color=color, dash=dash, width=1.5), hovertemplate=f"{name}<extra></extra>")
+    fig.add_trace(trace, row=row, col=col) if row else fig.add_trace(trace)
 
 
 def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +46,8 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
         if pos.size == 0:
             continue
         edges, density = _hist(pos, linear, bins)
+        shown = density[density > 0]
+        y0, y1 = (float(shown.min()), float(shown.max())) if shown.size else (1e-6, 1.0)
         fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1] if len(density) else 0),
                                  mode="lines", line=dict(shape="hv", color=color, width=2),
                                  name=f"{label} ESD", legendgroup=label))
@@ -52,16 +58,14 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             pdf = share * (alpha - 1) / xmin * (lam / xmin) ** (-alpha)
             fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
                                      name=f"{label} power law α={alpha:.2f}", legendgroup=label))
-            fig.add_vline(x=_at(xmin, not linear), line=dict(color=color, dash="dot", width=1.5),
-                          annotation_text=f"xmin {xmin:.3g}", annotation_position="top left")
+            _vmark(fig, xmin, y0, y1, name=f"{label} xmin {xmin:.3g}", color=color, dash="dot", group=label)
         if show_mp and np.isfinite(row.get("w_var", np.nan)) and row.get("w_var", 0) > 0:
             lo, hi = mp_bulk_edges(rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
             lam = np.linspace(max(lo, 1e-12), hi, 300)[1:-1] if linear else np.geomspace(max(lo, hi * 1e-4), hi, 300)[1:-1]
             rho = mp_density(lam, rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
             fig.add_trace(go.Scatter(x=lam, y=rho, mode="lines", line=dict(color="#888888", width=1.5),
                                      name=f"{label} MP (shuffled)", legendgroup=label, opacity=0.8))
-            fig.add_vline(x=_at(hi, not linear), line=dict(color="#888888", dash="dash", width=1),
-                          annotation_text="λ+ (MP edge)", annotation_position="bottom right")
+            _vmark(fig, hi, y0, y1, name=f"{label} λ+ (MP edge) {hi:.3g}", color="#888888", dash="dash", group=label)
     axis = "linear" if linear else "log"
     fig.update_layout(**LAYOUT, title="Empirical spectral density", xaxis_title="eigenvalue λ of WᵀW",
                       yaxis_title="density")
@@ -82,8 +86,10 @@ def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
         fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["alpha"], mode="lines", name=f"{label} alpha",
                                  line=dict(color=color, dash="dot")), row=1, col=2)
         if chosen is not None and np.isfinite(chosen):
-            for c in (1, 2):
-                fig.add_vline(x=_at(chosen, True), line=dict(color=color, dash="dash", width=1), row=1, col=c)
+            d = scan["D"][np.isfinite(scan["D"])]
+            for c, (y0, y1) in ((1, (float(d.min()), float(d.max())) if d.size else (0.0, 1.0)), (2, (0.0, 12.0))):
+                _vmark(fig, chosen, y0, y1, name=f"{label} chosen xmin {chosen:.3g}", color=color, dash="dash",
+                       group=label, row=1, col=c)
     fig.update_layout(**{**LAYOUT, "height": 340})
     fig.update_xaxes(type="log", title_text="xmin")
     fig.update_yaxes(title_text="D", row=1, col=1)

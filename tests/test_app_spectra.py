@@ -34,8 +34,11 @@ def test_fit_diagnostics_plot_d_and_alpha_against_xmin(demo_analysis_full):
     at.toggle(key="sp_scan").set_value(True).run()
     scan = figures(at)[1]
     names = [t["name"] for t in scan["data"]]
-    assert names == ["0.q D", "0.q alpha"]
+    xmin = float(demo_analysis_full.table.set_index("name").loc["model.layers.0.self_attn.q_proj", "xmin"])
+    assert names == ["0.q D", "0.q alpha", f"0.q chosen xmin {xmin:.3g}", f"0.q chosen xmin {xmin:.3g}"]
     assert len(arr(scan["data"][0]["x"])) > 10
+    # the chosen-xmin marker stands at the fitted xmin, in data units (log axis or not)
+    assert list(arr(scan["data"][2]["x"])) == [xmin, xmin]
 
 
 def test_empty_selection_asks_for_one(demo_analysis_full):
