@@ -23,9 +23,12 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=0, file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = None   # drawn on the first report, so a cached result prints no empty bar
 
     def update(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
         if bar.total != total:
             bar.reset(total=total)
         bar.n = done
@@ -35,7 +38,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     try:
         yield update
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 # --- analyze ---------------------------------------------------------------------------
