@@ -21,7 +21,7 @@ import pandas as pd
 from .config import Progress, atomic_dir, atomic_file, home, report, resolve_device
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import spectral_metrics
-from .models import LoadedModel, load_model, resolve_source
+from .models import LoadedModel, iter_weights, load_model, resolve_source
 from .spectra import Spectrum, compute_spectra
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     else:
         loaded = source if isinstance(source, LoadedModel) else load_model(
             source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
-        items, infos = ((i, loaded.weight(i.name)) for i in loaded.matrices), loaded.matrices
+        items, infos = iter_weights(loaded), loaded.matrices
     # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
     spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress,
                               budget_bytes=(256 << 20) if streaming else (1 << 30))
