@@ -221,17 +221,20 @@ def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor | None, ratio: float, *, nm
                 maskt1 = _mask_lowest_flat(Wt1 ** 2 / d.unsqueeze(1) ** 2, ratio)
             else:
                 maskt1 = torch.zeros_like(Wt1, dtype=torch.bool)
+            # err_i = (w - q) / U_ii = w * scale_i: masked entries scaled, kept ones 0
+            scale = maskt1.to(Wt1.dtype) / d.unsqueeze(1).to(Wt1.dtype)
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0:
                     g = slice(i, i + nm[1])
                     score = (Wt1[g] ** 2 / d[g].unsqueeze(1) ** 2).t()          # rows x M
                     idx = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
                     maskt1[g].t().scatter_(1, idx, True)
-                w = Wt1[i]
-                err = torch.where(maskt1[i], w, torch.zeros_like(w)) / d[i]   # (w - q) / U_ii
-                Wt1[i:].addr_(U1[i, i:], err, alpha=-1.0)                     # column i becomes q
-                Wt1[i].masked_fill_(maskt1[i], 0.0)                           # exact zeros
-                Errt1[i] = err
+                    scale[g] = maskt1[g].to(Wt1.dtype) / d[g].unsqueeze(1).to(Wt1.dtype)
+                torch.mul(Wt1[i], scale[i], out=Errt1[i])
+                Wt1[i:].addr_(U1[i, i:], Errt1[i], alpha=-1.0)                # column i becomes q
+            # exact zeros: later steps never touch an earlier column, so one fill at the end
+            # equals zeroing each column right after its update (which leaves rounding residue)
+            Wt1.masked_fill_(maskt1, 0.0)
             W[:, i1:i2] = Wt1.t()
             if i2 < cols:
                 W[:, i2:].sub_(Errt1.t() @ U[i1:i2, i2:])
