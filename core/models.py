@@ -108,6 +108,11 @@ class LoadedModel:
         w = self.module(name).weight
         return w.t() if self.family.transposed else w
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype without the ``torch.`` prefix, e.g. ``float32``."""
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
     def summary(self) -> dict:
         cfg = self.model.config
         return {
@@ -116,7 +121,7 @@ class LoadedModel:
             "matrices": len(self.matrices),
             "prunable_params": sum(m.params for m in self.matrices),
             "total_params": sum(p.numel() for p in self.model.parameters()),
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "dtype": self.dtype_name,
             "device": str(next(self.model.parameters()).device),
         }
 

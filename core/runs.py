@@ -14,9 +14,7 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sqlite3
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from typing import Iterator, Mapping
 
 import pandas as pd
 
-from .config import Progress, home
+from .config import Progress, atomic_dir, home
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +239,14 @@ def save_model(loaded, dest: str | os.PathLike, report: dict) -> Path:
             raise ValueError(f"save={dest}: inside the source model's folder {src}; the source is never touched")
     if not dest.parent.is_dir():
         raise FileNotFoundError(f"save={dest}: folder {dest.parent} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(dest, write)
     log.info("saved pruned model to %s", dest)
     return dest
 
@@ -366,7 +362,7 @@ def prune_and_eval(loaded, *, method: str, allocation: str = "uniform", sparsity
               "allocation": "n:m" if nm else allocation, "sparsity": None if nm else float(sparsity),
               "epsilon": epsilon if allocation == "alpha" and not nm else None, "mapping": mapping, "nm": nm,
               "calibration": calib if method != "magnitude" or allocation == "owl" else None, "device": str(device),
-              "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+              "dtype": loaded.dtype_name,
               "output_dir": str(save) if save else None}
     with registry.record("prune", **fields) as run_id:
         if nm:
@@ -410,7 +406,7 @@ def eval_run(loaded, *, dataset: str = "wiki", seqlen: int = 2048, max_windows: 
     registry = registry or Registry()
     with registry.record("eval", model=loaded.source, model_identity=loaded.identity, method="dense",
                          device=str(device),
-                         dtype=str(next(loaded.model.parameters()).dtype).replace("torch.", "")) as run_id:
+                         dtype=loaded.dtype_name) as run_id:
         ppl = perplexity(loaded, dataset=dataset, seqlen=seqlen, max_windows=max_windows, device=device,
                          progress=progress, cancel=cancel)
         registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
