@@ -26,6 +26,19 @@ _DTYPES = {
 }
 
 
+#: Windows of text go through the model (or one block) in batches of about this many
+#: tokens: large enough that the matrix products run efficiently and the per-call overhead
+#: is shared, small enough that the activations of a 70B model's block stay modest.
+BATCH_TOKENS = 1024
+
+
+def window_batches(n: int, seqlen: int, start: int = 0, tokens: int = BATCH_TOKENS) -> list[slice]:
+    """Slices over windows ``start..n-1`` of ``seqlen`` tokens, about ``tokens`` each (at
+    least one window per slice)."""
+    size = max(1, tokens // max(1, seqlen))
+    return [slice(i, min(i + size, n)) for i in range(start, n, size)]
+
+
 def home() -> Path:
     """Spectrascope's own folder (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``)."""
     path = Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope")

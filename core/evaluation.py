@@ -3,7 +3,9 @@
 The evaluation text is tokenized once and cut into non-overlapping windows of ``seqlen``
 tokens (the tail that does not fill a window is dropped); perplexity is ``exp`` of the mean
 next-token negative log-likelihood over all predicted tokens (``seqlen - 1`` per window).
-Logits are taken in float32 whatever the model's dtype. ``max_windows`` evaluates only
+Logits are taken in float32 whatever the model's dtype. Windows go through the model in
+batches of about ``BATCH_TOKENS`` tokens (one window at a time from that length on), which
+changes nothing but speed. ``max_windows`` evaluates only
 the first K windows (quick looks; the result says how many were used).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import DEFAULT_SEQLEN, cap_seqlen, tokenize
-from .config import Progress, report, resolve_device
+from .config import Progress, report, resolve_device, window_batches
 from .models import LoadedModel
 from .texts import EMBEDDED, load_text
 
@@ -64,11 +66,13 @@ def eval_ids(tokenizer: object, dataset: str = EMBEDDED) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, window: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of one ``1 x seqlen`` window and the number of predicted tokens."""
-    logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-    target = window[0, 1:]
-    return float(F.cross_entropy(logits, target, reduction="sum")), int(target.numel())
+def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of ``windows`` (``batch x seqlen`` token ids) and the number of
+    predicted tokens (``batch x (seqlen - 1)``)."""
+    logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    target = windows[:, 1:]
+    return (float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")),
+            int(target.numel()))
 
 
 @torch.no_grad()
@@ -100,12 +104,13 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
     model.eval().to(dev)
     nll, count = 0.0, 0
     start = time.perf_counter()
+    windows = ids[:n * seqlen].reshape(n, seqlen)
     try:
-        for i in range(n):
-            check_cancel(cancel, f"at window {i}")
-            s, c = window_nll(model, ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(dev))
+        for rows in window_batches(n, seqlen):
+            check_cancel(cancel, f"at window {rows.start}")
+            s, c = window_nll(model, windows[rows].to(dev))
             nll, count = nll + s, count + c
-            report(progress, i + 1, n, f"perplexity {math.exp(nll / count):.2f}")
+            report(progress, rows.stop, n, f"perplexity {math.exp(nll / count):.2f}")
     finally:
         model.to(home_device).train(was_training)
     seconds = time.perf_counter() - start

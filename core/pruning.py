@@ -33,13 +33,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .config import Progress, report, resolve_device
+from .config import BATCH_TOKENS, Progress, report, resolve_device, window_batches
 from .models import LoadedModel, get_attr
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 NM_PATTERNS = ("2:4", "4:8")
 SPARSEGPT_BLOCKSIZE = 128
 SPARSEGPT_DAMP = 0.01
+HESSIAN_PANEL = 384
 OWL_LAMBDA = 0.08
 OWL_M = 5.0
 
@@ -110,18 +111,27 @@ class NormCollector(Collector):
 
 
 class HessianCollector(Collector):
-    """SparseGPT: running mean ``H = (1/n) sum x x^T`` in float32."""
+    """SparseGPT: ``H = (1/n) sum x x^T`` in float32 (a running sum, divided when read).
+
+    Only the upper triangle is accumulated, as panels of about ``HESSIAN_PANEL`` rows
+    (``x[:, a:b]^T x[:, a:]``): 60-75% of the full product's work for the same result."""
 
     def __init__(self, cols: int, device: torch.device) -> None:
         super().__init__(cols, device)
-        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        k = min(8, -(-cols // HESSIAN_PANEL))
+        self.edges = [round(i * cols / k) for i in range(k + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
-        n = x.shape[0]
-        total = self.tokens + n
-        self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
-        self.tokens = total
+        for a, b in zip(self.edges[:-1], self.edges[1:]):
+            self.sum[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+        self.tokens += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, 1).t()) / max(self.tokens, 1)
 
 
 _COLLECTORS: dict[str, type[Collector] | None] = {"magnitude": None, "wanda": NormCollector,
@@ -135,109 +145,152 @@ def _mask_lowest_flat(score: torch.Tensor, ratio: float) -> torch.Tensor:
     k = int(round(ratio * score.numel()))
     mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
-        mask[torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices] = True
+        mask.index_fill_(0, torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices, True)
     return mask.reshape(score.shape)
 
 
-def _mask_lowest_rows(score: torch.Tensor, ratio: float) -> torch.Tensor:
-    """In every row, the round(ratio * cols) lowest entries."""
+def _lowest_in_rows(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Column indices of the round(ratio * cols) lowest entries of every row."""
     k = int(round(ratio * score.shape[1]))
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, True)
-    return mask
+    return torch.topk(score, k, dim=1, largest=False, sorted=False).indices
 
 
-def _mask_nm(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """In every group of ``m`` consecutive columns of each row, the ``m - n`` lowest entries."""
+def _lowest_in_groups(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Column indices of the ``m - n`` lowest entries of every group of ``m`` consecutive
+    columns of each row (rows x cols/m*(m-n))."""
     rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(2, torch.topk(groups, m - n, dim=2, largest=False, sorted=False).indices, True)
-    return mask.reshape(rows, cols)
+    idx = torch.topk(score.reshape(rows, cols // m, m), m - n, dim=2, largest=False, sorted=False).indices
+    return (idx + torch.arange(0, cols, m, device=score.device).view(1, -1, 1)).reshape(rows, -1)
 
 
 def prune_magnitude(W: torch.Tensor, ratio: float, *, nm: tuple[int, int] | None = None) -> None:
     score = W.abs()
-    W[_mask_nm(score, *nm) if nm else _mask_lowest_flat(score, ratio)] = 0
+    if nm:
+        W.scatter_(1, _lowest_in_groups(score, *nm), 0.0)
+    else:
+        W.masked_fill_(_mask_lowest_flat(score, ratio), 0.0)
 
 
 def prune_wanda(W: torch.Tensor, sq: torch.Tensor, ratio: float, *, nm: tuple[int, int] | None = None) -> None:
-    score = W.abs() * sq.sqrt().unsqueeze(0)
-    W[_mask_nm(score, *nm) if nm else _mask_lowest_rows(score, ratio)] = 0
+    score = W.abs().mul_(sq.sqrt().unsqueeze(0))
+    W.scatter_(1, _lowest_in_groups(score, *nm) if nm else _lowest_in_rows(score, ratio), 0.0)
 
 
-def _upper_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), retrying with more damping if needed."""
+def _reversed_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, dead)`` for SparseGPT: ``L`` is the Cholesky factor of the damped H with its index
+    order reversed (``J H J = L L^T``, J the reversal) and ``dead`` marks the inputs that were
+    never active (zero diagonal, set to 1 before damping). Damping starts at ``damp`` times
+    the mean diagonal and grows tenfold while H is not positive definite.
+
+    The upper Cholesky factor of H^-1 that SparseGPT walks through is then
+    ``U = J L^-1 J``; ``_inverse_rows`` computes it one block of rows at a time."""
+    H = H.clone()
     n = H.shape[0]
-    mean_diag = float(torch.diagonal(H).mean())
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = max(float(torch.diagonal(H).mean()), 1e-8)
+    flipped = H.flip(0, 1)
     for attempt in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * (10 ** attempt) * max(mean_diag, 1e-8))
-        L, info = torch.linalg.cholesky_ex(Hd)
+        damped = flipped.clone()
+        damped.diagonal().add_(damp * (10 ** attempt) * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                if attempt:
-                    log.info("SparseGPT: Hessian needed %gx the damping", 10 ** attempt)
-                return U
+            if attempt:
+                log.info("SparseGPT: Hessian needed %gx the damping", 10 ** attempt)
+            return L, dead
     raise ValueError(f"SparseGPT: the {n}x{n} Hessian is not positive definite even with heavy damping; "
                      "use more calibration samples")
 
 
-def sparsegpt_factor(H: torch.Tensor, damp: float = SPARSEGPT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, dead)``: the upper Cholesky factor of the damped H^-1 and the inputs that were
-    never active (zero diagonal). Matrices that share an input share this factor."""
-    with _few_threads(H.device):
-        H = H.clone()
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
-        return _upper_inverse_cholesky(H, damp), dead
+def _inverse_rows(L: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+    """Rows ``i1:i2`` of ``U = J L^-1 J`` from column ``i1`` on (left of it U is 0).
+
+    They are rows ``n-i2 : n-i1`` of ``L^-1``, which depend only on the leading
+    ``(n-i1) x (n-i1)`` part of ``L``: one triangular solve with ``i2 - i1`` right-hand sides,
+    so the whole walk costs n^3/3, a third of inverting ``L`` at once."""
+    n = L.shape[0]
+    r0, r1 = n - i2, n - i1
+    rhs = torch.zeros(i2 - i1, r1, dtype=L.dtype, device=L.device)
+    rhs[:, r0:].fill_diagonal_(1.0)
+    X = torch.linalg.solve_triangular(L[:r1, :r1], rhs, upper=False, left=False)   # X L = I rows
+    return X.flip(0, 1)
 
 
-def prune_sparsegpt(W: torch.Tensor, H: torch.Tensor | None, ratio: float, *, nm: tuple[int, int] | None = None,
-                    blocksize: int = SPARSEGPT_BLOCKSIZE, damp: float = SPARSEGPT_DAMP,
-                    factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """OBS pruning with reconstruction (SparseGPT), ``W`` (out x in) updated in place.
+def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, ratio: float | Sequence[float], *,
+                    nm: tuple[int, int] | None = None, blocksize: int = SPARSEGPT_BLOCKSIZE,
+                    damp: float = SPARSEGPT_DAMP) -> None:
+    """OBS pruning with reconstruction (SparseGPT); every matrix is updated in place.
 
-    ``U`` is the upper Cholesky factor of H^-1: row i of U restricted to columns >= i gives
-    the update direction that compensates removing column i once columns < i are fixed,
-    and ``U[i, i]^2`` plays the part of ``[H^-1]_ii`` in the saliency ``w^2 / [H^-1]_ii``.
-    ``factor``: a precomputed ``sparsegpt_factor(H, damp)`` (then ``H`` may be ``None``).
+    ``W``: one matrix (out x in) or several that receive the same input (q, k and v; gate
+    and up), with one ``ratio`` for all or one each. Rows never interact, so the matrices
+    are stacked and share one walk over the columns. ``U`` is the upper Cholesky factor of
+    H^-1: row i of U from column i on is the update that compensates removing column i
+    once columns < i are fixed, and ``U[i, i]^2`` is ``[H^-1]_ii`` in the saliency
+    ``w^2 / [H^-1]_ii``.
     """
-    rows, cols = W.shape
-    U, dead = factor if factor is not None else sparsegpt_factor(H, damp)
-    W[:, dead] = 0
-    with _few_threads(W.device):
+    Ws = [W] if isinstance(W, torch.Tensor) else list(W)
+    ratios = [float(ratio)] * len(Ws) if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
+    if len(ratios) != len(Ws):
+        raise ValueError(f"prune_sparsegpt: {len(Ws)} matrices but {len(ratios)} ratios")
+    cols = Ws[0].shape[1]
+    with _few_threads(H.device):
+        L, dead = _reversed_cholesky(H.to(torch.float32), damp)
+        # transposed and stacked: column j of every matrix is row j of Wt (contiguous)
+        Wt = torch.cat([w.t().to(L.device, torch.float32) for w in Ws], dim=1)
+        Wt[dead] = 0
+        bounds = torch.tensor([0] + [w.shape[0] for w in Ws]).cumsum(0).tolist()
+        segments = list(zip(bounds[:-1], bounds[1:], ratios))
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            # the block transposed (columns as contiguous rows): each step touches whole rows
-            Wt1 = W[:, i1:i2].t().contiguous()
-            U1 = U[i1:i2, i1:i2]
-            d = torch.diagonal(U1)
-            Errt1 = torch.zeros_like(Wt1)
-            if nm is None:
-                maskt1 = _mask_lowest_flat(Wt1 ** 2 / d.unsqueeze(1) ** 2, ratio)
-            else:
-                maskt1 = torch.zeros_like(Wt1, dtype=torch.bool)
-            # err_i = (w - q) / U_ii = w * scale_i: masked entries scaled, kept ones 0
-            scale = maskt1.to(Wt1.dtype) / d.unsqueeze(1).to(Wt1.dtype)
-            for i in range(i2 - i1):
-                if nm is not None and i % nm[1] == 0:
-                    g = slice(i, i + nm[1])
-                    score = (Wt1[g] ** 2 / d[g].unsqueeze(1) ** 2).t()          # rows x M
-                    idx = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
-                    maskt1[g].t().scatter_(1, idx, True)
-                    scale[g] = maskt1[g].to(Wt1.dtype) / d[g].unsqueeze(1).to(Wt1.dtype)
-                torch.mul(Wt1[i], scale[i], out=Errt1[i])
-                Wt1[i:].addr_(U1[i, i:], Errt1[i], alpha=-1.0)                # column i becomes q
-            # exact zeros: later steps never touch an earlier column, so one fill at the end
-            # equals zeroing each column right after its update (which leaves rounding residue)
-            Wt1.masked_fill_(maskt1, 0.0)
-            W[:, i1:i2] = Wt1.t()
+            U = _inverse_rows(L, i1, i2)                                # (i2 - i1) x (cols - i1)
+            err = _obs_columns(Wt[i1:i2], U[:, :i2 - i1], segments, nm)
             if i2 < cols:
-                W[:, i2:].sub_(Errt1.t() @ U[i1:i2, i2:])
+                Wt[i2:].addmm_(U[:, i2 - i1:].t(), err, alpha=-1.0)   # lazy update of later columns
+    for w, (a, b, _) in zip(Ws, segments):
+        w.copy_(Wt[:, a:b].t())
+
+
+def _obs_columns(Wt: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float]],
+                 nm: tuple[int, int] | None, step: int = 16) -> torch.Tensor:
+    """One block of columns (rows of ``Wt``, block x rows) pruned in order, in place; returns
+    the errors ``(w - q) / U_ii`` (block x rows) for the update of the later columns.
+
+    Unstructured: the mask of the whole block is chosen first (per matrix, the fraction r of
+    lowest ``w^2 / U_ii^2``). N:M: each group of M columns is chosen when reached. Column i
+    then gives ``err_i = w_i * mask_i / U_ii`` and every later column j moves by
+    ``-U_ij err_i``: applied at once within a sub-block of ``step`` columns (the whole
+    sub-block is updated: ``U_ij = 0`` for j < i, and column i itself becomes ~0 where
+    masked and is zeroed exactly at the end), and by one product for the rest of the block.
+    """
+    n = Wt.shape[0]
+    d = torch.diagonal(U).unsqueeze(1)
+    mask = torch.zeros_like(Wt, dtype=torch.bool)
+    if nm is None:
+        score = Wt ** 2 / d ** 2
+        for a, b, r in segments:
+            mask[:, a:b] = _mask_lowest_flat(score[:, a:b], r)
+    else:
+        step = nm[1] * max(1, step // nm[1])          # groups never straddle a sub-block
+    scale = mask.to(Wt.dtype) / d
+    err = torch.empty_like(Wt)
+    w_rows, s_rows, e_rows = Wt.unbind(0), scale.unbind(0), err.unbind(0)
+    for j1 in range(0, n, step):
+        j2 = min(j1 + step, n)
+        sub = Wt[j1:j2]
+        u_rows = U[j1:j2, j1:j2].unsqueeze(2).unbind(0)          # row i of U as a column
+        for i in range(j1, j2):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                score = (Wt[g] ** 2 / d[g] ** 2).t()                  # rows x M
+                idx = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
+                mask[g].t().scatter_(1, idx, True)
+                scale[g] = mask[g].to(Wt.dtype) / d[g]
+            torch.mul(w_rows[i], s_rows[i], out=e_rows[i])
+            sub.addcmul_(u_rows[i - j1], e_rows[i], value=-1.0)
+        if j2 < n:
+            Wt[j2:].addmm_(U[j1:j2, j2:].t(), err[j1:j2], alpha=-1.0)
+    Wt.masked_fill_(mask, 0.0)
+    return err
 
 
 class _few_threads:
@@ -321,9 +374,12 @@ def _model_device(model: nn.Module) -> torch.device:
 def _capture(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cancel: object) -> _Captured:
     """Block-0 inputs of every window, and every block's other arguments from window 0.
 
-    Window 0 runs the whole model (each block visits ``device`` only while it runs) so the
-    pre-hooks record what every block receives (masks differ between sliding-window and
-    global layers in some families); later windows stop at block 0.
+    Window 0 goes through the model's own forward so that pre-hooks record what every block
+    receives (masks differ between sliding-window and global layers in some families), but
+    only block 0 computes: the later blocks are stand-ins that pass the hidden states on
+    (in the structure block 0 returned), and the pass ends at the last block. Later
+    windows, in batches, stop at block 0. The arguments recorded for one window serve
+    batches of windows too (they broadcast over the batch: rotary tables, causal masks).
     """
     model, blocks = loaded.model, loaded.blocks
     home_device = _model_device(model)
@@ -331,7 +387,9 @@ def _capture(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cance
         model.to(device)                        # embeddings, rotary tables, final norm, head
     buf: dict[str, torch.Tensor] = {}
     per_block: list[tuple[tuple, dict] | None] = [None] * len(blocks)
-    state = {"i": 0, "full": True}
+    state: dict = {"rows": slice(0, 1), "full": True}
+    first = blocks[0]
+    first_home = _model_device(first)
 
     def pre_hook(b: int):
         def pre(module: nn.Module, args: tuple, kwargs: dict):
@@ -340,34 +398,42 @@ def _capture(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cance
                 if "inputs" not in buf:
                     buf["inputs"] = torch.empty((ids.shape[0],) + tuple(hidden.shape[1:]), dtype=hidden.dtype,
                                                 device=device)
-                buf["inputs"][state["i"]] = hidden[0].to(device)
+                buf["inputs"][state["rows"]] = hidden.to(device)
             if not state["full"]:
                 raise _Stop
             per_block[b] = (rest, kw)
-            if _model_device(module) != device:
-                module.to(device)
-                module._spectrascope_home = home_device
+            if b == len(blocks) - 1:
+                raise _Stop
             return None
         return pre
 
-    def post(module: nn.Module, args: tuple, output: object) -> None:
-        back = module.__dict__.pop("_spectrascope_home", None)
-        if back is not None:
-            module.to(back)
+    def first_output(module: nn.Module, args: tuple, output: object) -> None:
+        buf["template"] = output
+
+    def stand_in(*args: object, **kwargs: object) -> object:
+        hidden = _split_hidden(args, kwargs)[0]
+        out = buf["template"]
+        return hidden if isinstance(out, torch.Tensor) else type(out)((hidden, *out[1:]))
 
     handles = [blk.register_forward_pre_hook(pre_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
-    handles += [blk.register_forward_hook(post) for blk in blocks]
+    handles.append(first.register_forward_hook(first_output))
+    for blk in blocks[1:]:
+        blk.forward = stand_in                  # an instance attribute: hooks still run
     try:
-        for i in range(ids.shape[0]):
+        first.to(device)
+        for rows in [slice(0, 1)] + window_batches(ids.shape[0], ids.shape[1], start=1):
             check_cancel(cancel, "while capturing calibration inputs")
-            state["i"], state["full"] = i, i == 0
+            state["rows"], state["full"] = rows, rows.start == 0
             try:
-                model(input_ids=ids[i:i + 1].to(device), use_cache=False)
+                model(input_ids=ids[rows].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
+        for blk in blocks[1:]:
+            blk.__dict__.pop("forward", None)
+        first.to(first_home)
         if home_device != device:
             with _BlocksDetached(loaded):
                 model.to(home_device)
@@ -380,6 +446,47 @@ def _capture(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cance
 
 def _rel_names(loaded: LoadedModel, block: int) -> list:
     return [m for m in loaded.matrices if m.block == block]
+
+
+class _Rebatch(Exception):
+    """The first batch of a pass failed; the pass starts again with one window per call."""
+
+
+class _Windows:
+    """Runs every window through one block, in batches (``window_batches``). If the first
+    batch fails (a family whose recorded arguments do not broadcast over a batch, or a batch
+    that does not fit in memory), it switches to one window per call for the rest of the
+    run and raises ``_Rebatch`` so that the caller starts the pass again."""
+
+    def __init__(self) -> None:
+        self.tokens = BATCH_TOKENS
+
+    def run(self, blk: nn.Module, inps: torch.Tensor, outs: torch.Tensor, args: tuple, kwargs: dict,
+            before: Callable[[], None] | None = None, after: Callable[[], None] | None = None) -> None:
+        for k, rows in enumerate(window_batches(inps.shape[0], inps.shape[1], tokens=self.tokens)):
+            if before:
+                before()
+            try:
+                outs[rows] = _call_block(blk, inps[rows], args, kwargs)
+            except _Stop:
+                pass
+            except RuntimeError as exc:
+                if k or rows.stop - rows.start == 1:
+                    raise
+                log.warning("windows go one at a time from now on: a batch of %d failed (%s)",
+                            rows.stop - rows.start, str(exc).splitlines()[0][:200])
+                self.tokens = 1
+                raise _Rebatch from exc
+            finally:
+                if after:
+                    after()
+
+    def retry(self, fn: Callable[[], None]) -> None:
+        """``fn()``, once more if the batch size had to change."""
+        try:
+            fn()
+        except _Rebatch:
+            fn()
 
 
 @torch.no_grad()
@@ -404,44 +511,53 @@ def _run_engine(loaded: LoadedModel, ids: torch.Tensor | None, *, collector: typ
     report(progress, 0, n_blocks, f"{label}: capturing inputs")
     cap = _capture(loaded, ids, device, cancel)
     inps, outs = cap.inputs, torch.empty_like(cap.inputs)
+    runner = _Windows()
     for b, blk in enumerate(blocks):
         check_cancel(cancel, f"before block {b}")
         home_device = _model_device(blk)
         blk.to(device)
         try:
             infos = _rel_names(loaded, b)
-            stats = {m.name: collector(m.cols, device) for m in infos}
-
             # matrices fed the very same tensor (q, k, v; gate, up) share one collector:
             # found in the first window, where the first such matrix becomes the leader
-            # (the tensors are held in ``owner`` until the window ends so that no address is reused)
-            leader: dict[str, str] = {}
-            owner: dict[tuple, tuple[str, torch.Tensor]] = {}
+            # (the tensors are held in ``owner`` until the call ends so that no address is reused).
+            # When the block's output is not needed (it is computed again after pruning), a
+            # call stops as soon as every matrix has seen its input: the last matrix
+            # (down_proj, fc2, ...) is never multiplied in this pass.
+            st: dict = {}
+
+            def fresh() -> None:
+                st.update(stats={m.name: collector(m.cols, device) for m in infos}, leader={}, owner={}, seen=set())
 
             def make_hook(name: str):
-                def hook(module: nn.Module, args: tuple, output: object) -> None:
-                    x = args[0].detach()
+                def hook(module: nn.Module, args: tuple) -> None:
+                    x, leader, seen = args[0].detach(), st["leader"], st["seen"]
                     if name not in leader:
                         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-                        leader[name] = owner.setdefault(key, (name, x))[0]
+                        leader[name] = st["owner"].setdefault(key, (name, x))[0]
                     if leader[name] == name:
-                        stats[name].add(x.reshape(-1, x.shape[-1]))
+                        st["stats"][name].add(x.reshape(-1, x.shape[-1]))
+                    seen.add(name)
+                    if forward_after and len(seen) == len(infos):
+                        raise _Stop
                 return hook
 
-            handles = [loaded.module(m.name).register_forward_hook(make_hook(m.name)) for m in infos]
+            def collect() -> None:
+                fresh()
+                runner.run(blk, inps, outs, cap.args[b], cap.kwargs[b], before=lambda: st["seen"].clear(),
+                           after=lambda: st["owner"].clear())
+
+            handles = [loaded.module(m.name).register_forward_pre_hook(make_hook(m.name)) for m in infos]
             try:
-                for i in range(inps.shape[0]):
-                    outs[i] = _call_block(blk, inps[i:i + 1], cap.args[b], cap.kwargs[b])[0]
-                    owner.clear()
+                runner.retry(collect)
             finally:
                 for h in handles:
                     h.remove()
-            stats = {name: stats[leader.get(name, name)] for name in stats}
-            on_block(b, stats)
+            stats, leader = st.pop("stats"), st["leader"]
+            on_block(b, {name: stats[leader.get(name, name)] for name in stats})
             del stats
-            if forward_after:
-                for i in range(inps.shape[0]):
-                    outs[i] = _call_block(blk, inps[i:i + 1], cap.args[b], cap.kwargs[b])[0]
+            if forward_after and b + 1 < n_blocks:                # the last block's output is not used
+                runner.retry(lambda: runner.run(blk, inps, outs, cap.args[b], cap.kwargs[b]))
         finally:
             blk.to(home_device)
         inps, outs = outs, inps
@@ -507,7 +623,7 @@ def _check_ratios(loaded: LoadedModel, ratios: Mapping[str, float] | float | Non
 
 def achieved_sparsity(loaded: LoadedModel) -> dict[str, float]:
     """Fraction of exact zeros in every prunable matrix."""
-    return {m.name: float((loaded.weight(m.name) == 0).sum()) / m.params for m in loaded.matrices}
+    return {m.name: 1.0 - int(torch.count_nonzero(loaded.weight(m.name))) / m.params for m in loaded.matrices}
 
 
 def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None, *, method: str = "wanda",
@@ -542,22 +658,28 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     start = time.perf_counter()
 
     def on_block(b: int, stats: dict[str, Collector]) -> None:
-        for info in _rel_names(loaded, b):
-            r = ratios[info.name]
-            if r == 0.0 and nm is None:
-                continue
+        todo = [info for info in _rel_names(loaded, b) if nm is not None or ratios[info.name] > 0.0]
+        if method == "sparsegpt":
+            groups: dict[int, list] = {}                     # q, k, v (and gate, up) share one input
+            for info in todo:
+                groups.setdefault(id(stats[info.name]), []).append(info)
+            for infos in groups.values():
+                col = stats[infos[0].name]
+                views = [loaded.weight(info.name) for info in infos]
+                Ws = [v.detach().to(dev, torch.float32) for v in views]
+                prune_sparsegpt(Ws, col.H, [ratios[info.name] for info in infos], nm=nm, blocksize=blocksize,
+                                damp=damp)
+                for v, w in zip(views, Ws):
+                    _write_back(v, w)
+            return
+        for info in todo:
             view = loaded.weight(info.name)          # out x in (transposed view for Conv1D)
-            W = view.detach().to(dev, torch.float32).clone()
+            W = view.detach().to(dev, torch.float32)  # the weight itself when already float32 on dev
             if method == "magnitude":
-                prune_magnitude(W, r, nm=nm)
-            elif method == "wanda":
-                prune_wanda(W, stats[info.name].sq, r, nm=nm)
+                prune_magnitude(W, ratios[info.name], nm=nm)
             else:
-                col = stats[info.name]
-                if not hasattr(col, "factor"):                 # shared by q, k, v and by gate, up
-                    col.factor = sparsegpt_factor(col.H, damp)
-                prune_sparsegpt(W, None, r, nm=nm, blocksize=blocksize, factor=col.factor)
-            view.copy_(W.to(view.dtype))
+                prune_wanda(W, stats[info.name].sq, ratios[info.name], nm=nm)
+            _write_back(view, W)
 
     was_training = model.training
     model.eval()
@@ -574,6 +696,12 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
                          calib_info)
     log.info(result.summary())
     return result
+
+
+def _write_back(view: torch.Tensor, W: torch.Tensor) -> None:
+    """Copy the pruned ``W`` into the model's weight unless ``W`` already is that memory."""
+    if W.data_ptr() != view.data_ptr() or W.device != view.device:
+        view.copy_(W)
 
 
 def _calibration_ids(calibration: object, method: str) -> tuple[torch.Tensor | None, dict]:
