@@ -159,6 +159,18 @@ def _floats(text: str, name: str) -> list[float]:
         raise ValueError(f"{name} {text!r}: give comma-separated numbers, e.g. 0.5,0.6,0.7") from None
 
 
+def _epsilons(text: str, methods: list[str]) -> dict[str, list[float]]:
+    """``0.2,0.3`` (every method) or ``wanda=0.3,sparsegpt=0.2`` (per method; both may mix)."""
+    out: dict[str, list[float]] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        method, _, value = item.rpartition("=")
+        if method and method not in methods:
+            raise ValueError(f"--epsilons {text!r}: {method!r} is not one of the methods ({', '.join(methods)})")
+        for m in [method] if method else methods:
+            out.setdefault(m, []).extend(_floats(value, "--epsilons"))
+    return out
+
+
 def _load_for(args: argparse.Namespace, progress):
     from .models import load_model
 
@@ -272,7 +284,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma-separated (default all three)")
     p.add_argument("--allocations", default="uniform,alpha,owl", help="comma-separated (default all three)")
     p.add_argument("--sparsities", default="0.5,0.6,0.7", help="comma-separated (default 0.5,0.6,0.7)")
-    p.add_argument("--epsilons", default="0.3", help="AlphaPruning epsilons, comma-separated (default 0.3)")
+    p.add_argument("--epsilons", default="0.3", help="AlphaPruning epsilons, comma-separated, for every method "
+                   "(0.2,0.3) or per method (wanda=0.3,sparsegpt=0.2; default 0.3)")
     p.add_argument("--metrics", metavar="FILE", help="alpha from a table of `spectrascope analyze --out`")
     _opts_calib(p)
     _opts_eval(p)
@@ -294,7 +307,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
         calib = _calibration_for(args, loaded, any(m != "magnitude" for m in methods) or "owl" in allocations)
         table = sweep(loaded, methods=methods, allocations=allocations,
                       sparsities=_floats(args.sparsities, "--sparsities"),
-                      epsilons=_floats(args.epsilons, "--epsilons"), calibration=calib, eval_dataset=args.dataset,
+                      epsilons=_epsilons(args.epsilons, methods), calibration=calib, eval_dataset=args.dataset,
                       eval_seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
                       metrics=_metrics_for(args), progress=progress)
     seconds = time.perf_counter() - start

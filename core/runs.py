@@ -427,12 +427,16 @@ def _alpha_metrics(loaded, device: str, progress: Progress) -> pd.DataFrame:
 
 
 def sweep(loaded, *, methods: list[str], allocations: list[str], sparsities: list[float],
-          epsilons: list[float] | None = None, calibration: object = None, eval_dataset: str = "wiki",
+          epsilons: list[float] | Mapping[str, list[float]] | None = None, calibration: object = None,
+          eval_dataset: str = "wiki",
           eval_seqlen: int = 2048, max_windows: int | None = None, dense: bool = True, device: str = "auto",
           registry: Registry | None = None, metrics: pd.DataFrame | None = None, progress: Progress = None,
           cancel: object = None) -> pd.DataFrame:
     """Every method x allocation x sparsity (x epsilon for ``alpha``), pruned from the same dense
-    model, evaluated, recorded; returns one comparison table (``SWEEP_COLUMNS``), dense first."""
+    model, evaluated, recorded; returns one comparison table (``SWEEP_COLUMNS``), dense first.
+
+    ``epsilons``: one list for every method, or ``{method: list}`` (each method with the
+    epsilon tuned for it; a method left out gets the default epsilon)."""
     from .pruning import METHODS, owl_scores
 
     for m in methods:
@@ -457,7 +461,8 @@ def sweep(loaded, *, methods: list[str], allocations: list[str], sparsities: lis
     for method in methods:
         for allocation in allocations:
             for s in sparsities:
-                for eps in (epsilons or [None]) if allocation == "alpha" else [None]:
+                eps_list = (epsilons.get(method) if isinstance(epsilons, Mapping) else epsilons) or [None]
+                for eps in eps_list if allocation == "alpha" else [None]:
                     grid.append((method, allocation, float(s), eps))
     for method, allocation, s, eps in grid:
         log.info("sweep: %s %s S=%g eps=%s", method, allocation, s, eps)

@@ -197,3 +197,35 @@ def test_cli_prune_takes_the_ratios_of_an_allocation_file(tmp_path, capsys, monk
     assert main(["prune", "--model", str(src), "--method", "magnitude", "--ratios", str(tmp_path / "bad.csv"),
                  "--quiet"]) == 2
     assert "no ratio for 14 of the model's matrices" in capsys.readouterr().err
+
+
+def test_sweep_gives_each_method_its_own_epsilon(demo, tmp_path):
+    """`sweep` on the embedded text (a tiny random llama with the demo tokenizer, so it is
+    quick): dense first, one alpha row per (method, epsilon) with each method's own
+    epsilons, every run recorded with the perplexity the table shows."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from core.cli import _epsilons
+    from core.runs import pivot, sweep
+
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(demo.tokenizer)
+    torch.manual_seed(0)
+    loaded = wrap_model(AutoModelForCausalLM.from_config(cfg).eval(), demo.tokenizer)
+    reg = Registry(tmp_path / "runs.sqlite")
+    methods = ["magnitude", "wanda"]
+    eps = _epsilons("magnitude=0.1,magnitude=0.2,wanda=0.3", methods)
+    assert eps == {"magnitude": [0.1, 0.2], "wanda": [0.3]}
+    calib = demo.tokenizer("The river flows north through the valley. " * 40, return_tensors="pt").input_ids
+    table = sweep(loaded, methods=methods, allocations=["uniform", "alpha"], sparsities=[0.5], epsilons=eps,
+                  calibration=calib[:, :64], eval_seqlen=64, max_windows=3, device="cpu", registry=reg)
+    assert table.iloc[0]["method"] == "dense" and len(table) == 1 + 2 + 3
+    alpha = table[table.allocation == "alpha"]
+    assert sorted(alpha[alpha.method == "magnitude"]["epsilon"]) == [0.1, 0.2]
+    assert alpha[alpha.method == "wanda"]["epsilon"].tolist() == [0.3]
+    assert (table["achieved"].iloc[1:] - 0.5).abs().max() < 0.01
+    for row in table.itertuples():
+        run = reg.get(int(row.run_id))
+        assert run["status"] == "done" and run["perplexity"] == pytest.approx(row.perplexity)
+    assert "magnitude alpha (eps 0.2)" in pivot(table)["setting"].tolist()
