@@ -3,11 +3,13 @@
 One block-sequential engine serves every method (primer section 5):
 
 1. capture the inputs of block 0 for every calibration window (a pre-hook that stops the
-   forward there) and the keyword arguments each block receives (attention mask, position
-   embeddings, ...) from one full forward of the first window;
-2. for each block: move it to ``device``; run the windows through it with hooks that feed
-   the method's statistics ``Collector``; prune each matrix with the method's rule; run the
-   windows through the pruned block to form the next block's inputs; move it back.
+   forward there) and the arguments each block receives (attention mask, position
+   embeddings, ...) from one pass of the first window in which only block 0 computes;
+2. for each block: move it to ``device``; run the windows through it (in batches of about
+   ``BATCH_TOKENS`` tokens) with pre-hooks that feed the method's statistics ``Collector``
+   and end each call once the last matrix has its input; prune each matrix with the
+   method's rule; run the windows through the pruned block to form the next block's
+   inputs; move it back.
 
 Memory stays at one block plus two activation buffers (``nsamples x seqlen x hidden``).
 The methods differ only in their collector and rule:
@@ -16,8 +18,9 @@ The methods differ only in their collector and rule:
 - ``wanda``: ``s_j = sum x_j^2`` over all calibration tokens; score ``|W_ij| sqrt(s_j)``;
   in each output row zero the fraction r with the lowest score.
 - ``sparsegpt``: ``H = mean x x^T`` (+1% of its mean diagonal); columns in blocks of 128,
-  per block the fraction r with the lowest ``w^2 / [H^-1]_jj^2`` is zeroed and the error is
-  spread over the not yet processed columns (OBS update, lazy across blocks).
+  per block the fraction r with the lowest ``w^2 / [H^-1]_jj`` is zeroed and the error is
+  spread over the not yet processed columns (OBS update, lazy across blocks). Matrices
+  with the same input (q, k, v; gate, up) share one Hessian and one walk over the columns.
 
 N:M (``nm=(2, 4)``): in every group of M consecutive inputs of a row keep the N with the
 highest score; the ratios are then ignored (every matrix gets 1 - N/M).
