@@ -31,6 +31,7 @@ model. The model passed in is pruned in place; ``prune(..., copy=True)`` prunes 
 from __future__ import annotations
 
 import copy as _copy
+import itertools
 import logging
 import math
 import threading
@@ -187,12 +188,11 @@ def _reversed_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
 
     The upper Cholesky factor of H^-1 that SparseGPT walks through is then
     ``U = J L^-1 J``; ``_inverse_rows`` computes it one block of rows at a time."""
-    H = H.clone()
     n = H.shape[0]
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    mean_diag = max(float(torch.diagonal(H).mean()), 1e-8)
-    flipped = H.flip(0, 1)
+    flipped = H.flip(0, 1)                                   # a copy: H itself is left as it is
+    flipped.diagonal()[dead.flip(0)] = 1.0
+    mean_diag = max(float(flipped.diagonal().mean()), 1e-8)
     for attempt in range(6):
         damped = flipped.clone()
         damped.diagonal().add_(damp * (10 ** attempt) * mean_diag)
@@ -241,7 +241,7 @@ def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, r
         # transposed and stacked: column j of every matrix is row j of Wt (contiguous)
         Wt = torch.cat([w.t().to(L.device, torch.float32) for w in Ws], dim=1)
         Wt[dead] = 0
-        bounds = torch.tensor([0] + [w.shape[0] for w in Ws]).cumsum(0).tolist()
+        bounds = list(itertools.accumulate((w.shape[0] for w in Ws), initial=0))
         segments = list(zip(bounds[:-1], bounds[1:], ratios))
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
@@ -284,9 +284,8 @@ def _obs_columns(Wt: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, in
         for i in range(j1, j2):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                score = (Wt[g] ** 2 / d[g] ** 2).t()                  # rows x M
-                idx = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
-                mask[g].t().scatter_(1, idx, True)
+                score = (Wt[g] ** 2 / d[g] ** 2).t()                  # rows x M: one group
+                mask[g].t().scatter_(1, _lowest_in_groups(score, *nm), True)
                 scale[g] = mask[g].to(Wt.dtype) / d[g]
             torch.mul(w_rows[i], s_rows[i], out=e_rows[i])
             sub.addcmul_(u_rows[i - j1], e_rows[i], value=-1.0)
