@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import Progress, atomic_dir, atomic_file, home, report, resolve_device
+from .config import atomic_dir, atomic_file, home, resolve_device
+from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import spectral_metrics
 from .models import LoadedModel, iter_weights, load_model, resolve_source

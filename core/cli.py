@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from .config import Progress
+from .progress import Progress
 
 
 @contextmanager

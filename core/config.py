@@ -1,4 +1,4 @@
-"""Shared settings: where Spectrascope keeps its files, devices, dtypes, progress callbacks.
+"""Shared settings: where Spectrascope keeps its files, devices, dtypes, atomic writes.
 
 Every other module takes an explicit ``device`` and ``dtype``; this module turns the
 user's words ("auto", "cuda:1", "bf16") into torch objects in one place.
@@ -10,13 +10,9 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
-#: ``progress(done, total, message)``: called by long work; the CLI draws a bar, the
-#: dashboard an ``st.progress``. ``None`` means nobody listens.
-Progress = Optional[Callable[[int, int, str], None]]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -81,12 +77,6 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
         return _DTYPES[str(dtype).strip().lower()]
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is unknown; use one of float32, float16, bfloat16") from None
-
-
-def report(progress: Progress, done: int, total: int, message: str = "") -> None:
-    """Call ``progress`` if somebody listens (keeps call sites one line)."""
-    if progress is not None:
-        progress(done, total, message)
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import DEFAULT_SEQLEN, cap_seqlen, tokenize
-from .config import Progress, report, resolve_device, window_batches
+from .config import resolve_device, window_batches
+from .progress import Progress, check_cancel, report
 from .models import LoadedModel
 from .texts import EMBEDDED, load_text
 
@@ -82,7 +83,6 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
     """Perplexity of ``loaded`` on the evaluation part of ``dataset`` (``wiki``, ``wikitext2``,
     ``c4`` or a text file), or on given token ``ids`` (1-D). The model is moved to ``device``
     for the evaluation and back afterwards."""
-    from .pruning import check_cancel
 
     model = loaded.model
     seqlen = cap_seqlen(seqlen, model)

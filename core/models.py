@@ -29,7 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import Progress, atomic_dir, home, report, resolve_device, resolve_dtype
+from .config import atomic_dir, home, resolve_device, resolve_dtype
+from .progress import Progress, report
 
 log = logging.getLogger(__name__)
 

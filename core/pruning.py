@@ -34,7 +34,6 @@ import copy as _copy
 import itertools
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -43,7 +42,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import BATCH_TOKENS, Progress, report, resolve_device, window_batches
+from .config import BATCH_TOKENS, resolve_device, window_batches
+from .progress import Cancelled, Progress, check_cancel, report
 from .models import LoadedModel, get_attr
 
 log = logging.getLogger(__name__)
@@ -55,23 +55,6 @@ SPARSEGPT_DAMP = 0.01
 HESSIAN_PANEL = 384
 OWL_LAMBDA = 0.08
 OWL_M = 5.0
-
-class Cancelled(RuntimeError):
-    """Raised between blocks when the caller's cancel flag is set."""
-
-
-def _cancelled(cancel: object) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
-
-
-def check_cancel(cancel: object, where: str = "") -> None:
-    if _cancelled(cancel):
-        raise Cancelled(f"cancelled{' ' + where if where else ''}")
-
 
 def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
     """``"2:4"`` -> ``(2, 4)``; ``None``/``""`` -> ``None``. N must be in 1..M-1."""

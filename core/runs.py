@@ -23,7 +23,8 @@ from typing import Iterator, Mapping
 
 import pandas as pd
 
-from .config import Progress, atomic_dir, home
+from .config import atomic_dir, home
+from .progress import Cancelled, Progress
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,6 @@ class Registry:
     def record(self, kind: str, **fields: object) -> Iterator[int]:
         """``with registry.record("prune", ...) as run_id:`` marks the run done on success,
         cancelled on ``Cancelled``/``KeyboardInterrupt``, failed (with the error) otherwise."""
-        from .pruning import Cancelled
 
         run_id = self.start(kind, **fields)
         try:

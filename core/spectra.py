@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .config import Progress, report, resolve_device
+from .config import resolve_device
+from .progress import Progress, report
 from .models import MatrixInfo
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,38 @@
+"""Progress and cancellation: the two signals every long stage (loading, analysis,
+pruning, evaluation) shares with its caller.
+
+``progress(done, total, message)`` is called by long work; the CLI draws a bar (or writes
+JSON lines), the dashboard an ``st.progress``; ``None`` means nobody listens. ``cancel`` is
+a ``threading.Event`` or a callable returning True; stages check it between units of work
+and raise ``Cancelled``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+class Cancelled(RuntimeError):
+    """Raised between units of work when the caller's cancel flag is set."""
+
+
+def report(progress: Progress, done: int, total: int, message: str = "") -> None:
+    """Call ``progress`` if somebody listens (keeps call sites one line)."""
+    if progress is not None:
+        progress(done, total, message)
+
+
+def is_cancelled(cancel: object) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def check_cancel(cancel: object, where: str = "") -> None:
+    """Raise ``Cancelled`` if ``cancel`` is set (``where`` ends up in the message)."""
+    if is_cancelled(cancel):
+        raise Cancelled(f"cancelled{' ' + where if where else ''}")
