@@ -9,9 +9,12 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from core.calibration import sample_windows
-from core.models import wrap_model
-from core.pruning import (Cancelled, HessianCollector, NormCollector, _run_engine, owl_ratios, owl_scores,
-                          parse_nm, prune, prune_magnitude, prune_sparsegpt, prune_wanda)
+from core.models import MatrixInfo, wrap_model
+from core.progress import Cancelled
+from core.pruning import (HessianCollector, NormCollector, owl_scores, parse_nm, prune, prune_magnitude,
+                          prune_sparsegpt, prune_wanda)
+from core.pruning.engine import BlockPipeline
+from core.pruning.methods import check_nm, get_method
 
 
 def _ids(n=4, seqlen=32, seed=0):
@@ -168,16 +171,9 @@ def test_sparsegpt_beats_magnitude_on_a_model_layer():
     """Same layer, same ratio, its real calibration inputs (collected by the engine)."""
     loaded = wrap_model(tiny_model("llama"))
     name = loaded.matrices[7 + 5].name            # block 1's up_proj: inputs come through block 0
-    seen = {}
-
-    def on_block(b, stats):
-        if b == 1:
-            seen["H"] = stats[name].H.clone()
-
-    _run_engine(loaded, _ids(8, 32), collector=HessianCollector, on_block=on_block, forward_after=True,
-                device=torch.device("cpu"), progress=None, cancel=None, label="t")
+    pipeline = BlockPipeline(loaded, _ids(8, 32), collector=HessianCollector, device=torch.device("cpu"))
+    H = pipeline.run(lambda b, stats: stats[name].H.clone() if b == 1 else None, forward_after=True)[1]
     W = loaded.weight(name).detach().clone()
-    H = seen["H"]
     errs = {}
     for method in ("magnitude", "sparsegpt"):
         w = W.clone()
@@ -205,10 +201,9 @@ def _dense_norms(model, loaded, ids):
 
 
 def _engine_norms(loaded, ids, forward_after=True):
-    got: dict[str, torch.Tensor] = {}
-    _run_engine(loaded, ids, collector=NormCollector, on_block=lambda b, s: got.update({k: v.sq for k, v in s.items()}),
-                forward_after=forward_after, device=torch.device("cpu"), progress=None, cancel=None, label="t")
-    return got
+    pipeline = BlockPipeline(loaded, ids, collector=NormCollector, device=torch.device("cpu"))
+    per_block = pipeline.run(lambda b, s: {k: v.sq for k, v in s.items()}, forward_after=forward_after)
+    return {name: sq for block in per_block for name, sq in block.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -216,7 +211,7 @@ def _engine_norms(loaded, ids, forward_after=True):
 def test_engine_statistics_match_a_full_forward(family, batch_tokens, monkeypatch):
     """Wanda's column norms from the block pipeline (windows in batches, each block's pass
     cut short after its last matrix) equal those of hooks in a dense forward per window."""
-    monkeypatch.setattr("core.pruning.BATCH_TOKENS", batch_tokens)
+    monkeypatch.setattr("core.pruning.engine.BATCH_TOKENS", batch_tokens)
     model = tiny_model(family)
     loaded = wrap_model(model)
     ids = _ids(5, 24)
@@ -285,18 +280,23 @@ def test_half_precision(dtype):
         assert torch.isfinite(result.model.model(_ids(1, 16)).logits).all()
 
 
-def test_owl_ratios_mean_and_range():
-    loaded = wrap_model(tiny_model("llama"))
-    scores = owl_scores(loaded, _ids(2, 16), device="cpu")
-    assert set(scores) == {0, 1} and all(0 <= v <= 1 for v in scores.values())
-    table = owl_ratios(loaded, {0: 0.01, 1: 0.03}, sparsity=0.6, lam=0.08)
-    mean = (table["ratio"] * table["params"]).sum() / table["params"].sum()
-    assert mean == pytest.approx(0.6)
-    # the block with more outliers is pruned less
-    assert table.loc[table.block == 1, "ratio"].iloc[0] == pytest.approx(0.52)
-    assert table.loc[table.block == 0, "ratio"].iloc[0] == pytest.approx(0.68)
-    flat = owl_ratios(loaded, {0: 0.02, 1: 0.02}, sparsity=0.6)
-    assert flat["ratio"].tolist() == pytest.approx([0.6] * len(flat))
+def test_owl_scores_are_the_outlier_share_of_dense_wanda_scores():
+    """Per block, the share of |W_ij| ||X_j|| above 5x the block's mean, with norms from hooks in
+    a plain dense forward."""
+    model = tiny_model("llama")
+    loaded = wrap_model(model)
+    ids = _ids(2, 16)
+    scores = owl_scores(loaded, ids, device="cpu")
+    norms = _dense_norms(model, loaded, ids)
+    assert set(scores) == {0, 1}
+    for b in (0, 1):
+        s = torch.cat([(loaded.weight(m.name).detach().abs() * norms[m.name].sqrt()).reshape(-1)
+                       for m in loaded.matrices if m.block == b])
+        want = float((s > 5.0 * s.mean()).float().mean())
+        assert 0 < scores[b] < 0.2
+        assert scores[b] == pytest.approx(want, abs=3 / s.numel())   # a score or two at the threshold
+    with pytest.raises(ValueError, match="m="):
+        owl_scores(loaded, ids, m=0.0, device="cpu")
 
 
 def test_bad_arguments_name_themselves():
@@ -311,10 +311,24 @@ def test_bad_arguments_name_themselves():
         prune(loaded, 1.0, method="magnitude")
     with pytest.raises(ValueError, match="nm"):
         prune(loaded, None, method="magnitude", nm="4:2")
+    with pytest.raises(ValueError, match=r"--nm 2:3: .* M can be 2, 4, 8, 16, 32 .*--nm 2:4") as err:
+        prune(loaded, None, method="sparsegpt", nm="2:3", calibration=_ids())   # inputs of 64 and 96
+    assert "blocksize" not in str(err.value)
     with pytest.raises(ValueError, match="nsamples"):
         sample_windows(torch.arange(100), nsamples=0, seqlen=10)
     with pytest.raises(ValueError, match="seqlen"):
         sample_windows(torch.arange(100), nsamples=2, seqlen=200)
+
+
+def test_nm_groups_must_tile_the_inputs_and_sparsegpts_column_blocks():
+    matrices = [MatrixInfo("a", 0, "q", 8, 96), MatrixInfo("b", 0, "down", 8, 192)]
+    check_nm((2, 3), get_method("magnitude"), matrices)            # 3 divides 96 and 192
+    with pytest.raises(ValueError, match=r"--nm 2:3: .*blocks of 128 columns, so M can be 2, 4, 8, 16, 32 "):
+        check_nm((2, 3), get_method("sparsegpt"), matrices)
+    with pytest.raises(ValueError, match=r"--nm 1:5: .*\(96, 192\), so M can be 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96 "):
+        check_nm((1, 5), get_method("wanda"), matrices)
+    with pytest.raises(ValueError, match="without --nm"):
+        check_nm((1, 2), get_method("wanda"), [MatrixInfo("c", 0, "q", 8, 75), MatrixInfo("d", 0, "o", 8, 64)])
 
 
 def test_calibration_windows_are_seeded():

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from core.evaluation import perplexity
 from core.models import load_model, wrap_model
-from core.pruning import Cancelled
+from core.progress import Cancelled
 from core.runs import REPORT_NAME, SCHEMA_VERSION, Registry, prune_and_eval, save_model
 
 
