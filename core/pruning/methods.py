@@ -44,22 +44,22 @@ def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def check_nm(nm: tuple[int, int], method: Method, matrices: Sequence[MatrixInfo]) -> None:
-    """Raise unless groups of M consecutive inputs tile every matrix's inputs (and the
-    method's blocks of columns); the message lists the M that would."""
+    """Raise unless M divides every matrix's input size (and the method's blocks of columns),
+    so that groups of M consecutive inputs tile them; the message lists the M that would."""
     n, m = nm
     sizes = sorted({info.cols for info in matrices})
     common = math.gcd(*sizes, method.column_block or 0)
     if common % m == 0:
         return
-    why = f"the inputs of every matrix ({', '.join(map(str, sizes))})"
+    why = f"the input size of every matrix ({', '.join(map(str, sizes))})"
     if method.column_block:
         why += f" and {method.name}'s blocks of {method.column_block} columns"
     choices = [k for k in range(2, common + 1) if common % k == 0]
     if not choices:
-        raise ValueError(f"--nm {n}:{m}: groups of M inputs must tile {why}; no M >= 2 does, so prune "
-                         "this model without --nm")
+        raise ValueError(f"--nm {n}:{m}: M must divide {why}, and no M >= 2 does; prune this model "
+                         "without --nm")
     example = "2:4" if 4 in choices else f"1:{choices[0]}"
-    raise ValueError(f"--nm {n}:{m}: groups of M inputs must tile {why}, so M can be "
+    raise ValueError(f"--nm {n}:{m}: M must divide {why}, so M can be "
                      f"{', '.join(map(str, choices))} (with any N < M), e.g. --nm {example}")
 
 
@@ -114,7 +114,8 @@ class Method:
                     ratios: Mapping[str, float], nm: tuple[int, int] | None, device: torch.device) -> None:
         """Apply the rule to every matrix of ``block`` with a ratio above 0 (all with ``nm``),
         working in float32 on ``device`` and writing the result into the model."""
-        todo = [info for info in loaded.matrices if info.block == block and (nm is not None or ratios[info.name] > 0.0)]
+        todo = [info for info in loaded.matrices
+                if info.block == block and (nm is not None or ratios[info.name] > 0.0)]
         groups: dict[int, list[MatrixInfo]] = {}
         for info in todo:
             key = id(stats[info.name]) if self.joint else id(info)
