@@ -77,24 +77,24 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     started). ``copy=True`` prunes a deep copy and leaves ``loaded`` untouched. ``cancel``: a
     ``threading.Event`` or a callable checked between blocks (raises ``Cancelled``).
     """
-    rule = get_method(method)
+    chosen = get_method(method)
     nm = parse_nm(nm)
     if nm is not None:
-        check_nm(nm, rule, loaded.matrices)
+        check_nm(nm, chosen, loaded.matrices)
     ratios = _check_ratios(loaded, ratios, nm)
     dev = resolve_device(device)
-    ids, calib_info = _calibration_ids(calibration, method) if rule.collector else (None, {})
+    ids, calib_info = _calibration_ids(calibration, method) if chosen.collector else (None, {})
     if copy:
         loaded = _copy_loaded(loaded)
     model = loaded.model
     dtype = next(model.parameters()).dtype
     start = time.perf_counter()
-    pipeline = BlockPipeline(loaded, ids, collector=rule.collector, device=dev, progress=progress, cancel=cancel,
+    pipeline = BlockPipeline(loaded, ids, collector=chosen.collector, device=dev, progress=progress, cancel=cancel,
                              label=method)
     was_training = model.training
     model.eval()
     try:
-        pipeline.run(lambda b, stats: rule.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=dev),
+        pipeline.run(lambda b, stats: chosen.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=dev),
                      forward_after=True)
     finally:
         model.train(was_training)
