@@ -149,27 +149,22 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
              owl_scores: Mapping[int, float] | None = None, owl_lambda: float = OWL_LAMBDA) -> Allocation:
     """Per-matrix sparsity ratios whose parameter-weighted mean is ``sparsity``.
 
-    ``table``: one row per prunable matrix with columns name, block (int), kind (str),
-    params (int > 0) and, for ``method="alpha"``, the ``metric`` column (any numeric
-    column of the analysis table: alpha, alpha_hat, log_norm, ...; :func:`matrix_table`
-    builds the rest from a model's matrices). Every row is allocated; filter out matrices
-    that are not to be pruned beforehand.
+    ``table``: one row per matrix to prune, columns name, block (int), kind (str), params
+    (int > 0; :func:`matrix_table` builds these from a model) and, for ``alpha``, the
+    ``metric`` column (any numeric column of the analysis table: alpha, log_norm, ...).
+    ``method``: ``alpha`` (AlphaPruning), ``uniform`` or ``owl`` (needs ``owl_scores``,
+    {block: outlier share} from ``core.pruning.owl_scores``; 0 <= ``owl_lambda`` < 1).
+    mapping, epsilon, metric and reverse only matter for ``alpha``. ``mapping``: ``block``
+    (each matrix takes its block's mean metric) or ``matrix``. ``epsilon``: the tau range,
+    0 <= epsilon < 1 (at 1 the lowest share would be 0); 0 gives uniform ratios.
+    ``r_max``: upper bound of any ratio, 0 < r_max < 1. ``dense_kinds``: kinds (``("k",
+    "v")`` or ``"k,v"``) kept at 0; the others carry the whole budget. ``reverse``: lower
+    metric is pruned more (for teaching and ablation).
 
-    ``method``: ``alpha`` (AlphaPruning with ``metric`` as the score), ``uniform`` or ``owl``
-    (needs ``owl_scores``, {block: outlier share} from ``core.pruning.owl_scores``, and uses
-    ``owl_lambda``, 0 <= lambda < 1; the min and max of D and the mean of d are taken over
-    the prunable matrices). epsilon, mapping, metric and reverse only matter for ``alpha``.
-    ``mapping``: ``block`` (each matrix takes its block's mean metric) or ``matrix``.
-    ``epsilon``: the tau range, 0 <= epsilon < 1 (at 1 the lowest share would be 0); 0
-    gives uniform ratios. ``r_max``: upper bound of any ratio,
-    0 < r_max < 1. ``dense_kinds``: kinds (e.g. ``("k", "v")`` or ``"k,v"``) kept at ratio 0;
-    the other matrices carry the whole budget so the mean over all rows is still S.
-    ``reverse``: lower metric is pruned more (for teaching and ablation).
-
-    A matrix whose metric is NaN (no fit) takes its block's mean and is reported in
-    ``warnings``; a block without any finite metric is an error. Block means use every
-    matrix of the block, dense kinds included; the min and max of the tau map are taken
-    over the prunable matrices, so those span [1 - eps, 1 + eps].
+    A NaN metric (no fit) takes its block's mean and is reported in ``warnings``; a block
+    without any finite metric is an error. Block means use every matrix of the block; the
+    min and max of the tau map (and of OWL's D, and the mean of its d) are taken over the
+    prunable matrices, so those span [1 - eps, 1 + eps].
     """
     sparsity = _check_number("sparsity", sparsity, 0.0, 1.0, hi_open=True,
                              hint="give the target fraction of pruned weights, e.g. 0.7")
