@@ -105,7 +105,8 @@ def _run_allocate(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from .allocation import allocate, load_profile
+    from .allocation import allocate
+    from .profiles import load_profile
 
     if args.profile:
         table = load_profile(args.profile)
