@@ -83,23 +83,6 @@ def test_owl_scores_are_unchanged():
         assert {str(k): v for k, v in scores.items()} == pytest.approx(owl[family], rel=1e-9)
 
 
-@pytest.mark.xfail(reason="allocation owl lands in branch alloc", strict=False)
-def test_owl_ratios_are_unchanged():
-    """OWL ratios (now ``allocation.allocate(..., method="owl")``) from the recorded scores."""
-    from conftest import tiny_model
-    from core.allocation import allocate
-    from core.models import wrap_model
-
-    owl = json.loads((DATA / "pruning.json").read_text())["owl"]
-    for family in ("llama", "opt"):
-        loaded = wrap_model(tiny_model(family))
-        scores = {int(k): v for k, v in owl[family].items()}
-        table = pd.DataFrame([{"name": m.name, "block": m.block, "kind": m.kind, "params": m.params}
-                              for m in loaded.matrices])
-        now = allocate(table, sparsity=0.6, method="owl", owl_scores=scores).ratio_by_name()
-        assert now == pytest.approx(owl[family + "/ratios"], rel=0, abs=1e-12)
-
-
 def test_owl_ratios_are_unchanged():
     """OWL through ``allocation.allocate`` with the recorded block scores gives the recorded ratios."""
     from conftest import tiny_model
