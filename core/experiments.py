@@ -8,7 +8,6 @@ turns into the ``spectrascope prune ...`` arguments that reproduce it (``to_argv
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import re
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import allocation
-from .allocation import DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation
+from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation, allocate, matrix_table,
+                         ratios_from_file)
+from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import analyze
 from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
 from .config import DTYPES
@@ -34,7 +34,7 @@ from .texts import EMBEDDED
 log = logging.getLogger(__name__)
 
 #: Where a run's per-matrix ratios come from: an allocation method or a ratios file.
-ALLOCATIONS = (*allocation.METHODS, "file")
+ALLOCATIONS = (*ALLOCATION_METHODS, "file")
 _NM = re.compile(r"(\d+):(\d+)")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -311,19 +311,15 @@ def _calibration_settings(calibration: object) -> dict:
     return {"nsamples": int(shape[0]), "seqlen": int(shape[1])} if shape is not None and len(shape) == 2 else {}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataFrame | None = None,
                       owl_scores: dict[int, float] | None = None, calibration: object = None,
                       progress: Progress = None, cancel: object = None) -> Allocation:
     """The per-matrix ratios of ``spec`` for ``loaded``: from its ratios file, or by its
     allocation method (``alpha`` scores ``metrics``; ``owl`` needs ``owl_scores`` or the
     ``calibration`` to compute them)."""
-    table = allocation.matrix_table(loaded.matrices)
+    table = matrix_table(loaded.matrices)
     if spec.allocation == "file":
-        return allocation.ratios_from_file(spec.ratios_file, table)
+        return ratios_from_file(spec.ratios_file, table)
     if spec.allocation == "alpha":
         scored = alpha_metrics(spec, loaded, metrics, progress)
         if set(scored["name"]) != set(table["name"]):
@@ -334,10 +330,10 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
         table = table.merge(scored[["name", spec.metric]], on="name", how="left")
     if spec.allocation == "owl" and owl_scores is None:
         owl_scores = compute_owl_scores(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
-    return allocation.allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric,
-                               mapping=spec.mapping, epsilon=DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon,
-                               r_max=DEFAULT_R_MAX if spec.r_max is None else spec.r_max,
-                               dense_kinds=spec.dense_kinds, reverse=spec.reverse, owl_scores=owl_scores)
+    return allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric, mapping=spec.mapping,
+                    epsilon=DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon,
+                    r_max=DEFAULT_R_MAX if spec.r_max is None else spec.r_max, dense_kinds=spec.dense_kinds,
+                    reverse=spec.reverse, owl_scores=owl_scores)
 
 
 # --- pipelines ---------------------------------------------------------------------------
@@ -373,8 +369,7 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
             alloc = choose_allocation(spec, loaded, metrics=metrics, owl_scores=owl_scores, calibration=calibration,
                                       progress=progress, cancel=cancel)
             ratios, params, sparsity = alloc.ratio_by_name(), alloc.params(), float(alloc.sparsity)
-            if spec.allocation == "file":
-                params = {**params, "path": str(spec.ratios_file), "sha256": _sha256(spec.ratios_file)}
+            if spec.allocation == "file":   # the file's weighted mean; its path and hash are in params
                 registry.update(run_id, sparsity=sparsity)
         registry.update(run_id, allocation_params=params)
         result = prune(loaded, ratios, method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,

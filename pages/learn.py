@@ -132,7 +132,8 @@ with tabs[3]:
                 col.caption(f"`{r['name']}` · {r['num_spikes']:.0f} eigenvalues above λ+ · {r['status']}")
 
 with tabs[4]:
-    from core.allocation import allocate, load_profile
+    from core.allocation import allocate
+    from core.profiles import load_profile
 
     st.markdown("AlphaPruning turns each block's mean alpha $m_i$ into a sparsity: a linear map into "
                 "$[1-\\varepsilon, 1+\\varepsilon]$, then a rescale so the parameter-weighted mean is the target $S$:")

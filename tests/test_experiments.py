@@ -240,7 +240,7 @@ def test_cli_prune_takes_the_ratios_of_an_allocation_file(tmp_path, saved_tiny, 
     pd.DataFrame({"name": ["x"], "ratio": [0.5]}).to_csv(tmp_path / "bad.csv", index=False)
     assert main(["prune", "--model", str(src), "--method", "magnitude", "--ratios", str(tmp_path / "bad.csv"),
                  "--quiet"]) == 2
-    assert "no ratio for 14 of the model's matrices" in capsys.readouterr().err
+    assert "has no ratio for the model's matrices model.layers.0.self_attn.q_proj" in capsys.readouterr().err
 
 
 def test_progress_json_lines_and_one_error_line(tmp_path, saved_tiny, capsys):

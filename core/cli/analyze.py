@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..allocation import MAPPINGS, allocate, load_profile
+from ..allocation import MAPPINGS, allocate
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..analysis import analyze
 from ..experiments import read_metrics
 from ..fit import XMIN_METHODS
+from ..profiles import load_profile
 from ..progress import Progress
 
 
