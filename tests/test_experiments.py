@@ -294,3 +294,21 @@ def test_sweep_gives_each_method_its_own_epsilon(demo, tmp_path):
         run = reg.get(int(row.run_id))
         assert run["status"] == "done" and run["perplexity"] == pytest.approx(row.perplexity)
     assert "magnitude alpha (eps 0.2)" in pivot(table)["setting"].tolist()
+
+
+def test_tune_epsilon_scores_each_epsilon_on_held_out_calibration_text(demo):
+    from transformers import AutoModelForCausalLM
+
+    from core.sweeps import tune_epsilon
+
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(demo.tokenizer)
+    torch.manual_seed(0)
+    loaded = wrap_model(AutoModelForCausalLM.from_config(cfg).eval(), demo.tokenizer)
+    base = PruneSpec(method="wanda", sparsity=0.6, device="cpu", calibration=CalibrationSpec(nsamples=2, seqlen=64))
+    result = tune_epsilon(base, epsilons=[0.0, 0.4], holdout_windows=2, loaded=loaded)
+    assert result.table["epsilon"].tolist() == [0.0, 0.4]
+    assert result.best == result.table.loc[result.table["perplexity"].idxmin(), "epsilon"]
+    assert (result.table["achieved"] - 0.6).abs().max() < 0.01
+    assert result.calibration == {"dataset": "wiki", "nsamples": 2, "seqlen": 64, "seed": 0}
+    assert result.holdout_tokens == 2 * 64 and result.method == "wanda"
