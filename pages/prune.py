@@ -1,12 +1,14 @@
 """Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities."""
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
-from pages import jobs
-from pages.common import KIND_COLORS, PAGES, State, setup
-from pages.plots import LAYOUT
+from core import pruning
+from core.models import resolve_source
+from core.runs import REPORT_NAME, Registry
+from dashboard import jobs
+from dashboard.figures import perplexity_figure
+from dashboard.state import PAGES, State, allocation_label, setup
 
 setup()
 ss = st.session_state
@@ -14,12 +16,9 @@ st.title("Prune & compare")
 st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it survives page switches and "
            "reloads and never blocks the other pages. Every run is recorded in the runs registry.")
 
-ALLOC = {"AlphaPruning": "alpha", "uniform": "uniform", "OWL": "owl"}
 loaded, analysis = ss[State.loaded], ss[State.analysis]
 source = (ss[State.source] or "demo").strip()
 try:
-    from core.models import resolve_source
-
     src = resolve_source(source)
     identity = loaded.identity if loaded is not None else src.identity()
     label = src.label
@@ -28,16 +27,16 @@ except (ValueError, FileNotFoundError) as exc:
     st.stop()
 
 # --- settings ------------------------------------------------------------------------------
-allocation = ALLOC[ss[State.a_method]]
+allocation = ss[State.a_method]
 S, eps, mapping = ss[State.a_sparsity], ss[State.a_epsilon], ss[State.a_mapping]
 with st.container(border=True):
-    st.markdown(f"**Model** `{label}` · **allocation** {ss[State.a_method]} at S = {S:.2f}"
+    st.markdown(f"**Model** `{label}` · **allocation** {allocation_label(allocation)} at S = {S:.2f}"
                 + (f", ε = {eps:.2f}, {mapping} mapping" if allocation == "alpha" else ""))
     st.page_link(PAGES["allocation"][0], label="change the allocation", icon=":material/tune:")
     c1, c2 = st.columns(2)
-    c1.radio("Method", ["magnitude", "wanda", "sparsegpt"], key=State.p_method, horizontal=True,
+    c1.radio("Method", pruning.METHODS, key=State.p_method, horizontal=True,
              help="magnitude: smallest |W|; Wanda: |W|·‖X‖ per output row; SparseGPT: OBS with weight updates")
-    c2.radio("N:M semi-structured", ["none", "2:4", "4:8"], key=State.p_nm, horizontal=True,
+    c2.radio("N:M semi-structured", ("none", *pruning.NM_PATTERNS), key=State.p_nm, horizontal=True,
              help="keep N of every M consecutive weights (the allocation is then ignored)")
     c1, c2, c3 = st.columns(3)
     c1.slider("Calibration windows", 1, 128, key=State.p_calib_n, help="the paper uses 128 windows of 2048 tokens")
@@ -61,7 +60,7 @@ def metrics_file() -> list[str]:
 
 
 common = ["--model", source, "--device", ss[State.device], "--seqlen", str(ss[State.p_seqlen]),
-          "--max-windows", str(ss[State.p_eval_windows]), "--json"]
+          "--max-windows", str(ss[State.p_eval_windows])]
 if start:
     nm = ss[State.p_nm]
     args = ["prune", "--method", ss[State.p_method], "--allocation", allocation, "--sparsity", f"{S:g}",
@@ -120,10 +119,7 @@ def job_panel() -> None:
 job_panel()
 
 # --- results from the registry --------------------------------------------------------------
-from core.runs import REPORT_NAME, Registry  # noqa: E402
-
-runs = Registry().query(status="done", model_identity=identity)
-runs = runs[runs["perplexity"].notna()]
+runs = Registry().compare(model_identity=identity)
 st.subheader("Results")
 if runs.empty:
     st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")
@@ -132,17 +128,7 @@ if runs.empty:
 dense = runs[runs["kind"] == "eval"]
 pruned = runs[runs["kind"] == "prune"].copy()
 pruned["setting"] = pruned["method"] + " · " + pruned["allocation"]
-fig = go.Figure()
-for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting", sort=True)):
-    t = t.groupby("sparsity", as_index=False)["perplexity"].last()
-    fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
-                             line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
-if not dense.empty:
-    fig.add_hline(y=float(np.log10(dense["perplexity"].iloc[-1])),  # log axis: shapes take log10 line=dict(dash="dash", color="#1F2430"),
-                  annotation_text=f"dense {dense['perplexity'].iloc[-1]:.2f}")
-fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
-fig.update_yaxes(type="log")
-fig.update_xaxes(range=[-0.02, 1.0])
+fig = perplexity_figure(pruned, float(dense["perplexity"].iloc[-1]) if not dense.empty else None)
 st.plotly_chart(fig, width="stretch", key="ppl")
 
 
