@@ -85,15 +85,15 @@ class Job:
         """(JSON events, other non-empty lines) of the job's stderr, in order."""
         events, other = [], []
         for line in self._text("stderr").splitlines():
-            line = line.strip()
+            text = line.strip()
             try:
-                event = json.loads(line) if line.startswith("{") else None
+                event = json.loads(text) if text.startswith("{") else None
             except ValueError:
                 event = None
             if isinstance(event, dict) and "event" in event:
                 events.append(event)
-            elif line:
-                other.append(line)
+            elif text:
+                other.append(line.rstrip())
         return events, other
 
     def progress(self) -> tuple[float, str]:
