@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from core.allocation import allocate, load_profile
+from core.allocation import allocate
+from core.profiles import load_profile
 
 BUDGET_MS = 5.0
 CASES = [  # (profile, options); the last three clip at r_max (water-filling)

@@ -1,4 +1,5 @@
-"""Layer-wise sparsity allocation: per-matrix pruning ratios from a table of HT-SR metrics.
+"""Layer-wise sparsity allocation: per-matrix pruning ratios (uniform, AlphaPruning, OWL, or a
+ratios file) whose parameter-weighted mean is the target sparsity S.
 
 AlphaPruning (Lu et al., NeurIPS 2024; ``docs/htsr-primer.md`` section 4) gives matrices
 whose spectra are less heavy-tailed (larger ``alpha``: less well trained) more sparsity:
@@ -8,40 +9,44 @@ whose spectra are less heavy-tailed (larger ``alpha``: less well trained) more s
 2. linear map into [1 - eps, 1 + eps]:  q_i = (1 - eps) + 2 eps (m_i - min m) / (max m - min m);
 3. rescale so the parameter-weighted mean is the target S:  r_i = q_i S sum(n) / sum(n q).
 
-Where no bound is hit, the ratios are exactly that formula, in the order of the input
-table. Beyond the published code this module keeps every ratio inside [0, r_max]: a
-matrix that would exceed r_max is set to r_max and its excess is re-spread over the
-others in proportion to their q (water-filling), so the weighted mean stays S. Kinds
-named in ``dense_kinds`` keep ratio 0 while the weighted mean over all matrices, those
-included, is still S. Requests that cannot be met are refused with a ``ValueError``.
+OWL (Yin et al., ICML 2024) gives blocks with a larger share D_l of outlier Wanda scores
+less sparsity: q_i = S - (d_l - mean d) with d_l = 2 lam (D_l - min D) / (max D - min D),
+the mean weighted by parameters; below 0 it is raised to 0. Uniform: q_i = 1.
 
-The LLaMA-family alpha profiles published with the paper ship in ``core/data/profiles``
-(MIT licence) and load as metric tables with :func:`load_profile`.
+Where no bound is hit, the ratios are exactly those formulas, in input order. Beyond the
+published code, every method keeps each ratio in [0, r_max]: a matrix over r_max is set
+to r_max and its excess re-spread over the others in proportion to q (water-filling);
+``dense_kinds`` stay at 0; the weighted mean over all matrices stays exactly S. Requests
+that cannot be met are refused with a ``ValueError``. :func:`ratios_from_file` reads
+ratios written earlier. The published LLaMA alpha profiles are in ``core.profiles``.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
 from .config import atomic_file
+from .ratiofile import read_ratio_file
+from .ratiofile import some as _some
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("alpha", "uniform")
+#: The allocation methods (the CLI and the dashboard read this list).
+METHODS = ("uniform", "alpha", "owl")
 MAPPINGS = ("block", "matrix")
 #: Default tau range. The paper's tuned values at 70 % sparsity lie in 0.2-0.5; 0.3 is the
 #: value it chose most often (LLaMA-7B magnitude, LLaMA-13B and LLaMA-2-7B Wanda, ...).
 DEFAULT_EPSILON = 0.3
 DEFAULT_R_MAX = 0.99
+#: OWL's lambda: block sparsities span S - lam .. S + lam (the paper's value 0.08).
+OWL_LAMBDA = 0.08
 #: Columns every input table needs besides the metric column.
 REQUIRED_COLUMNS = ("name", "block", "kind", "params")
 #: Columns written by :meth:`Allocation.to_csv` (and the CLI's ``--out``).
@@ -49,60 +54,17 @@ CSV_COLUMNS = ("name", "block", "kind", "params", "metric", "ratio")
 #: Metrics whose spread is below this fraction of their magnitude count as all equal
 #: (uniform ratios) instead of turning rounding noise into the full [1 - eps, 1 + eps] range.
 _EQUAL_RTOL = 1e-12
-
-# --- published profiles ----------------------------------------------------------------
-
-#: Matrix kinds of a LLaMA block, in the published (module) order, with their module paths.
-LLAMA_KINDS = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-#: profile name: (blocks, hidden, intermediate, k/v out features), from the published README.
-PROFILE_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "llama-7b-hf": (32, 4096, 11008, 4096),
-    "llama-13b-hf": (40, 5120, 13824, 5120),
-    "llama-30b-hf": (60, 6656, 17920, 6656),
-    "llama-65b-hf": (80, 8192, 22016, 8192),
-    "llama2-7b-hf": (32, 4096, 11008, 4096),
-    "llama2-13b-hf": (40, 5120, 13824, 5120),
-    "llama2-70b-hf": (80, 8192, 28672, 1024),
-}
+#: A weighted mean this close to the target is reported as the target (rounding noise).
+_MEAN_ATOL = 1e-12
 
 
-def list_profiles() -> list[str]:
-    """Names of the published alpha profiles that ship with Spectrascope."""
-    return sorted(PROFILE_SHAPES)
-
-
-def load_profile(name: str) -> pd.DataFrame:
-    """A published LLaMA alpha profile as a metrics table, in the published order.
-
-    Columns: name (``model.layers.{b}.self_attn.q_proj`` ...), block, kind (q, k, v, o,
-    gate, up, down), rows and cols (the weight's out x in features), params, alpha.
-    """
-    if name not in PROFILE_SHAPES:
-        raise ValueError(f"profile={name!r} is not a published profile; use one of {', '.join(list_profiles())}")
-    return _build_profile(name).copy()
-
-
-@lru_cache(maxsize=None)
-def _build_profile(name: str) -> pd.DataFrame:
-    blocks, hidden, inter, kv = PROFILE_SHAPES[name]
-    with resources.as_file(resources.files(__package__) / "data" / "profiles" / f"{name}.npy") as path:
-        alpha = np.load(path)
-    if alpha.shape != (blocks * len(LLAMA_KINDS),):
-        raise ValueError(f"profile {name!r}: expected {blocks * len(LLAMA_KINDS)} alphas, found shape {alpha.shape}; "
-                         "the packaged file is damaged, reinstall Spectrascope")
-    # (out_features, in_features) of each kind, in LLAMA_KINDS order
-    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
-              (inter, hidden), (inter, hidden), (hidden, inter)]
-    rows, cols = (np.tile(np.array(side, dtype=np.int64), blocks) for side in zip(*shapes))
-    block = np.repeat(np.arange(blocks, dtype=np.int64), len(LLAMA_KINDS))
-    kinds = list(LLAMA_KINDS) * blocks
-    names = [f"model.layers.{b}.{LLAMA_KINDS[k]}" for b, k in zip(block.tolist(), kinds)]
-    return pd.DataFrame({"name": names, "block": block, "kind": kinds, "rows": rows, "cols": cols,
-                         "params": rows * cols, "alpha": alpha.astype(np.float64)})
+def matrix_table(matrices: Iterable[object]) -> pd.DataFrame:
+    """The table ``allocate`` needs for uniform and OWL (name, block, kind, params) from
+    objects with those attributes, e.g. ``LoadedModel.matrices`` (``core.models.MatrixInfo``)."""
+    rows = [(m.name, m.block, m.kind, m.params) for m in matrices]
+    name, block, kind, params = zip(*rows) if rows else ((), (), (), ())
+    return pd.DataFrame({"name": list(name), "block": np.asarray(block, dtype=np.int64), "kind": list(kind),
+                         "params": np.asarray(params, dtype=np.int64)})
 
 
 # --- result ----------------------------------------------------------------------------
@@ -114,7 +76,11 @@ class Allocation:
     ``ratios`` has one row per input matrix, in input order: name, block, kind, params,
     metric (the matrix's own metric; the block mean where ``filled``), ratio (fraction of
     the matrix's weights to prune), clipped (held at ``r_max``), filled (the metric was NaN
-    and took its block's mean). ``epsilon`` is the one used (0 for ``uniform``).
+    and took its block's mean). ``epsilon`` is the one used (0 unless ``alpha``). For OWL the
+    metric column is the block's outlier share D_l. ``weighted_mean`` is sum(n r) / sum(n),
+    reported as ``sparsity`` where it differs only by rounding noise (below 1e-12).
+    ``details``: method-specific settings, ``owl``: lambda and the block scores; ``file``:
+    the file's resolved path and sha256.
     """
 
     ratios: pd.DataFrame
@@ -130,6 +96,17 @@ class Allocation:
     n_clipped: int
     n_filled: int
     warnings: tuple[str, ...] = ()
+    details: dict[str, object] = field(default_factory=dict)
+
+    def params(self) -> dict[str, object]:
+        """The settings to record with a run (JSON-able), as far as they matter for ``method``."""
+        if self.method == "file":
+            return dict(self.details)
+        bounds = {"r_max": self.r_max, "dense_kinds": list(self.dense_kinds)}
+        if self.method == "alpha":
+            return {"epsilon": self.epsilon, "mapping": self.mapping, "metric": self.metric, **bounds,
+                    "reverse": self.reverse}
+        return {**self.details, **bounds}
 
     def ratio_by_name(self) -> dict[str, float]:
         """``{matrix name: ratio}``, the form a pruner takes."""
@@ -138,8 +115,10 @@ class Allocation:
     def summary(self) -> str:
         """A few lines for a terminal: method, target, range, weighted mean, clipping."""
         r = self.ratios
-        if self.method == "uniform":
-            how = "uniform allocation"
+        if self.method in ("uniform", "file"):
+            how = "uniform allocation" if self.method == "uniform" else f"ratios from {self.details['path']}"
+        elif self.method == "owl":
+            how = f"OWL allocation (lambda {self.details['lambda']:g})"
         else:
             how = (f"alpha allocation (metric {self.metric}, {self.mapping} mapping, epsilon {self.epsilon:g}"
                    f"{', reversed' if self.reverse else ''})")
@@ -166,19 +145,23 @@ class Allocation:
 
 def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", metric: str = "alpha",
              mapping: str = "block", epsilon: float = DEFAULT_EPSILON, r_max: float = DEFAULT_R_MAX,
-             dense_kinds: Iterable[str] | str = (), reverse: bool = False) -> Allocation:
+             dense_kinds: Iterable[str] | str = (), reverse: bool = False,
+             owl_scores: Mapping[int, float] | None = None, owl_lambda: float = OWL_LAMBDA) -> Allocation:
     """Per-matrix sparsity ratios whose parameter-weighted mean is ``sparsity``.
 
     ``table``: one row per prunable matrix with columns name, block (int), kind (str),
     params (int > 0) and, for ``method="alpha"``, the ``metric`` column (any numeric
-    column of the analysis table: alpha, alpha_hat, log_norm, ...). Every row is allocated;
-    filter out matrices that are not to be pruned beforehand.
+    column of the analysis table: alpha, alpha_hat, log_norm, ...; :func:`matrix_table`
+    builds the rest from a model's matrices). Every row is allocated; filter out matrices
+    that are not to be pruned beforehand.
 
-    ``method``: ``alpha`` (AlphaPruning with ``metric`` as the score) or ``uniform``.
+    ``method``: ``alpha`` (AlphaPruning with ``metric`` as the score), ``uniform`` or ``owl``
+    (needs ``owl_scores``, {block: outlier share} from ``core.pruning.owl_scores``, and uses
+    ``owl_lambda``, 0 <= lambda < 1; the min and max of D and the mean of d are taken over
+    the prunable matrices). epsilon, mapping, metric and reverse only matter for ``alpha``.
     ``mapping``: ``block`` (each matrix takes its block's mean metric) or ``matrix``.
-    ``epsilon``: the tau range, 0 <= epsilon < 1; 0 gives uniform ratios. (At 1 or above
-    the lowest-scoring matrices would get a zero or negative share and the mean could not
-    always reach S, so those values are refused.) ``r_max``: upper bound of any ratio,
+    ``epsilon``: the tau range, 0 <= epsilon < 1 (at 1 the lowest share would be 0); 0
+    gives uniform ratios. ``r_max``: upper bound of any ratio,
     0 < r_max < 1. ``dense_kinds``: kinds (e.g. ``("k", "v")`` or ``"k,v"``) kept at ratio 0;
     the other matrices carry the whole budget so the mean over all rows is still S.
     ``reverse``: lower metric is pruned more (for teaching and ablation).
@@ -200,6 +183,8 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
         raise ValueError(f"mapping={mapping!r} is unknown; use one of {', '.join(MAPPINGS)}")
     if not isinstance(reverse, (bool, np.bool_)):
         raise ValueError(f"reverse={reverse!r} must be True or False")
+    owl_lambda = _check_number("owl_lambda", owl_lambda, 0.0, 1.0, hi_open=True,
+                               hint="use OWL's value 0.08 (block sparsities span S - lambda .. S + lambda)")
     if sparsity > r_max:
         raise ValueError(f"sparsity={sparsity:g} is above r_max={r_max:g}: no matrix may be pruned beyond r_max, "
                          "so the mean cannot reach the target; lower sparsity or raise r_max")
@@ -217,8 +202,11 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
         if filled.any():
             warnings.append(f"{int(filled.sum())} matrices have no {metric} (NaN) and took their block's mean: "
                             + _some(names[filled]))
-    else:
-        epsilon = 0.0
+    elif method == "owl":
+        per_block = _block_scores(owl_scores, block_ids)
+        values, metric = per_block[codes], "outlier_share"
+    if method != "alpha":
+        epsilon, reverse = 0.0, False
 
     dense = np.isin(kinds, dense_kinds) if dense_kinds else np.zeros(len(names), dtype=bool)
     prunable = ~dense
@@ -242,17 +230,27 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
             sums = np.bincount(codes, weights=values, minlength=n_blocks)
             score = (sums / np.bincount(codes, minlength=n_blocks))[codes]
         q = _tau_map(score, prunable, epsilon, reverse)
+    elif method == "owl":  # _tau_map gives d + (1 - lambda); the constant goes with the mean
+        d = _tau_map(values, prunable, owl_lambda, False)
+        q = np.maximum(sparsity - (d - float(n[prunable] @ d[prunable]) / n_prunable), 0.0)
 
     ratio = np.zeros(len(names))
     clipped = np.zeros(len(names), dtype=bool)
     ratio[prunable], clipped[prunable] = _water_fill(q[prunable], n[prunable], target, r_max)
     weighted_mean = float(n @ ratio) / n_total
+    weighted_mean = sparsity if abs(weighted_mean - sparsity) < _MEAN_ATOL else weighted_mean  # rounding noise
+    if abs(weighted_mean - sparsity) > 1e-9:  # OWL ratios raised to 0 cannot take any of the budget
+        raise ValueError(f"sparsity={sparsity:g} cannot be reached with r_max={r_max:g}: the matrices that may take "
+                         f"more are all at r_max (mean {weighted_mean:.4f}); raise r_max or lower owl_lambda")
     n_clipped = int(clipped.sum())
     if n_clipped:
         logger.info("%d matrices reached r_max=%g; their excess went to the others", n_clipped, r_max)
     for w in warnings:
         logger.warning(w)
 
+    details = {}
+    if method == "owl":
+        details = {"lambda": owl_lambda, "scores": dict(zip(map(str, block_ids.tolist()), per_block.tolist()))}
     # from the input's own column arrays (dtype kept): rebuilding string columns from objects is slow
     ratios = pd.DataFrame({"name": cols["name"].array, "block": cols["block"].array, "kind": cols["kind"].array,
                            "params": cols["params"].array, "metric": values, "ratio": ratio,
@@ -260,7 +258,7 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
     return Allocation(ratios=ratios, sparsity=sparsity, method=method, metric=metric, mapping=mapping,
                       epsilon=epsilon, r_max=r_max, dense_kinds=dense_kinds, reverse=bool(reverse),
                       weighted_mean=weighted_mean, n_clipped=n_clipped, n_filled=int(filled.sum()),
-                      warnings=tuple(warnings))
+                      warnings=tuple(warnings), details=details)
 
 
 def _tau_map(score: np.ndarray, prunable: np.ndarray, epsilon: float, reverse: bool) -> np.ndarray:
@@ -278,7 +276,7 @@ def _water_fill(q: np.ndarray, n: np.ndarray, target: float, r_max: float) -> tu
     """r = c q with sum(n r) = target and r <= r_max: matrices over r_max are pinned there and
     c is recomputed for the rest until none is over. The pinned set only grows (c only
     rises), so there are at most as many passes as distinct q values, in practice 2-4 on the
-    LLaMA profiles. Needs q > 0 and target <= r_max sum(n)."""
+    LLaMA profiles. Needs q >= 0 (those at 0 stay at 0) and target <= r_max sum(n)."""
     nq = n * q
     clipped = np.zeros(len(q), dtype=bool)
     while True:
@@ -291,6 +289,22 @@ def _water_fill(q: np.ndarray, n: np.ndarray, target: float, r_max: float) -> tu
         clipped |= over
     r[clipped] = r_max
     return r, clipped
+
+
+def ratios_from_file(path: str | os.PathLike, table: pd.DataFrame) -> Allocation:
+    """The ratios of a CSV with columns name and ratio (``Allocation.to_csv``, ``spectrascope
+    allocate --out``, the dashboard's download) for exactly the matrices of ``table`` (name,
+    block, kind, params: :func:`matrix_table`); refusals: ``ratiofile.read_ratio_file``.
+    ``sparsity`` is the file's parameter-weighted mean."""
+    cols, names, params, _ = _columns(table, None, need_metric=False)
+    file = read_ratio_file(path, names.tolist())
+    n = params.astype(np.float64)
+    mean = float(n @ file.ratios) / float(n.sum())
+    ratios = pd.DataFrame({**{c: cols[c].array for c in REQUIRED_COLUMNS}, "metric": np.nan, "ratio": file.ratios,
+                           "clipped": False, "filled": False}, copy=True)
+    return Allocation(ratios=ratios, sparsity=mean, method="file", metric="", mapping="", epsilon=0.0, r_max=1.0,
+                      dense_kinds=(), reverse=False, weighted_mean=mean, n_clipped=0, n_filled=0,
+                      details={"path": str(file.path), "sha256": file.sha256})
 
 
 # --- validation ------------------------------------------------------------------------
@@ -308,13 +322,11 @@ def _check_number(name: str, value: object, lo: float, hi: float, *, lo_open: bo
     return x
 
 
-def _columns(table: pd.DataFrame, metric: str, *, need_metric: bool
+def _columns(table: pd.DataFrame, metric: str | None, *, need_metric: bool
              ) -> tuple[dict[str, pd.Series], np.ndarray, np.ndarray, np.ndarray]:
     """The columns name, block, kind, params and (if present) metric of ``table``, checked;
     with the names, the parameter counts and the metric values (NaN if absent) as arrays.
-
-    Each column is taken from the table once: on a 560-row table every ``table[col]`` costs
-    tens of microseconds, and this runs on every slider move of the dashboard."""
+    Each column is taken once: ``table[col]`` costs tens of microseconds (slider moves)."""
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a pandas DataFrame (the output of `spectrascope analyze`), "
                          f"not {type(table).__name__}")
@@ -366,6 +378,26 @@ def _dense_kinds(dense_kinds: Iterable[str] | str, kinds: np.ndarray) -> tuple[s
     return wanted
 
 
+def _block_scores(owl_scores: Mapping[int, float] | None, block_ids: np.ndarray) -> np.ndarray:
+    """OWL's outlier share of each block in ``block_ids`` order; keys may be ints or their strings."""
+    if owl_scores is None:
+        raise ValueError("method='owl' needs owl_scores ({block: outlier share}); compute them with "
+                         "core.pruning.owl_scores on calibration text")
+    try:
+        scores = {int(b): float(v) for b, v in dict(owl_scores).items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"owl_scores must map block numbers to numbers ({exc}); use core.pruning.owl_scores") from None
+    missing = [b for b in block_ids.tolist() if b not in scores]
+    if missing:
+        raise ValueError(f"owl_scores has no score for block(s) {_some(np.array(missing))}; compute them for the "
+                         "same model")
+    per_block = np.array([scores[b] for b in block_ids.tolist()], dtype=np.float64)
+    if not np.isfinite(per_block).all():
+        raise ValueError(f"owl_scores is not finite for block(s) {_some(block_ids[~np.isfinite(per_block)])}; "
+                         "recompute them")
+    return per_block
+
+
 def _fill_missing(values: np.ndarray, codes: np.ndarray, block_ids: np.ndarray,
                   metric: str) -> tuple[np.ndarray, np.ndarray]:
     """NaN metrics replaced by their block's mean; a block without any value is an error."""
@@ -382,10 +414,3 @@ def _fill_missing(values: np.ndarray, codes: np.ndarray, block_ids: np.ndarray,
     values = values.copy()
     values[missing] = (sums / np.maximum(counts, 1))[codes[missing]]
     return values, missing
-
-
-def _some(names: np.ndarray, limit: int = 5) -> str:
-    """The first few names, then how many more."""
-    shown = ", ".join(str(x) for x in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-

@@ -21,6 +21,9 @@ _DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
+#: The dtype names a user chooses from (``_DTYPES`` also takes their short aliases).
+DTYPES = ("float32", "float16", "bfloat16")
+
 
 #: Windows of text go through the model (or one block) in batches of about this many
 #: tokens: large enough that the matrix products run efficiently and the per-call overhead
@@ -76,7 +79,7 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
     try:
         return _DTYPES[str(dtype).strip().lower()]
     except KeyError:
-        raise ValueError(f"dtype={dtype!r} is unknown; use one of float32, float16, bfloat16") from None
+        raise ValueError(f"dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}") from None
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

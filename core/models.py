@@ -328,3 +328,34 @@ def wrap_model(model: nn.Module, tokenizer: object | None = None, *, label: str 
 def iter_weights(loaded: LoadedModel) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
     for info in loaded.matrices:
         yield info, loaded.weight(info.name)
+
+
+# --- saving ----------------------------------------------------------------------------
+
+#: The JSON report written beside a saved model's weights.
+REPORT_NAME = "spectrascope_report.json"
+
+
+def save_model(loaded: LoadedModel, dest: str | os.PathLike, report: dict) -> Path:
+    """Write a Hugging Face folder (safetensors, config, tokenizer, ``spectrascope_report.json``)
+    atomically: everything goes into a temporary folder next to ``dest`` that is renamed at
+    the end, so an interrupted run leaves nothing. Missing parent folders are created;
+    ``dest`` must not exist and must not be (inside) the folder the model was loaded from.
+    Returns the absolute path."""
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists():
+        raise ValueError(f"save={dest}: already exists; choose a new folder (nothing is overwritten)")
+    if loaded.path is not None:
+        src = Path(loaded.path).resolve()
+        if dest == src or src in dest.parents:
+            raise ValueError(f"save={dest}: inside the source model's folder {src}; the source is never touched")
+
+    def write(tmp: Path) -> None:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+    atomic_dir(dest, write)
+    log.info("saved model to %s", dest)
+    return dest

@@ -3,8 +3,8 @@
 A job runs ``spectrascope --progress-json <command> ... --json`` in a folder
 ``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` holding ``job.json`` (command, pid, start time),
 ``stdout`` (the ``--json`` result) and ``stderr`` (one JSON event a line:
-``{"event": "progress", "done", "total", "message"}`` or ``{"event": "error", "message", "exit"}``;
-other lines, such as warnings, are ignored). Jobs outlive page switches, browser reloads and
+``{"event": "progress", "done", "total", "message"}``, ``{"event": "log", "level", "message"}`` or
+``{"event": "error", "message", "exit"}``; other lines, such as warnings, are ignored). Jobs outlive page switches, browser reloads and
 even the Streamlit server; results land in the runs registry. Nothing here computes anything:
 it starts, watches and stops.
 """
@@ -82,7 +82,8 @@ class Job:
         return "done" if rc == 0 else "failed"
 
     def _stderr(self) -> tuple[list[dict], list[str]]:
-        """(JSON events, other non-empty lines) of the job's stderr, in order."""
+        """(JSON events, the other non-empty lines and the ``log`` events' messages) of the job's
+        stderr, in order."""
         events, other = [], []
         for line in self._text("stderr").splitlines():
             text = line.strip()
@@ -92,6 +93,8 @@ class Job:
                 event = None
             if isinstance(event, dict) and "event" in event:
                 events.append(event)
+                if event["event"] == "log":
+                    other.append(f"{event.get('level', 'LOG')}: {event.get('message', '')}")
             elif text:
                 other.append(line.rstrip())
         return events, other

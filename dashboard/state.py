@@ -27,9 +27,8 @@ PAGES = {
 METRICS = ["alpha", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
            "entropy", "mp_softrank", "num_spikes", "D", "sigma", "xmin", "rank"]
 
-#: allocation methods, as core names them (OWL's ratios come from ``core.pruning.owl_ratios``;
-#: "owl" is added while ``core.allocation.METHODS`` does not list it)
-ALLOCATIONS = tuple(dict.fromkeys((*allocation.METHODS, "owl")))
+#: allocation methods, as core names them
+ALLOCATIONS = allocation.METHODS
 _ALLOCATION_LABELS = {"alpha": "AlphaPruning", "uniform": "uniform", "owl": "OWL"}
 
 

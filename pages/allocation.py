@@ -2,9 +2,10 @@
 import pandas as pd
 import streamlit as st
 
-from core.allocation import CSV_COLUMNS, MAPPINGS, allocate, list_profiles, load_profile
+from core.allocation import CSV_COLUMNS, MAPPINGS, allocate
 from core.calibration import calibration_data
-from core.pruning import owl_ratios, owl_scores
+from core.profiles import list_profiles, load_profile
+from core.pruning import owl_scores
 from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
 from dashboard.loaders import progress_callback
 from dashboard.state import ALLOCATIONS, METRICS, State, allocation_label, setup
@@ -52,8 +53,8 @@ with st.container(border=True):
                    help="these kinds are not pruned; the others carry the whole budget")
 
 
-def owl_table(sparsity: float):
-    """OWL ratios from cached statistics, or None with a button to compute them."""
+def owl_block_scores():
+    """OWL's outlier share per block from cached statistics, or None with a button to compute them."""
     if ss[State.a_source] != "loaded model" or loaded is None:
         st.info("OWL needs the loaded model (its activations on calibration text); pick the loaded model above.")
         return None
@@ -72,21 +73,17 @@ def owl_table(sparsity: float):
             bar.empty()
             st.rerun()
         return None
-    return owl_ratios(loaded, scores, sparsity=sparsity)
+    return scores
 
 
 def compute(method: str, mapping: str, epsilon: float):
-    """(ratios table, weighted mean, notes) for the current settings, or None after an error message."""
-    S = ss[State.a_sparsity]
-    if method == "owl":
-        ratios = owl_table(S)
-        if ratios is None:
-            return None
-        n = ratios["params"]
-        return ratios, float((ratios["ratio"] * n).sum() / n.sum()), ()
+    """(ratios table, weighted mean, notes) for the current settings, or None after a message."""
+    scores = owl_block_scores() if method == "owl" else None
+    if method == "owl" and scores is None:
+        return None
     try:
-        a = allocate(table, sparsity=S, method=method, metric=ss[State.a_metric], mapping=mapping, epsilon=epsilon,
-                     r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]))
+        a = allocate(table, sparsity=ss[State.a_sparsity], method=method, metric=ss[State.a_metric], mapping=mapping,
+                     epsilon=epsilon, r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), owl_scores=scores)
     except ValueError as exc:
         st.error(str(exc), icon=":material/error:")
         return None

@@ -3,9 +3,10 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.allocation import allocate, load_profile
+from core.allocation import allocate
 from core.fit import fit_power_law
 from core.metrics import mp_bulk_edges
+from core.profiles import load_profile
 from core.spectra import eigenvalues
 from dashboard.figures import LAYOUT, esd_figure
 from dashboard.state import State, setup

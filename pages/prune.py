@@ -1,11 +1,14 @@
 """Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import pruning
-from core.models import resolve_source
-from core.runs import REPORT_NAME, Registry
+from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
+from core.models import REPORT_NAME, resolve_source
+from core.registry import Registry
 from dashboard import jobs
 from dashboard.figures import perplexity_figure
 from dashboard.state import PAGES, State, allocation_label, setup
@@ -49,35 +52,44 @@ with st.container(border=True):
     baseline = b2.button("Evaluate the dense baseline", icon=":material/speed:")
 
 
-def metrics_file() -> list[str]:
+def metrics_file() -> Path | None:
     """The page's own analysis as the alpha table of the job (no second analysis in the job)."""
     if analysis is None or allocation != "alpha" or loaded is None or analysis.identity != identity:
-        return []
+        return None
     path = jobs.jobs_dir() / f"metrics-{identity.replace(':', '-')}-{analysis.xmin}.parquet"
     if not path.is_file():
         analysis.table.to_parquet(path, index=False)
-    return ["--metrics", str(path)]
+    return path
 
 
-common = ["--model", source, "--device", ss[State.device], "--seqlen", str(ss[State.p_seqlen]),
-          "--max-windows", str(ss[State.p_eval_windows])]
+def prune_spec() -> PruneSpec:
+    """The job's spec: the Allocation page's settings (so the job prunes with exactly the previewed
+    ratios) and this page's method, N:M, calibration, evaluation and saving."""
+    method, nm = ss[State.p_method], (None if ss[State.p_nm] == "none" else ss[State.p_nm])
+    save = (jobs.jobs_dir().parent / "pruned" / f"{method}-{allocation}-S{S:.2f}-{pd.Timestamp.now():%Y%m%d-%H%M%S}"
+            if ss[State.p_save] else None)
+    return PruneSpec(model=source, method=method, allocation=allocation, sparsity=S,
+                     epsilon=eps if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
+                     r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), metrics_file=metrics_file(),
+                     nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
+                     evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
+                                               max_windows=ss[State.p_eval_windows]),
+                     device=ss[State.device], save=save)
+
+
 if start:
-    nm = ss[State.p_nm]
-    args = ["prune", "--method", ss[State.p_method], "--allocation", allocation, "--sparsity", f"{S:g}",
-            "--mapping", mapping, "--nsamples", str(ss[State.p_calib_n]), "--eval", *common]
-    if allocation == "alpha":
-        # the Allocation page's own settings, so the job prunes with exactly the previewed ratios
-        args += ["--epsilon", f"{eps:g}", "--metric", str(ss[State.a_metric]), "--r-max", f"{ss[State.a_rmax]:g}",
-                 *(["--dense-kinds", ",".join(ss[State.a_dense])] if ss[State.a_dense] else []), *metrics_file()]
-    if nm != "none":
-        args += ["--nm", nm]
-    if ss[State.p_save]:
-        args += ["--save", str(jobs.jobs_dir().parent / "pruned" / f"{ss[State.p_method]}-{allocation}-S{S:.2f}-"
-                               f"{pd.Timestamp.now():%Y%m%d-%H%M%S}")]
-    what = f"{ss[State.p_method]} {nm if nm != 'none' else allocation} S={S:.2f}"
-    ss[State.p_job] = jobs.start(args, what).id
+    try:
+        spec = prune_spec()
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"These settings cannot be pruned: {exc}", icon=":material/error:")
+    else:
+        what = f"{spec.method} {spec.nm or spec.allocation} S={S:.2f}"
+        ss[State.p_job] = jobs.start(spec.to_argv(), what).id
 if baseline:
-    ss[State.p_job] = jobs.start(["eval", *common], "dense baseline").id
+    # `spectrascope eval` has no spec of its own in core: its options are written here
+    ss[State.p_job] = jobs.start(["eval", "--model", source, "--device", ss[State.device],
+                                  "--seqlen", str(ss[State.p_seqlen]), "--max-windows", str(ss[State.p_eval_windows])],
+                                 "dense baseline").id
 
 
 # --- jobs (refreshed every second while one runs) --------------------------------------------

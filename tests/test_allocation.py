@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from core import cli
-from core.allocation import (CSV_COLUMNS, DEFAULT_EPSILON, Allocation, allocate, list_profiles,
-                             load_profile)
+from core.allocation import CSV_COLUMNS, DEFAULT_EPSILON, Allocation, allocate, matrix_table, ratios_from_file
+from core.profiles import list_profiles, load_profile
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -410,7 +410,13 @@ def test_dense_kind_refusals():
     ({"sparsity": 0.5, "epsilon": 1.0}, r"epsilon=1\.0 is outside"),
     ({"sparsity": 0.5, "r_max": 1.0}, r"r_max=1\.0 is outside \(0, 1\)"),
     ({"sparsity": 0.0, "r_max": 0.0}, r"r_max=0\.0 is outside"),
-    ({"sparsity": 0.5, "method": "owl"}, r"method='owl' is unknown; use one of alpha, uniform"),
+    ({"sparsity": 0.5, "method": "wanda"}, r"method='wanda' is unknown; use one of uniform, alpha, owl"),
+    ({"sparsity": 0.5, "method": "owl"}, r"method='owl' needs owl_scores"),
+    ({"sparsity": 0.5, "method": "owl", "owl_scores": {0: 0.1, 1: 0.2}}, r"owl_scores has no score for block\(s\) 2"),
+    ({"sparsity": 0.5, "method": "owl", "owl_scores": {0: 0.1, 1: 0.2, 2: np.nan}}, r"not finite for block\(s\) 2"),
+    ({"sparsity": 0.5, "method": "owl", "owl_scores": {0: 0.1, 1: 0.2, 2: "x"}}, r"owl_scores must map block"),
+    ({"sparsity": 0.5, "method": "owl", "owl_scores": {0: 0.1, 1: 0.2, 2: 0.3}, "owl_lambda": 1.0},
+     r"owl_lambda=1\.0 is outside \[0, 1\)"),
     ({"sparsity": 0.5, "mapping": "layer"}, r"mapping='layer' is unknown; use one of block, matrix"),
     ({"sparsity": 0.5, "reverse": "yes"}, r"reverse='yes' must be True or False"),
     ({"sparsity": 0.5, "metric": "alpha_weighted"}, r"lacks column\(s\) alpha_weighted"),
@@ -533,3 +539,177 @@ def test_cli_needs_exactly_one_source():
         cli.main(["allocate", "--sparsity", "0.5"])
     with pytest.raises(SystemExit):
         cli.main(["allocate", "--profile", "llama-7b-hf", "--metrics", "x.csv", "--sparsity", "0.5"])
+
+
+# --- OWL and uniform share the bounds ----------------------------------------------------
+
+OWL_SCORES = {0: 0.010, 1: 0.030, 2: 0.022}   # outlier share per block of analysis_table()
+
+
+def owl_formula(table: pd.DataFrame, scores: dict[int, float], sparsity: float, lam: float = 0.08) -> np.ndarray:
+    """OWL's published block sparsity S - (d_l - mean d), d_l = 2 lam (D_l - min D) / (max D - min D)."""
+    D = table["block"].map(scores).to_numpy(dtype=float)
+    n = table["params"].to_numpy(dtype=float)
+    d = 2 * lam * (D - D.min()) / (D.max() - D.min())
+    return sparsity - (d - (n * d).sum() / n.sum())
+
+
+def test_owl_without_bounds_is_the_published_formula():
+    table = analysis_table()
+    alloc = allocate(table, sparsity=0.6, method="owl", owl_scores=OWL_SCORES)
+    np.testing.assert_allclose(alloc.ratios["ratio"], owl_formula(table, OWL_SCORES, 0.6), rtol=0, atol=1e-12)
+    by_block = alloc.ratios.groupby("block")["ratio"].agg(["min", "max"])
+    assert (by_block["min"] == by_block["max"]).all()          # one ratio per block
+    assert by_block["max"].idxmin() == 1 and by_block["max"].idxmax() == 0   # most outliers: least pruned
+    np.testing.assert_allclose(alloc.ratios["metric"], table["block"].map(OWL_SCORES))
+    assert alloc.weighted_mean == 0.6 and alloc.method == "owl" and alloc.epsilon == 0.0
+    assert "OWL allocation (lambda 0.08)" in alloc.summary()
+
+
+def test_owl_scores_may_have_string_keys_as_in_json():
+    table = analysis_table()
+    a = allocate(table, sparsity=0.6, method="owl", owl_scores={str(k): v for k, v in OWL_SCORES.items()})
+    b = allocate(table, sparsity=0.6, method="owl", owl_scores=OWL_SCORES)
+    np.testing.assert_array_equal(a.ratios["ratio"], b.ratios["ratio"])
+
+
+@pytest.mark.parametrize("method", ["owl", "uniform"])
+@pytest.mark.parametrize("dense, r_max, sparsity", [(("k", "v"), 0.99, 0.6), ((), 0.62, 0.6),
+                                                    (("q", "k", "v", "o"), 0.8, 0.5)])
+def test_owl_and_uniform_honour_dense_kinds_and_r_max(method, dense, r_max, sparsity):
+    table = analysis_table()
+    alloc = allocate(table, sparsity=sparsity, method=method, owl_scores=OWL_SCORES, dense_kinds=dense,
+                     r_max=r_max)
+    r = alloc.ratios
+    assert abs(weighted_mean(alloc) - sparsity) < 1e-12 and alloc.weighted_mean == sparsity
+    assert (r.loc[r["kind"].isin(dense), "ratio"] == 0).all()
+    live = ~r["kind"].isin(dense)
+    assert r.loc[live, "ratio"].max() <= r_max and (r.loc[live, "ratio"] > 0).all()
+    assert alloc.n_clipped == int((r["ratio"] == r_max).sum()) and alloc.dense_kinds == tuple(dense)
+    assert alloc.n_clipped > 0 if method == "owl" and r_max < 0.9 else alloc.n_clipped == 0
+    q = owl_formula(table, OWL_SCORES, sparsity) if method == "owl" else np.ones(len(r))
+    if method == "owl" and dense:   # d is centred over the prunable matrices
+        n, D = table["params"].to_numpy(float), table["block"].map(OWL_SCORES).to_numpy(float)
+        d = 2 * 0.08 * (D - D.min()) / (D.max() - D.min())
+        q = sparsity - (d - (n * d)[live].sum() / n[live].sum())
+    assert_water_filled(r.loc[live, "ratio"].to_numpy(), q[live.to_numpy()], r_max)
+
+
+def test_uniform_with_dense_kinds_raises_the_others_equally():
+    table = analysis_table()
+    alloc = allocate(table, sparsity=0.5, method="uniform", dense_kinds="k,v")
+    r = alloc.ratios
+    n = r["params"].to_numpy(float)
+    live = ~r["kind"].isin(["k", "v"]).to_numpy()
+    np.testing.assert_allclose(r.loc[live, "ratio"], 0.5 * n.sum() / n[live].sum(), rtol=1e-14)
+
+
+def test_owl_at_low_sparsity_keeps_ratios_at_least_zero_and_the_exact_mean():
+    table = analysis_table()
+    alloc = allocate(table, sparsity=0.05, method="owl", owl_scores=OWL_SCORES)
+    r = alloc.ratios["ratio"]
+    assert (r >= 0).all() and (r == 0).any()    # the formula gives a negative share to block 1
+    assert abs(weighted_mean(alloc) - 0.05) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["uniform", "owl", "alpha"])
+def test_unknown_dense_kind_is_refused_listing_the_kinds(method):
+    with pytest.raises(ValueError, match=r"dense_kinds names zz, which the table does not have; its kinds are "
+                                         r"down, gate, k, o, q, up, v"):
+        allocate(analysis_table(), sparsity=0.5, method=method, owl_scores=OWL_SCORES, dense_kinds="k,zz")
+
+
+def test_owl_impossible_request_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"sparsity=0\.9 cannot be reached.*at most 0\.3"):
+        allocate(load_profile("llama-7b-hf"), sparsity=0.9, method="owl", owl_scores=dict.fromkeys(range(32), 0.1),
+                 dense_kinds="gate,up,down")
+
+
+def test_params_record_the_settings_of_each_method():
+    table = analysis_table()
+    assert allocate(table, sparsity=0.5, epsilon=0.2, dense_kinds="k", reverse=True).params() == {
+        "epsilon": 0.2, "mapping": "block", "metric": "alpha", "r_max": 0.99, "dense_kinds": ["k"], "reverse": True}
+    assert allocate(table, sparsity=0.5, method="uniform", r_max=0.9).params() == {"r_max": 0.9, "dense_kinds": []}
+    owl = allocate(table, sparsity=0.5, method="owl", owl_scores=OWL_SCORES, owl_lambda=0.1).params()
+    assert owl == {"lambda": 0.1, "scores": {"0": 0.010, "1": 0.030, "2": 0.022}, "r_max": 0.99, "dense_kinds": []}
+    import json
+    json.dumps(owl)
+
+
+def test_weighted_mean_is_clean_without_changing_the_ratios():
+    table = load_profile("llama-7b-hf")
+    for kw in ({"sparsity": 0.7}, {"sparsity": 0.33, "dense_kinds": "k,v"}, {"sparsity": 0.7, "method": "uniform"}):
+        alloc = allocate(table, **kw)
+        assert alloc.weighted_mean == kw["sparsity"]
+        assert abs(weighted_mean(alloc) - kw["sparsity"]) < 1e-12
+    _, expected = published_ratios(table["alpha"].to_numpy(), llama7b_params(), sparsity=0.7, epsilon=0.3, blocks=32)
+    np.testing.assert_allclose(allocate(table, sparsity=0.7).ratios["ratio"], expected, rtol=1e-13)
+
+
+def test_matrix_table_from_matrix_infos():
+    from core.models import MatrixInfo
+
+    t = matrix_table([MatrixInfo("a.q", 0, "q", 4, 8), MatrixInfo("a.k", 1, "k", 2, 8)])
+    assert t.to_dict("list") == {"name": ["a.q", "a.k"], "block": [0, 1], "kind": ["q", "k"], "params": [32, 16]}
+    assert t["block"].dtype == np.int64 and t["params"].dtype == np.int64
+
+
+# --- ratios files ----------------------------------------------------------------------
+
+def write_ratios(path, rows: list[tuple[str, object]], header: str = "name,ratio") -> str:
+    path.write_text("\n".join([header, *(f"{n},{r}" for n, r in rows)]) + "\n")
+    return str(path)
+
+
+def test_ratios_file_round_trip_gives_the_allocation_back(tmp_path):
+    import hashlib
+
+    table = analysis_table()
+    alloc = allocate(table, sparsity=0.55, epsilon=0.3, dense_kinds="k")
+    path = alloc.to_csv(tmp_path / "a.csv")
+    back = ratios_from_file(path, table.iloc[::-1])
+    assert back.method == "file" and back.ratios["name"].tolist() == table["name"].tolist()[::-1]
+    np.testing.assert_array_equal(back.ratios["ratio"].to_numpy()[::-1], alloc.ratios["ratio"].to_numpy())
+    assert abs(back.sparsity - 0.55) < 1e-15 and back.weighted_mean == back.sparsity
+    assert back.params() == {"path": str(path.resolve()),
+                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert f"ratios from {path.resolve()}" in back.summary()
+
+
+def test_ratios_file_weighted_mean_is_the_files_own(tmp_path):
+    table = make_table([1.0, 2.0], [0, 1], [100, 300])
+    back = ratios_from_file(write_ratios(tmp_path / "r.csv", [("m0", 0.2), ("m1", 0.6)]), table)
+    assert back.sparsity == pytest.approx((100 * 0.2 + 300 * 0.6) / 400, abs=1e-15)
+    assert back.weighted_mean == back.sparsity
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (None, r"ratios file .*missing\.csv does not exist; write one with `spectrascope allocate --out`"),
+    (b"", r"ratios file .*r\.csv is empty"),
+    (b"\n\n", r"ratios file .*r\.csv is empty"),
+    (b"name,ratio\n", r"ratios file .*r\.csv has a header but no rows"),
+    (b"PK\x03\x04\x00\x00binary", r"ratios file .*r\.csv is binary, not a CSV"),
+    (b"\xff\xfe\xfa", r"ratios file .*r\.csv is binary"),
+    (b"name,share\nm0,0.1\n", r"r\.csv needs the columns name and ratio \(it has name, share\)"),
+    (b"name,ratio\nm0,0.1\nm1,half\nm2,0.3\n", r"r\.csv, line 3: ratio 'half' is not a number"),
+    (b"name,ratio\nm0,0.1\nm1\n", r"r\.csv, line 3: ratio '' is not a number"),
+    (b"name,ratio\nm0,0.1\nm1,1.0\nm2,-0.1\nm3,nan\n", r"ratios outside \[0, 1\) for m1 \(line 3\), m2 \(line 4\), "
+                                                      r"m3 \(line 5\); give fractions in \[0, 1\)"),
+    (b"name,ratio\nm0,0.1\nm1,0.2\n", r"has no ratio for the model's matrices m2, m3; allocate for the same model"),
+    (b"name,ratio\nm0,0.1\nm1,0.2\nm2,0.1\nm3,0.1\nx,0.1\ny,0.2\n", r"names the model does not have: x, y"),
+    (b"name,ratio\nm0,0.1\nm1,0.2\nm2,0.1\nm3,0.1\nm1,0.3\nm0,0.4\n", r"repeated names: m0, m1; keep one row"),
+])
+def test_ratios_file_refusals(tmp_path, content, pattern):
+    table = make_table([1.0, 2.0, 3.0, 4.0], [0, 0, 1, 1], [10, 10, 10, 10])
+    path = tmp_path / ("missing.csv" if content is None else "r.csv")
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern) as info:
+        ratios_from_file(path, table)
+    assert "\n" not in str(info.value) and str(path.resolve()) in str(info.value)
+
+
+def test_ratios_file_lists_a_few_of_many(tmp_path):
+    table = make_table([1.0] * 9, list(range(9)), [10] * 9)
+    with pytest.raises(ValueError, match=r"matrices m0, m1, m2, m3, m4 and 4 more; "):
+        ratios_from_file(write_ratios(tmp_path / "r.csv", [("z", 0.1)]), table)

@@ -65,3 +65,17 @@ def test_csv_download_holds_the_ratios(demo_analysis_full):
     at = new_app("allocation", analysis=demo_analysis_full)
     buttons = at.get("download_button")
     assert buttons and "CSV" in buttons[0].proto.label
+
+
+def test_owl_honours_dense_kinds_and_r_max(demo, demo_analysis_full):
+    blocks = sorted(demo_analysis_full.table["block"].unique().tolist())
+    scores = {b: 0.01 + 0.002 * (b % 5) for b in blocks}
+    at = new_app("allocation", analysis=demo_analysis_full, loaded=demo, owl={demo_analysis_full.identity: scores},
+                 a_method="owl", a_dense=["k", "v"], a_rmax=0.75)
+    assert not at.exception, at.exception
+    ratios = at.dataframe[0].value
+    assert (ratios.loc[ratios["kind"].isin(["k", "v"]), "ratio"] == 0).all()
+    assert ratios["ratio"].max() <= 0.75 and ratios["clipped"].any()
+    assert float(metric(at, "Parameter-weighted mean")) == 0.7
+    assert abs((ratios["ratio"] * ratios["params"]).sum() / ratios["params"].sum() - 0.7) < 1e-12
+    assert any("held at r_max" in c.value for c in at.caption)

@@ -48,6 +48,9 @@ def test_death_without_error_event_shows_the_last_stderr_lines(tmp_path):
     lines = [f"  File \"x.py\", line {i}" for i in range(8)] + ["MemoryError"]
     j = job(tmp_path, event(event="progress", done=1, total=2, message="x") + "\n".join(lines) + "\n", rc=-9)
     assert j.error().splitlines() == lines[-5:]
+    (tmp_path / "log").mkdir()
+    j = job(tmp_path / "log", event(event="log", level="WARNING", message="low memory") + "Killed\n", rc=-9)
+    assert j.error().splitlines() == ["WARNING: low memory", "Killed"]
     (tmp_path / "empty").mkdir()
     assert job(tmp_path / "empty", "", rc=1).error() == "the job ended without a result"
 

@@ -34,7 +34,8 @@ def test_demo_analysis_table_is_unchanged(demo, xmin):
 
 @pytest.mark.slow
 def test_allocations_are_unchanged(demo):
-    from core.allocation import allocate, load_profile
+    from core.allocation import allocate
+    from core.profiles import load_profile
 
     saved = json.loads((DATA / "allocations.json").read_text())
     table = pd.read_parquet(DATA / "demo-analysis-peak.parquet")   # the input, fixed
@@ -83,3 +84,20 @@ def test_owl_scores_and_ratios_are_unchanged():
         table = pruning.owl_ratios(loaded, scores, sparsity=0.6)
         now = dict(zip(table["name"], table["ratio"]))
         assert now == pytest.approx(owl[family + "/ratios"], rel=0, abs=1e-12)
+
+
+def test_owl_ratios_are_unchanged():
+    """OWL through ``allocation.allocate`` with the recorded block scores gives the recorded ratios."""
+    from conftest import tiny_model
+    from core.allocation import allocate, matrix_table
+    from core.models import wrap_model
+
+    owl = json.loads((DATA / "pruning.json").read_text())["owl"]
+    for family in ("llama", "opt"):
+        table = matrix_table(wrap_model(tiny_model(family)).matrices)
+        scores = {int(k): v for k, v in owl[family].items()}
+        now = allocate(table, sparsity=0.6, method="owl", owl_scores=scores).ratio_by_name()
+        before = owl[family + "/ratios"]
+        assert now.keys() == before.keys(), family
+        np.testing.assert_allclose([now[k] for k in before], list(before.values()), rtol=0, atol=1e-12,
+                                   err_msg=family)

@@ -1,0 +1,70 @@
+"""The ``analyze`` and ``allocate`` sub-commands: spectra and HT-SR metrics of a model's
+matrices, and layer-wise sparsity ratios from such a table."""
+from __future__ import annotations
+
+import argparse
+
+from ..allocation import MAPPINGS, allocate
+from ..allocation import METHODS as ALLOCATION_METHODS
+from ..analysis import analyze
+from ..experiments import read_metrics
+from ..fit import XMIN_METHODS
+from ..profiles import load_profile
+from ..progress import Progress
+
+
+def add_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="demo (default), a Hugging Face folder, a .gguf file, "
+                   "a .safetensors file or a hub id")
+    p.add_argument("--xmin", default="peak", choices=XMIN_METHODS, help="how xmin is chosen (default peak; see "
+                   "the README)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", help="write the table to FILE.csv or FILE.parquet")
+    p.add_argument("--eigs", help="write every matrix's eigenvalues to FILE.npz (key: matrix name)")
+    p.add_argument("--streaming", action="store_true",
+                   help="read a safetensors checkpoint one tensor at a time (models larger than memory)")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+
+def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
+    result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
+                     use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code, progress=progress)
+    if args.out:
+        result.save_table(args.out)
+    if args.eigs:
+        result.save_eigs(args.eigs)
+    return "" if args.quiet else result.summary()
+
+
+def add_allocate(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metrics", metavar="FILE", help="a table written by `spectrascope analyze --out` "
+                        "(.csv or .parquet)")
+    source.add_argument("--profile", metavar="NAME", help="a published LLaMA alpha profile, e.g. llama-7b-hf "
+                        "(an unknown name lists them all)")
+    p.add_argument("--metric", default="alpha", help="the score column (default alpha)")
+    # OWL needs a model and calibration text, which a metrics table does not have: `prune` does it
+    methods = [m for m in ALLOCATION_METHODS if m != "owl"]
+    p.add_argument("--method", default="alpha", choices=methods, help="default alpha (AlphaPruning)")
+    p.add_argument("--mapping", default="block", choices=MAPPINGS,
+                   help="block (default): each matrix takes its block's mean metric; matrix: its own")
+    p.add_argument("--sparsity", type=float, required=True, help="target parameter-weighted sparsity S, 0 <= S < 1")
+    p.add_argument("--epsilon", type=float, help="tau range: ratios span about S(1 - eps)..S(1 + eps) (default 0.3)")
+    p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
+    p.add_argument("--dense-kinds", default="", metavar="KINDS",
+                   help="comma-separated kinds kept dense, e.g. k,v (the mean over all matrices is still S)")
+    p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
+    p.add_argument("--out", metavar="FILE.csv", help="write name, block, kind, params, metric, ratio")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+
+
+def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
+    table = load_profile(args.profile) if args.profile else read_metrics(args.metrics)
+    options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
+    result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,
+                      dense_kinds=args.dense_kinds, reverse=args.reverse, **options)
+    if args.out:
+        result.to_csv(args.out)
+    return "" if args.quiet else result.summary()

@@ -1,0 +1,218 @@
+"""The runs database (``$SPECTRASCOPE_HOME/runs.sqlite``): one row per recorded prune or
+eval run and one row per pruned matrix; nothing here loads or prunes a model.
+
+``runs``: kind prune or eval; model identity, method, allocation and its parameters,
+calibration settings, perplexity, timings, software versions, status
+running/done/failed/cancelled with the error. ``matrices``: requested ratio and achieved
+sparsity per matrix. The schema is versioned (``schema_version``); WAL mode and a busy
+timeout make two processes writing at once safe; every write is one short transaction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy
+import pandas as pd
+import torch
+import transformers
+
+from .config import home
+from .progress import Cancelled
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "done", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                -- prune | eval
+    status TEXT NOT NULL,              -- running | done | failed | cancelled
+    error TEXT,
+    model TEXT, model_identity TEXT,
+    method TEXT, allocation TEXT, sparsity REAL, epsilon REAL, mapping TEXT, nm TEXT,
+    allocation_params TEXT,            -- JSON
+    calibration TEXT,                  -- JSON: dataset, nsamples, seqlen, seed
+    achieved_sparsity REAL,
+    eval_dataset TEXT, eval_seqlen INTEGER, eval_windows INTEGER,
+    perplexity REAL, tokens_per_second REAL,
+    prune_seconds REAL, eval_seconds REAL,
+    device TEXT, dtype TEXT, output_dir TEXT,
+    versions TEXT,                     -- JSON
+    started_at REAL NOT NULL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS matrices (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    name TEXT NOT NULL, block INTEGER, kind TEXT, params INTEGER, ratio REAL, achieved REAL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE INDEX IF NOT EXISTS runs_model ON runs(model_identity, kind, status);
+"""
+
+_RUN_COLUMNS = ("kind", "status", "error", "model", "model_identity", "method", "allocation", "sparsity", "epsilon",
+                "mapping", "nm", "allocation_params", "calibration", "achieved_sparsity", "eval_dataset",
+                "eval_seqlen", "eval_windows", "perplexity", "tokens_per_second", "prune_seconds", "eval_seconds",
+                "device", "dtype", "output_dir", "versions", "started_at", "finished_at")
+_JSON_COLUMNS = ("allocation_params", "calibration", "versions")
+COMPARE_COLUMNS = ("id", "kind", "model", "model_identity", "method", "allocation", "sparsity", "epsilon", "nm",
+                   "achieved_sparsity", "eval_dataset", "eval_seqlen", "eval_windows", "perplexity",
+                   "prune_seconds", "eval_seconds", "output_dir")
+
+
+def software_versions() -> dict:
+    """Versions of Spectrascope and the libraries whose behaviour a run's numbers depend on."""
+    try:
+        spectrascope = version("spectrascope")
+    except PackageNotFoundError:  # run from a checkout, not installed as a package
+        spectrascope = "dev"
+    return {"spectrascope": spectrascope, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "pandas": pd.__version__}
+
+
+class Registry:
+    """The runs database. ``Registry()`` uses ``$SPECTRASCOPE_HOME/runs.sqlite``."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else home() / "runs.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=60)
+        try:
+            con.execute("PRAGMA busy_timeout = 60000")
+            con.execute("PRAGMA journal_mode = WAL")
+            con.executescript(_SCHEMA)   # IF NOT EXISTS: safe when two processes open at once
+        finally:
+            con.close()
+        with self._connect() as con:
+            row = con.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise ValueError(f"{self.path} has schema version {row[0]}, newer than this Spectrascope "
+                                 f"({SCHEMA_VERSION}); upgrade Spectrascope or use another SPECTRASCOPE_HOME")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            con.execute("PRAGMA busy_timeout = 60000")
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
+
+    @staticmethod
+    def _encode(fields: Mapping[str, object]) -> dict:
+        bad = sorted(set(fields) - set(_RUN_COLUMNS))
+        if bad:
+            raise ValueError(f"fields {bad} are not run columns; known: {', '.join(_RUN_COLUMNS)}")
+        out = {}
+        for k, v in fields.items():
+            out[k] = json.dumps(v, sort_keys=True) if k in _JSON_COLUMNS and v is not None else v
+        return out
+
+    def start(self, kind: str, **fields: object) -> int:
+        """Insert a ``running`` run and return its id."""
+        if kind not in ("prune", "eval"):
+            raise ValueError(f"kind={kind!r}: use 'prune' or 'eval'")
+        row = self._encode({"versions": software_versions(), **fields, "kind": kind, "status": "running",
+                            "started_at": time.time()})
+        with self._connect() as con:
+            cur = con.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                              tuple(row.values()))
+            return int(cur.lastrowid)
+
+    def update(self, run_id: int, **fields: object) -> None:
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"status={fields['status']!r}: use one of {', '.join(STATUSES)}")
+        row = self._encode(fields)
+        if not row:
+            return
+        with self._connect() as con:
+            con.execute(f"UPDATE runs SET {', '.join(k + ' = ?' for k in row)} WHERE id = ?",
+                        (*row.values(), run_id))
+
+    def finish(self, run_id: int, status: str = "done", *, error: str | None = None, **fields: object) -> None:
+        self.update(run_id, status=status, error=error, finished_at=time.time(), **fields)
+
+    def add_matrices(self, run_id: int, table: pd.DataFrame) -> None:
+        """Per-matrix rows (columns name, block, kind, params, ratio, achieved)."""
+        rows = [(run_id, r.name, int(r.block), str(r.kind), int(r.params), float(r.ratio), float(r.achieved))
+                for r in table.itertuples(index=False)]
+        with self._connect() as con:
+            con.executemany("INSERT OR REPLACE INTO matrices VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    @contextmanager
+    def record(self, kind: str, **fields: object) -> Iterator[int]:
+        """``with registry.record("prune", ...) as run_id:`` marks the run done on success,
+        cancelled on ``Cancelled``/``KeyboardInterrupt``, failed (with the error) otherwise."""
+
+        run_id = self.start(kind, **fields)
+        try:
+            yield run_id
+        except (Cancelled, KeyboardInterrupt) as exc:
+            self.finish(run_id, "cancelled", error=str(exc) or type(exc).__name__)
+            raise
+        except BaseException as exc:
+            self.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            if self.get(run_id)["status"] == "running":
+                self.finish(run_id, "done")
+
+    def get(self, run_id: int) -> dict:
+        table = self.query(ids=[run_id])
+        if table.empty:
+            raise ValueError(f"run_id={run_id}: no such run in {self.path}")
+        return table.iloc[0].to_dict()
+
+    def matrices(self, run_id: int) -> pd.DataFrame:
+        con = sqlite3.connect(self.path, timeout=60)
+        try:
+            return pd.read_sql_query("SELECT name, block, kind, params, ratio, achieved FROM matrices "
+                                     "WHERE run_id = ? ORDER BY rowid", con, params=(run_id,))
+        finally:
+            con.close()
+
+    def query(self, *, ids: list[int] | None = None, kind: str | None = None, status: str | None = "",
+              model_identity: str | None = None, method: str | None = None, allocation: str | None = None
+              ) -> pd.DataFrame:
+        """Runs as a DataFrame (newest last), filtered by the given fields (JSON decoded)."""
+        where, params = [], []
+        for col, value in (("kind", kind), ("model_identity", model_identity), ("method", method),
+                           ("allocation", allocation), ("status", status or None)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if ids is not None:
+            where.append(f"id IN ({', '.join('?' * len(ids))})")
+            params += list(ids)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        con = sqlite3.connect(self.path, timeout=60)
+        try:
+            table = pd.read_sql_query(sql, con, params=params)
+        finally:
+            con.close()
+        for col in _JSON_COLUMNS:
+            table[col] = table[col].map(lambda v: json.loads(v) if isinstance(v, str) else v)
+        return table
+
+    def compare(self, *, model_identity: str | None = None) -> pd.DataFrame:
+        """Finished prune and eval runs with a perplexity, oldest first: the rows of a comparison
+        table (``COMPARE_COLUMNS``; the dashboard's results table and plot read this)."""
+        t = self.query(status="done", model_identity=model_identity)
+        t = t[t["perplexity"].notna()]
+        return t.loc[:, list(COMPARE_COLUMNS)].reset_index(drop=True)
