@@ -1,12 +1,7 @@
 """Spectrascope dashboard: `streamlit run app.py` (binds to localhost, see .streamlit/config.toml)."""
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `pages.common` importable from any cwd
-
-from pages.common import ASSETS, PAGES, setup  # noqa: E402
+from dashboard.state import ASSETS, PAGES, setup
 
 st.set_page_config(page_title="Spectrascope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
 st.logo(str(ASSETS / "logo.svg"))

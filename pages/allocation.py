@@ -2,8 +2,13 @@
 import pandas as pd
 import streamlit as st
 
-from pages.common import METRICS, State, fmt_params, kind_order, progress_callback, setup
-from pages.plots import block_ratios_figure, ratios_figure
+from core.allocation import CSV_COLUMNS, MAPPINGS, allocate
+from core.calibration import calibration_data
+from core.profiles import list_profiles, load_profile
+from core.pruning import owl_scores
+from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
+from dashboard.loaders import progress_callback
+from dashboard.state import ALLOCATIONS, METRICS, State, allocation_label, setup
 
 setup()
 ss = st.session_state
@@ -12,10 +17,6 @@ st.caption("How much of each matrix to prune so that the parameter-weighted mean
            "AlphaPruning prunes matrices with larger alpha (less well trained) more. The allocation set here "
            "(A) is what **Prune & compare** uses.")
 
-from core.allocation import CSV_COLUMNS, allocate  # noqa: E402
-from core.profiles import list_profiles, load_profile  # noqa: E402
-
-METHODS = {"AlphaPruning": "alpha", "uniform": "uniform", "OWL": "owl"}
 analysis, loaded = ss[State.analysis], ss[State.loaded]
 sources = (["loaded model"] if analysis is not None else []) + [f"profile: {p}" for p in list_profiles()]
 if ss[State.a_source] not in sources:
@@ -36,16 +37,16 @@ ss[State.a_dense] = [k for k in ss[State.a_dense] if k in kinds]
 
 with st.container(border=True):
     c1, c2, c3 = st.columns(3)
-    c1.radio("Method", list(METHODS), key=State.a_method, horizontal=True,
+    c1.radio("Method", ALLOCATIONS, key=State.a_method, horizontal=True, format_func=allocation_label,
              help="OWL needs calibration statistics of the loaded model (computed below on demand)")
-    c2.selectbox("Metric", metrics, key=State.a_metric, disabled=ss[State.a_method] != "AlphaPruning")
-    c3.radio("Mapping", ["block", "matrix"], key=State.a_mapping, horizontal=True,
-             disabled=ss[State.a_method] != "AlphaPruning",
+    c2.selectbox("Metric", metrics, key=State.a_metric, disabled=ss[State.a_method] != "alpha")
+    c3.radio("Mapping", MAPPINGS, key=State.a_mapping, horizontal=True,
+             disabled=ss[State.a_method] != "alpha",
              help="block: every matrix takes its block's mean metric (the paper's default); matrix: its own")
     c1, c2, c3 = st.columns(3)
     c1.slider("Mean sparsity S", 0.0, 0.95, step=0.01, key=State.a_sparsity)
     c2.slider("epsilon (tau range)", 0.0, 0.9, step=0.01, key=State.a_epsilon,
-              disabled=ss[State.a_method] != "AlphaPruning",
+              disabled=ss[State.a_method] != "alpha",
               help="ratios span about S(1 - eps) .. S(1 + eps); the paper tunes 0.2-0.5")
     c3.slider("r_max", 0.5, 0.999, step=0.001, key=State.a_rmax, help="no matrix is pruned beyond r_max")
     st.multiselect("Dense kinds (kept at 0)", kinds, key=State.a_dense,
@@ -61,9 +62,6 @@ def owl_block_scores():
     if scores is None:
         st.info("OWL needs calibration statistics: the share of outlier Wanda scores in each block.")
         if st.button("Compute OWL statistics (16 windows x 128 tokens)", icon=":material/calculate:"):
-            from core.calibration import calibration_data
-            from core.pruning import owl_scores
-
             bar = st.progress(0.0, text="OWL statistics")
             try:
                 calib = calibration_data(loaded.tokenizer, nsamples=16, seqlen=128, model=loaded.model)
@@ -99,7 +97,7 @@ def by_block(ratios: pd.DataFrame) -> pd.Series:
 
 
 S = ss[State.a_sparsity]
-result = compute(METHODS[ss[State.a_method]], ss[State.a_mapping], ss[State.a_epsilon])
+result = compute(ss[State.a_method], ss[State.a_mapping], ss[State.a_epsilon])
 if result is None:
     st.stop()
 ratios, mean, notes = result
@@ -113,18 +111,19 @@ m4.metric("Weights pruned", fmt_params((ratios["ratio"] * ratios["params"]).sum(
 for note in notes:
     st.caption(f":material/warning: {note}")
 
-series = {f"A: {ss[State.a_method]}": by_block(ratios)}
+series = {f"A: {allocation_label(ss[State.a_method])}": by_block(ratios)}
 st.toggle("Compare with a second allocation (B)", key=State.a_compare)
 other = None
 if ss[State.a_compare]:
     with st.container(border=True):
         c1, c2, c3 = st.columns(3)
-        c1.radio("B method", ["AlphaPruning", "uniform"], key=State.b_method, horizontal=True)
-        c2.radio("B mapping", ["block", "matrix"], key=State.b_mapping, horizontal=True)
+        c1.radio("B method", [m for m in ALLOCATIONS if m != "owl"], key=State.b_method, horizontal=True,
+                 format_func=allocation_label)
+        c2.radio("B mapping", MAPPINGS, key=State.b_mapping, horizontal=True)
         c3.slider("B epsilon", 0.0, 0.9, step=0.01, key=State.b_epsilon)
-        other = compute(METHODS[ss[State.b_method]], ss[State.b_mapping], ss[State.b_epsilon])
+        other = compute(ss[State.b_method], ss[State.b_mapping], ss[State.b_epsilon])
         if other is not None:
-            series[f"B: {ss[State.b_method]}"] = by_block(other[0])
+            series[f"B: {allocation_label(ss[State.b_method])}"] = by_block(other[0])
 
 st.plotly_chart(block_ratios_figure(series, S), width="stretch", key="blocks")
 if other is not None:
@@ -138,5 +137,5 @@ with st.expander("Ratios table"):
     st.dataframe(ratios, hide_index=True, width="stretch")
 cols = [c for c in CSV_COLUMNS if c in ratios.columns]
 st.download_button("Download allocation A as CSV", ratios[cols].to_csv(index=False).encode(),
-                   file_name=f"allocation-{ss[State.a_method]}-S{S:.2f}.csv", mime="text/csv",
+                   file_name=f"allocation-{allocation_label(ss[State.a_method])}-S{S:.2f}.csv", mime="text/csv",
                    icon=":material/download:")

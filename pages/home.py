@@ -2,9 +2,12 @@
 import pandas as pd
 import streamlit as st
 
-from pages.common import (PAGES, State, cached_analysis, cached_model, fmt_params, kind_order, progress_callback,
-                          setup)
-from pages.plots import kind_box_figure
+from core.analysis import analyze
+from core.fit import XMIN_METHODS
+from core.models import resolve_source
+from dashboard.figures import fmt_params, kind_box_figure, kind_order
+from dashboard.loaders import cached_analysis, cached_model, progress_callback
+from dashboard.state import PAGES, State, setup
 
 setup()
 ss = st.session_state
@@ -33,15 +36,13 @@ with st.form("model"):
     if ss[State.device] not in options:
         ss[State.device] = "auto"
     c1.selectbox("Device", options, key=State.device, help="auto: a GPU when present, else the CPU")
-    c2.selectbox("xmin method", ["peak", "full", "mid", "peak-compat"], key=State.xmin,
+    c2.selectbox("xmin method", XMIN_METHODS, key=State.xmin,
                  help="peak: AlphaPruning's window around the histogram peak (default); full: the xmin with "
                       "the smallest KS distance over all candidates (as `powerlaw`); mid: the median "
                       "eigenvalue; peak-compat: the published code, its window bug included")
     submitted = st.form_submit_button("Load and analyse", type="primary")
 
 if submitted:
-    from core.models import resolve_source
-
     ss[State.load_error] = None
     source, device, xmin = ss[State.source].strip() or "demo", ss[State.device], ss[State.xmin]
     try:
@@ -49,8 +50,6 @@ if submitted:
         with st.spinner(f"Loading {src.label} (the demo's first use converts its GGUF, about a minute)..."):
             loaded = cached_model(src.identity(), source, device)
         bar = st.progress(0.0, text="analysis")
-        from core.analysis import analyze
-
         analyze(loaded, xmin=xmin, device=device, progress=progress_callback(bar))  # computes or hits the disk cache
         analysis = cached_analysis(loaded.identity, xmin, device, _loaded=loaded)
         bar.empty()

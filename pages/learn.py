@@ -3,8 +3,13 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages.common import State, setup
-from pages.plots import LAYOUT, esd_figure
+from core.allocation import allocate
+from core.fit import fit_power_law
+from core.metrics import mp_bulk_edges
+from core.profiles import load_profile
+from core.spectra import eigenvalues
+from dashboard.figures import LAYOUT, esd_figure
+from dashboard.state import State, setup
 
 setup()
 ss = st.session_state
@@ -17,8 +22,6 @@ st.markdown("Heavy-Tailed Self-Regularization reads how well a layer is trained 
 @st.cache_data(show_spinner=False, max_entries=64)
 def lesson_eigs(kind: str, n: int, m: int, var: float, mu: float, spike: float, seed: int) -> np.ndarray:
     """Eigenvalues of a synthetic matrix: gaussian, pareto (tail index mu) or spike (gaussian + theta u v^T)."""
-    from core.spectra import eigenvalues
-
     rng = np.random.default_rng(seed)
     if kind == "pareto":   # symmetric Pareto entries: P(|w| > t) = t^-mu for t >= 1
         w = rng.pareto(mu, size=(n, m)) + 1.0
@@ -38,6 +41,23 @@ def synthetic_row(n: int, m: int, var: float, eigs: np.ndarray, fit=None) -> dic
     return row
 
 
+def lesson(text: str, formula: str, slider: str, low: float, high: float, step: float, key: str) -> float:
+    """A lesson's opening: its text, its formula and its one slider; returns the slider's value."""
+    st.markdown(text)
+    st.latex(formula)
+    st.slider(slider, low, high, step=step, key=key)
+    return float(ss[key])
+
+
+def noise_esd(kind: str, label: str, var: float, theta: float = 0.0):
+    """(eigenvalues, MP bulk edges, linear ESD figure without a fit) of a gaussian matrix (plus a spike)."""
+    eigs = lesson_eigs(kind, N, M, var, 0.0, theta, seed)
+    edges = mp_bulk_edges(rows=N, cols=M, w_var=var)
+    fig = esd_figure([{"label": label, "row": synthetic_row(N, M, var, eigs), "eigs": eigs}], linear=True,
+                     show_fit=False)
+    return eigs, edges, fig
+
+
 c1, c2, c3 = st.columns(3)
 c1.slider("N (rows)", 100, 2000, step=50, key=State.l_n)
 c2.slider("M (columns)", 50, 1000, step=50, key=State.l_m)
@@ -49,32 +69,23 @@ if ss[State.l_n] < ss[State.l_m]:
 tabs = st.tabs(["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"])
 
 with tabs[0]:
-    from core.metrics import mp_bulk_edges
-
-    st.markdown("A matrix of i.i.d. entries with variance $\\sigma^2$ has no learned structure. Its ESD follows the "
-                "**Marchenko-Pastur** law: with $Q = N/M \\ge 1$ and $X = W^\\top W / N$,")
-    st.latex(r"\rho(\lambda) = \frac{Q}{2\pi\sigma^2\lambda}\sqrt{(\lambda_+-\lambda)(\lambda-\lambda_-)},\qquad "
-             r"\lambda_\pm = \sigma^2\left(1 \pm \tfrac{1}{\sqrt{Q}}\right)^2")
-    st.slider("variance σ²", 0.1, 4.0, step=0.1, key=State.l_var)
-    var = float(ss[State.l_var])
-    eigs = lesson_eigs("gaussian", N, M, var, 0.0, 0.0, seed)
-    lo, hi = mp_bulk_edges(rows=N, cols=M, w_var=var)
-    fig = esd_figure([{"label": "gaussian", "row": synthetic_row(N, M, var, eigs), "eigs": eigs}], linear=True,
-                     show_fit=False)
+    var = lesson("A matrix of i.i.d. entries with variance $\\sigma^2$ has no learned structure. Its ESD follows "
+                 "the **Marchenko-Pastur** law: with $Q = N/M \\ge 1$ and $X = W^\\top W / N$,",
+                 r"\rho(\lambda) = \frac{Q}{2\pi\sigma^2\lambda}\sqrt{(\lambda_+-\lambda)(\lambda-\lambda_-)},\qquad "
+                 r"\lambda_\pm = \sigma^2\left(1 \pm \tfrac{1}{\sqrt{Q}}\right)^2",
+                 "variance σ²", 0.1, 4.0, 0.1, State.l_var)
+    eigs, (lo, hi), fig = noise_esd("gaussian", "gaussian", var)
     st.plotly_chart(fig, width="stretch", key="l_mp")
     st.caption(f"Bulk edges (units of $W^\\top W$): λ- = {lo:.4g}, λ+ = {hi:.4g}; largest eigenvalue "
                f"{eigs.max():.4g}. No eigenvalue leaves the bulk: nothing was learned.")
 
 with tabs[1]:
-    from core.fit import fit_power_law
-
-    st.markdown("Training correlates the weights. HT-SR models that with **heavy-tailed** entries: "
+    mu = lesson("Training correlates the weights. HT-SR models that with **heavy-tailed** entries: "
                 "$P(|W_{ij}| > t) \\sim t^{-\\mu}$. For $\\mu < 2$ the ESD itself becomes a power law "
-                "$\\rho(\\lambda) \\sim \\lambda^{-\\alpha}$ with")
-    st.latex(r"\alpha = 1 + \frac{\mu}{2}\quad(\mu < 2);\qquad 2<\mu<4:\ \text{finite-size power law};\qquad "
-             r"\mu > 4:\ \text{Marchenko-Pastur again}")
-    st.slider("tail index μ of the entries", 0.5, 5.0, step=0.1, key=State.l_mu)
-    mu = float(ss[State.l_mu])
+                "$\\rho(\\lambda) \\sim \\lambda^{-\\alpha}$ with",
+                r"\alpha = 1 + \frac{\mu}{2}\quad(\mu < 2);\qquad 2<\mu<4:\ \text{finite-size power law};\qquad "
+                r"\mu > 4:\ \text{Marchenko-Pastur again}",
+                "tail index μ of the entries", 0.5, 5.0, 0.1, State.l_mu)
     eigs = lesson_eigs("pareto", N, M, 1.0, mu, 0.0, seed)
     fit = fit_power_law(eigs, xmin="full")
     fig = esd_figure([{"label": f"μ={mu:g}", "row": synthetic_row(N, M, np.nan, eigs, fit), "eigs": eigs}],
@@ -86,19 +97,16 @@ with tabs[1]:
     st.caption("Smaller μ: heavier tails, smaller alpha. LLM layers typically show alpha between 2 and 6.")
 
 with tabs[2]:
-    st.markdown("A learned feature can also appear as a **spike**: a rank-one signal $\\theta\\,u v^\\top$ "
-                "(unit vectors) added to noise of variance $\\sigma^2$. It leaves the bulk only above the "
-                "detection (BBP) threshold, in units of $W^\\top W$:")
-    st.latex(r"\theta_c = \sigma\,(NM)^{1/4},\qquad \lambda_{\text{spike}} = "
-             r"\frac{(\theta^2 + \sigma^2 N)(\theta^2 + \sigma^2 M)}{\theta^2}\ \ (\theta > \theta_c)")
-    st.slider("signal strength θ / θc", 0.0, 3.0, step=0.05, key=State.l_spike)
+    strength = lesson("A learned feature can also appear as a **spike**: a rank-one signal $\\theta\\,u v^\\top$ "
+                      "(unit vectors) added to noise of variance $\\sigma^2$. It leaves the bulk only above the "
+                      "detection (BBP) threshold, in units of $W^\\top W$:",
+                      r"\theta_c = \sigma\,(NM)^{1/4},\qquad \lambda_{\text{spike}} = "
+                      r"\frac{(\theta^2 + \sigma^2 N)(\theta^2 + \sigma^2 M)}{\theta^2}\ \ (\theta > \theta_c)",
+                      "signal strength θ / θc", 0.0, 3.0, 0.05, State.l_spike)
     var = float(ss[State.l_var])
     theta_c = np.sqrt(var) * (N * M) ** 0.25
-    theta = float(ss[State.l_spike]) * theta_c
-    eigs = lesson_eigs("spike", N, M, var, 0.0, theta, seed)
-    lo, hi = mp_bulk_edges(rows=N, cols=M, w_var=var)
-    fig = esd_figure([{"label": "noise + spike", "row": synthetic_row(N, M, var, eigs), "eigs": eigs}],
-                     linear=True, show_fit=False)
+    theta = strength * theta_c
+    eigs, (lo, hi), fig = noise_esd("spike", "noise + spike", var, theta)
     fig.add_vline(x=float(eigs.max()), line=dict(color="#E45756", width=2), annotation_text="largest λ")  # linear axis
     st.plotly_chart(fig, width="stretch", key="l_spike_fig")
     predicted = (theta**2 + var * N) * (theta**2 + var * M) / theta**2 if theta > theta_c else hi
@@ -132,9 +140,6 @@ with tabs[3]:
                 col.caption(f"`{r['name']}` · {r['num_spikes']:.0f} eigenvalues above λ+ · {r['status']}")
 
 with tabs[4]:
-    from core.allocation import allocate
-    from core.profiles import load_profile
-
     st.markdown("AlphaPruning turns each block's mean alpha $m_i$ into a sparsity: a linear map into "
                 "$[1-\\varepsilon, 1+\\varepsilon]$, then a rescale so the parameter-weighted mean is the target $S$:")
     st.latex(r"q_i = (1-\varepsilon) + 2\varepsilon\,\frac{m_i - \min m}{\max m - \min m},\qquad "

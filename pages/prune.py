@@ -1,12 +1,17 @@
 """Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
-from pages import jobs
-from pages.common import KIND_COLORS, PAGES, State, setup
-from pages.plots import LAYOUT
+from core import pruning
+from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
+from core.models import REPORT_NAME, resolve_source
+from core.registry import Registry
+from dashboard import jobs
+from dashboard.figures import perplexity_figure
+from dashboard.state import PAGES, State, allocation_label, setup
 
 setup()
 ss = st.session_state
@@ -14,12 +19,9 @@ st.title("Prune & compare")
 st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it survives page switches and "
            "reloads and never blocks the other pages. Every run is recorded in the runs registry.")
 
-ALLOC = {"AlphaPruning": "alpha", "uniform": "uniform", "OWL": "owl"}
 loaded, analysis = ss[State.loaded], ss[State.analysis]
 source = (ss[State.source] or "demo").strip()
 try:
-    from core.models import resolve_source
-
     src = resolve_source(source)
     identity = loaded.identity if loaded is not None else src.identity()
     label = src.label
@@ -28,16 +30,16 @@ except (ValueError, FileNotFoundError) as exc:
     st.stop()
 
 # --- settings ------------------------------------------------------------------------------
-allocation = ALLOC[ss[State.a_method]]
+allocation = ss[State.a_method]
 S, eps, mapping = ss[State.a_sparsity], ss[State.a_epsilon], ss[State.a_mapping]
 with st.container(border=True):
-    st.markdown(f"**Model** `{label}` · **allocation** {ss[State.a_method]} at S = {S:.2f}"
+    st.markdown(f"**Model** `{label}` · **allocation** {allocation_label(allocation)} at S = {S:.2f}"
                 + (f", ε = {eps:.2f}, {mapping} mapping" if allocation == "alpha" else ""))
     st.page_link(PAGES["allocation"][0], label="change the allocation", icon=":material/tune:")
     c1, c2 = st.columns(2)
-    c1.radio("Method", ["magnitude", "wanda", "sparsegpt"], key=State.p_method, horizontal=True,
+    c1.radio("Method", pruning.METHODS, key=State.p_method, horizontal=True,
              help="magnitude: smallest |W|; Wanda: |W|·‖X‖ per output row; SparseGPT: OBS with weight updates")
-    c2.radio("N:M semi-structured", ["none", "2:4", "4:8"], key=State.p_nm, horizontal=True,
+    c2.radio("N:M semi-structured", ("none", *pruning.NM_PATTERNS), key=State.p_nm, horizontal=True,
              help="keep N of every M consecutive weights (the allocation is then ignored)")
     c1, c2, c3 = st.columns(3)
     c1.slider("Calibration windows", 1, 128, key=State.p_calib_n, help="the paper uses 128 windows of 2048 tokens")
@@ -50,35 +52,44 @@ with st.container(border=True):
     baseline = b2.button("Evaluate the dense baseline", icon=":material/speed:")
 
 
-def metrics_file() -> list[str]:
+def metrics_file() -> Path | None:
     """The page's own analysis as the alpha table of the job (no second analysis in the job)."""
     if analysis is None or allocation != "alpha" or loaded is None or analysis.identity != identity:
-        return []
+        return None
     path = jobs.jobs_dir() / f"metrics-{identity.replace(':', '-')}-{analysis.xmin}.parquet"
     if not path.is_file():
         analysis.table.to_parquet(path, index=False)
-    return ["--metrics", str(path)]
+    return path
 
 
-common = ["--model", source, "--device", ss[State.device], "--seqlen", str(ss[State.p_seqlen]),
-          "--max-windows", str(ss[State.p_eval_windows]), "--json"]
+def prune_spec() -> PruneSpec:
+    """The job's spec: the Allocation page's settings (so the job prunes with exactly the previewed
+    ratios) and this page's method, N:M, calibration, evaluation and saving."""
+    method, nm = ss[State.p_method], (None if ss[State.p_nm] == "none" else ss[State.p_nm])
+    save = (jobs.jobs_dir().parent / "pruned" / f"{method}-{allocation}-S{S:.2f}-{pd.Timestamp.now():%Y%m%d-%H%M%S}"
+            if ss[State.p_save] else None)
+    return PruneSpec(model=source, method=method, allocation=allocation, sparsity=S,
+                     epsilon=eps if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
+                     r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), metrics_file=metrics_file(),
+                     nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
+                     evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
+                                               max_windows=ss[State.p_eval_windows]),
+                     device=ss[State.device], save=save)
+
+
 if start:
-    nm = ss[State.p_nm]
-    args = ["prune", "--method", ss[State.p_method], "--allocation", allocation, "--sparsity", f"{S:g}",
-            "--mapping", mapping, "--nsamples", str(ss[State.p_calib_n]), "--eval", *common]
-    if allocation == "alpha":
-        # the Allocation page's own settings, so the job prunes with exactly the previewed ratios
-        args += ["--epsilon", f"{eps:g}", "--metric", str(ss[State.a_metric]), "--r-max", f"{ss[State.a_rmax]:g}",
-                 *(["--dense-kinds", ",".join(ss[State.a_dense])] if ss[State.a_dense] else []), *metrics_file()]
-    if nm != "none":
-        args += ["--nm", nm]
-    if ss[State.p_save]:
-        args += ["--save", str(jobs.jobs_dir().parent / "pruned" / f"{ss[State.p_method]}-{allocation}-S{S:.2f}-"
-                               f"{pd.Timestamp.now():%Y%m%d-%H%M%S}")]
-    what = f"{ss[State.p_method]} {nm if nm != 'none' else allocation} S={S:.2f}"
-    ss[State.p_job] = jobs.start(args, what).id
+    try:
+        spec = prune_spec()
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"These settings cannot be pruned: {exc}", icon=":material/error:")
+    else:
+        what = f"{spec.method} {spec.nm or spec.allocation} S={S:.2f}"
+        ss[State.p_job] = jobs.start(spec.to_argv(), what).id
 if baseline:
-    ss[State.p_job] = jobs.start(["eval", *common], "dense baseline").id
+    # `spectrascope eval` has no spec of its own in core: its options are written here
+    ss[State.p_job] = jobs.start(["eval", "--model", source, "--device", ss[State.device],
+                                  "--seqlen", str(ss[State.p_seqlen]), "--max-windows", str(ss[State.p_eval_windows])],
+                                 "dense baseline").id
 
 
 # --- jobs (refreshed every second while one runs) --------------------------------------------
@@ -120,10 +131,7 @@ def job_panel() -> None:
 job_panel()
 
 # --- results from the registry --------------------------------------------------------------
-from core.runs import REPORT_NAME, Registry  # noqa: E402
-
-runs = Registry().query(status="done", model_identity=identity)
-runs = runs[runs["perplexity"].notna()]
+runs = Registry().compare(model_identity=identity)
 st.subheader("Results")
 if runs.empty:
     st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")
@@ -132,17 +140,7 @@ if runs.empty:
 dense = runs[runs["kind"] == "eval"]
 pruned = runs[runs["kind"] == "prune"].copy()
 pruned["setting"] = pruned["method"] + " · " + pruned["allocation"]
-fig = go.Figure()
-for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting", sort=True)):
-    t = t.groupby("sparsity", as_index=False)["perplexity"].last()
-    fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
-                             line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
-if not dense.empty:
-    fig.add_hline(y=float(np.log10(dense["perplexity"].iloc[-1])),  # log axis: shapes take log10 line=dict(dash="dash", color="#1F2430"),
-                  annotation_text=f"dense {dense['perplexity'].iloc[-1]:.2f}")
-fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
-fig.update_yaxes(type="log")
-fig.update_xaxes(range=[-0.02, 1.0])
+fig = perplexity_figure(pruned, float(dense["perplexity"].iloc[-1]) if not dense.empty else None)
 st.plotly_chart(fig, width="stretch", key="ppl")
 
 

@@ -1,15 +1,12 @@
 """Layer quality: a metric over blocks and kinds, against depth, its distribution, the flagged matrices."""
 import streamlit as st
 
-from pages.common import METRICS, PAGES, State, kind_order, model_caption, require_analysis, setup
-from pages.plots import depth_figure, distribution_figure, heatmap_figure
+from dashboard.figures import depth_figure, distribution_figure, heatmap_figure, kind_order
+from dashboard.state import METRICS, PAGES, State, analysis_page
 
-setup()
 ss = st.session_state
-st.title("Layer quality")
-analysis = require_analysis()
+analysis = analysis_page("Layer quality")
 table = analysis.table
-st.caption(model_caption(analysis))
 kinds = kind_order(table)
 metrics = [m for m in METRICS if m in table.columns and table[m].notna().any()]
 if ss[State.q_metric] not in metrics:

@@ -2,15 +2,13 @@
 import numpy as np
 import streamlit as st
 
-from pages.common import State, cached_xmin_scan, kind_order, model_caption, require_analysis, setup
-from pages.plots import esd_figure, xmin_scan_figure
+from dashboard.figures import esd_figure, kind_order, xmin_scan_figure
+from dashboard.loaders import cached_xmin_scan
+from dashboard.state import State, analysis_page
 
-setup()
 ss = st.session_state
-st.title("Spectra")
-analysis = require_analysis()
+analysis = analysis_page("Spectra")
 table = analysis.table
-st.caption(model_caption(analysis))
 
 blocks = sorted(int(b) for b in table["block"].unique())
 kinds = kind_order(table)

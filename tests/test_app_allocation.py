@@ -71,7 +71,7 @@ def test_owl_honours_dense_kinds_and_r_max(demo, demo_analysis_full):
     blocks = sorted(demo_analysis_full.table["block"].unique().tolist())
     scores = {b: 0.01 + 0.002 * (b % 5) for b in blocks}
     at = new_app("allocation", analysis=demo_analysis_full, loaded=demo, owl={demo_analysis_full.identity: scores},
-                 a_method="OWL", a_dense=["k", "v"], a_rmax=0.75)
+                 a_method="owl", a_dense=["k", "v"], a_rmax=0.75)
     assert not at.exception, at.exception
     ratios = at.dataframe[0].value
     assert (ratios.loc[ratios["kind"].isin(["k", "v"]), "ratio"] == 0).all()

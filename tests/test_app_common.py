@@ -14,10 +14,10 @@ if str(ROOT) not in sys.path:
 
 def new_app(page: str | None = None, *, analysis=None, loaded=None, timeout: float = 60, **state):
     """An AppTest of ``app.py`` with real core objects in session state, switched to ``page``
-    (a key of ``pages.common.PAGES``) and run once."""
+    (a key of ``dashboard.state.PAGES``) and run once."""
     from streamlit.testing.v1 import AppTest
 
-    from pages.common import PAGES
+    from dashboard.state import PAGES
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
     if analysis is not None:
@@ -60,7 +60,7 @@ def arr(value):
 
 
 def test_router_lists_every_page_file():
-    from pages.common import PAGES
+    from dashboard.state import PAGES
 
     for path, title, _ in PAGES.values():
         assert (ROOT / path).is_file(), path

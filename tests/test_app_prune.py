@@ -9,7 +9,7 @@ from test_app_common import new_app, texts
 
 def wait_for_jobs(at, timeout=240):
     """Rerun the page until no job is running (the browser does this with a 1 s fragment)."""
-    from pages import jobs
+    from dashboard import jobs
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -32,7 +32,7 @@ def test_failing_job_shows_its_error(tmp_path):
     at = wait_for_jobs(at)
     assert not at.exception, at.exception
     assert any("could not load model" in e.value for e in at.error), [e.value for e in at.error]
-    from pages import jobs
+    from dashboard import jobs
 
     for job in jobs.list_jobs(5):          # leave no failed job behind for the other tests' pages
         if job.status() == "failed":
@@ -40,7 +40,7 @@ def test_failing_job_shows_its_error(tmp_path):
 
 
 def test_prune_and_eval_job_reaches_the_comparison(demo, demo_analysis_full):
-    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="AlphaPruning", a_sparsity=0.4,
+    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="alpha", a_sparsity=0.4,
                  p_method="magnitude", p_eval_windows=2, p_seqlen=128)
     assert not at.exception, at.exception
     assert "No finished run" in texts(at)
@@ -55,7 +55,7 @@ def test_prune_and_eval_job_reaches_the_comparison(demo, demo_analysis_full):
 
 
 def test_cancel_a_running_job():
-    from pages import jobs
+    from dashboard import jobs
 
     at = new_app("prune", p_method="wanda", p_calib_n=4, p_seqlen=64, p_eval_windows=1)
     at.button[0].click().run()

@@ -169,7 +169,7 @@ def test_dashboard_end_to_end(page, server):
     page.get_by_role("heading", name="Prune & compare").wait_for()
     page.get_by_text("magnitude", exact=True).click()
     wait_idle(page)
-    from core.runs import Registry
+    from core.registry import Registry
 
     registry = Registry()   # the server's registry: same SPECTRASCOPE_HOME
     known = set(registry.query(kind="prune")["id"])

@@ -1,7 +1,5 @@
-"""Shared page code: the one home of every session-state key, cached loaders, guards.
-
-Not a page (``app.py`` lists the pages explicitly). Pages import it as ``pages.common``.
-Nothing here computes HT-SR quantities: that is ``core``'s job.
+"""Session state of the dashboard: the one home of every session-state key and its default,
+the page list, and the guards a page calls first. Nothing here computes HT-SR quantities.
 """
 from __future__ import annotations
 
@@ -10,10 +8,12 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import allocation
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 
-#: Page files, in menu order (``app.py`` builds the navigation from this).
+#: Page files relative to ``app.py``, in menu order (``app.py`` builds the navigation from this).
 PAGES = {
     "home": ("pages/home.py", "Home / model", ":material/home:"),
     "spectra": ("pages/spectra.py", "Spectra", ":material/ssid_chart:"),
@@ -26,13 +26,20 @@ PAGES = {
 #: Metric columns a user may plot or allocate with (numeric columns of ``Analysis.table``).
 METRICS = ["alpha", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
            "entropy", "mp_softrank", "num_spikes", "D", "sigma", "xmin", "rank"]
-XMIN_METHODS = ["peak", "full", "mid", "peak-compat"]
-KIND_COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
+
+#: allocation methods, as core names them
+ALLOCATIONS = allocation.METHODS
+_ALLOCATION_LABELS = {"alpha": "AlphaPruning", "uniform": "uniform", "owl": "OWL"}
+
+
+def allocation_label(method: str) -> str:
+    """The name a page shows for an allocation method (AlphaPruning for "alpha")."""
+    return _ALLOCATION_LABELS.get(method, method)
 
 
 class State:
     """Every session-state key with its default. Widget keys keep their value across pages
-    (``keep()`` re-assigns them each run so Streamlit does not clean them up)."""
+    (``setup()`` re-assigns them each run so Streamlit does not clean them up)."""
 
     # model and analysis (Home)
     source = "source"
@@ -86,14 +93,14 @@ class State:
         source: "demo", device: "auto", xmin: "peak", loaded: None, analysis: None, load_error: None,
         sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True, sp_scan: False,
         q_metric: "alpha", q_block: 0, q_kind: "q",
-        a_source: "loaded model", a_method: "AlphaPruning", a_metric: "alpha", a_mapping: "block",
+        a_source: "loaded model", a_method: "alpha", a_metric: "alpha", a_mapping: "block",
         a_sparsity: 0.7, a_epsilon: 0.3, a_rmax: 0.99, a_dense: [], a_compare: False,
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
         p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False,
         p_job: None, owl: {},
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
     }
-    #: keys that are not widgets (never re-assigned by ``keep``)
+    #: keys that are not widgets (never re-assigned by ``setup``)
     OBJECTS = {loaded, analysis, load_error, p_job, owl}
 
 
@@ -105,10 +112,6 @@ def setup() -> None:
             ss[key] = copy.copy(value)
         elif key not in State.OBJECTS:
             ss[key] = ss[key]
-
-
-def get(key: str):
-    return st.session_state.get(key, State.DEFAULTS.get(key))
 
 
 def require_analysis():
@@ -125,57 +128,12 @@ def require_analysis():
     return analysis
 
 
-# --- cached loaders ------------------------------------------------------------------------
-
-@st.cache_resource(show_spinner=False, max_entries=2)
-def cached_model(identity: str, source: str, device: str):
-    """One loaded model per (weights identity, device), shared by all sessions: read-only.
-    Never prune it in place (pruning runs in a separate process)."""
-    from core.models import load_model
-
-    return load_model(source, device=device)
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def cached_analysis(identity: str, xmin: str, device: str, _loaded):
-    """The analysis of a loaded model, from core's disk cache after the first run."""
-    from core.analysis import analyze
-
-    return analyze(_loaded, xmin=xmin, device=device)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def cached_xmin_scan(identity: str, xmin: str, name: str, _eigs):
-    from core.fit import xmin_scan
-
-    return xmin_scan(_eigs)
-
-
-def progress_callback(bar):
-    """A ``core`` progress callback drawing on an ``st.progress`` element."""
-    def update(done: int, total: int, message: str) -> None:
-        frac = min(max(done / total, 0.0), 1.0) if total else 0.0
-        bar.progress(frac, text=f"{message} ({done}/{total})" if total else message)
-    return update
-
-
-def kind_order(table) -> list[str]:
-    """Kinds in the order they appear in a block (q, k, v, o, gate, up, down for LLaMA)."""
-    return list(dict.fromkeys(table["kind"].tolist()))
-
-
-def kind_colors(kinds: list[str]) -> dict[str, str]:
-    return {k: KIND_COLORS[i % len(KIND_COLORS)] for i, k in enumerate(kinds)}
-
-
-def fmt_params(n: int | float) -> str:
-    n = float(n)
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f}"
-
-
-def model_caption(analysis) -> str:
-    return (f"{analysis.model} · xmin **{analysis.xmin}** · {len(analysis.table)} matrices in "
-            f"{analysis.table['block'].nunique()} blocks")
+def analysis_page(title: str):
+    """The opening of a page that shows the analysed model: setup, title, the analysis (or a
+    hint and ``st.stop()``) and a caption naming the model."""
+    setup()
+    st.title(title)
+    analysis = require_analysis()
+    st.caption(f"{analysis.model} · xmin **{analysis.xmin}** · {len(analysis.table)} matrices in "
+               f"{analysis.table['block'].nunique()} blocks")
+    return analysis

@@ -1,15 +1,17 @@
 """Background jobs for the dashboard: the `spectrascope` CLI in a separate process.
 
-A job is a folder ``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` with ``job.json`` (command,
-pid, start time), ``stdout`` (the CLI's ``--json`` result) and ``stderr`` (its tqdm progress
-bar). Jobs outlive page switches, browser reloads and even the Streamlit server; results
-land in the runs registry. Nothing here computes anything: it starts, watches and stops.
+A job runs ``spectrascope --progress-json <command> ... --json`` in a folder
+``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` holding ``job.json`` (command, pid, start time),
+``stdout`` (the ``--json`` result) and ``stderr`` (one JSON event a line:
+``{"event": "progress", "done", "total", "message"}``, ``{"event": "log", "level", "message"}`` or
+``{"event": "error", "message", "exit"}``; other lines, such as warnings, are ignored). Jobs outlive page switches, browser reloads and
+even the Streamlit server; results land in the runs registry. Nothing here computes anything:
+it starts, watches and stops.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,12 +21,13 @@ from pathlib import Path
 
 import streamlit as st
 
-_BAR = re.compile(r"(?P<msg>[^\r\n|]*?):?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")
+from core.config import home
+
+#: lines of stderr shown when a job died without an error event
+TAIL_LINES = 5
 
 
 def jobs_dir() -> Path:
-    from core.config import home
-
     path = home() / "dashboard-jobs"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -66,7 +69,7 @@ class Job:
             pid = int(self.info.get("pid", 0))
             if pid and _alive(pid):
                 return None
-            rc = 0 if self._result() is not None else -1
+            rc = 0 if self.result() is not None else -1
         rc_file.write_text(str(rc))
         return rc
 
@@ -78,17 +81,35 @@ class Job:
             return "cancelled"
         return "done" if rc == 0 else "failed"
 
-    def progress(self) -> tuple[float, str]:
-        """(fraction, message) from the last state of the CLI's progress bar."""
-        tail = self._text("stderr")[-4000:]
-        matches = list(_BAR.finditer(tail))
-        if not matches:
-            return 0.0, "starting (loading the model)"
-        m = matches[-1]
-        done, total = int(m["done"]), int(m["total"])
-        return (done / total if total else 0.0), f"{m['msg'].strip() or 'working'} ({done}/{total})"
+    def _stderr(self) -> tuple[list[dict], list[str]]:
+        """(JSON events, the other non-empty lines and the ``log`` events' messages) of the job's
+        stderr, in order."""
+        events, other = [], []
+        for line in self._text("stderr").splitlines():
+            text = line.strip()
+            try:
+                event = json.loads(text) if text.startswith("{") else None
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                events.append(event)
+                if event["event"] == "log":
+                    other.append(f"{event.get('level', 'LOG')}: {event.get('message', '')}")
+            elif text:
+                other.append(line.rstrip())
+        return events, other
 
-    def _result(self) -> dict | None:
+    def progress(self) -> tuple[float, str]:
+        """(fraction, message) from the job's last progress event."""
+        last = next((e for e in reversed(self._stderr()[0]) if e["event"] == "progress"), None)
+        if last is None:
+            return 0.0, "starting (loading the model)"
+        done, total, message = int(last.get("done", 0)), int(last.get("total", 0)), last.get("message") or "working"
+        frac = min(max(done / total, 0.0), 1.0) if total else 0.0
+        return frac, f"{message} ({done}/{total})" if total else message
+
+    def result(self) -> dict | None:
+        """The CLI's ``--json`` result (the last JSON line of stdout), or None."""
         for line in reversed(self._text("stdout").strip().splitlines()):
             try:
                 return json.loads(line)
@@ -96,14 +117,13 @@ class Job:
                 continue
         return None
 
-    def result(self) -> dict | None:
-        return self._result()
-
     def error(self) -> str:
-        """The CLI's one-line error, or the last lines of its stderr."""
-        lines = [ln for ln in re.split(r"[\r\n]", self._text("stderr")) if ln.strip() and "%|" not in ln]
-        errors = [ln for ln in lines if "error" in ln.lower()]
-        return (errors[-1] if errors else "\n".join(lines[-5:])) or "the job ended without a result"
+        """The CLI's one-line error event, or the last lines of its stderr when it died without one."""
+        events, other = self._stderr()
+        errors = [e for e in events if e["event"] == "error"]
+        if errors:
+            return str(errors[-1].get("message", "")) or "the job failed"
+        return "\n".join(other[-TAIL_LINES:]) or "the job ended without a result"
 
     def cancel(self) -> None:
         """SIGINT to the job's process group (the CLI records the run as cancelled); SIGKILL later."""
@@ -132,11 +152,12 @@ def _alive(pid: int) -> bool:
 
 
 def start(args: list[str], title: str) -> Job:
-    """Start ``spectrascope <args>`` in its own process group; returns the job at once."""
+    """Start ``spectrascope --progress-json <args> --json`` in its own process group (``args``
+    starts with the sub-command, e.g. ``PruneSpec.to_argv()``); returns the job at once."""
     job_id = time.strftime("%Y%m%d-%H%M%S-") + f"{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
     folder = jobs_dir() / job_id
     folder.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "core.cli", *args]
+    cmd = [sys.executable, "-m", "core.cli", "--progress-json", *args, "--json"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,

@@ -1,4 +1,4 @@
-"""Plotly figures for the pages. Drawing only: every number comes from ``core``."""
+"""Plotly figures and number formatting for the pages. Drawing only: every number comes from ``core``."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,30 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from pages.common import KIND_COLORS
+from core.metrics import log_histogram, mp_bulk_edges, mp_density
 
+COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
 LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420,
               legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02))
+
+
+def palette(i: int) -> str:
+    """The ``i``-th trace colour (the palette repeats)."""
+    return COLORS[i % len(COLORS)]
+
+
+def kind_order(table: pd.DataFrame) -> list[str]:
+    """Kinds in the order they appear in a block (q, k, v, o, gate, up, down for LLaMA)."""
+    return list(dict.fromkeys(table["kind"].tolist()))
+
+
+def fmt_params(n: int | float) -> str:
+    """A parameter count with a unit: 1.23 B, 4.56 M, 7.89 k."""
+    n = float(n)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 def _vmark(fig: go.Figure, x: float, y0: float, y1: float, *, name: str, color: str, dash: str,
@@ -23,8 +43,6 @@ def _vmark(fig: go.Figure, x: float, y0: float, y1: float, *, name: str, color: 
 
 def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of the positive eigenvalues: log bins (core) or linear bins."""
-    from core.metrics import log_histogram
-
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
     if linear:
@@ -36,11 +54,9 @@ def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, n
 def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True, show_mp: bool = True,
                bins: int = 80) -> go.Figure:
     """ESD of one or several matrices. ``items``: dicts with name, eigs, row (table row as dict)."""
-    from core.metrics import mp_bulk_edges, mp_density
-
     fig = go.Figure()
     for i, it in enumerate(items):
-        color = KIND_COLORS[i % len(KIND_COLORS)]
+        color = palette(i)
         row, eigs, label = it["row"], np.asarray(it["eigs"], dtype=np.float64), it["label"]
         pos = eigs[np.isfinite(eigs) & (eigs > 0)]
         if pos.size == 0:
@@ -78,7 +94,7 @@ def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
     """D and alpha against the candidate xmin (as powerlaw/WeightWatcher draw them)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("KS distance D vs xmin", "alpha vs xmin"))
     for i, (label, scan, chosen) in enumerate(scans):
-        color = KIND_COLORS[i % len(KIND_COLORS)]
+        color = palette(i)
         if scan.empty:
             continue
         fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["D"], mode="lines", name=f"{label} D",
@@ -112,7 +128,7 @@ def depth_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figur
     for i, kind in enumerate(kinds):
         t = table[table["kind"] == kind].sort_values("block")
         fig.add_trace(go.Scatter(x=t["block"], y=t[metric], mode="lines+markers", name=kind,
-                                 line=dict(color=KIND_COLORS[i % len(KIND_COLORS)]),
+                                 line=dict(color=palette(i)),
                                  customdata=t["name"], hovertemplate="%{customdata}<br>" + metric
                                  + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
@@ -126,7 +142,7 @@ def distribution_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> g
     fig = go.Figure()
     for i, kind in enumerate(kinds):
         fig.add_trace(go.Histogram(x=table.loc[table["kind"] == kind, metric], name=kind, opacity=0.75,
-                                   marker_color=KIND_COLORS[i % len(KIND_COLORS)], nbinsx=30))
+                                   marker_color=palette(i), nbinsx=30))
     fig.update_layout(**LAYOUT, barmode="stack", title=f"distribution of {metric}", xaxis_title=metric,
                       yaxis_title="matrices")
     return fig
@@ -138,7 +154,7 @@ def ratios_figure(ratios: pd.DataFrame, sparsity: float, kinds: list[str], title
     r = ratios.reset_index(drop=True)
     for i, kind in enumerate(kinds):
         sel = r[r["kind"] == kind]
-        fig.add_trace(go.Bar(x=sel.index, y=sel["ratio"], name=kind, marker_color=KIND_COLORS[i % len(KIND_COLORS)],
+        fig.add_trace(go.Bar(x=sel.index, y=sel["ratio"], name=kind, marker_color=palette(i),
                              customdata=sel["name"], hovertemplate="%{customdata}<br>ratio %{y:.3f}<extra></extra>"))
     fig.add_hline(y=sparsity, line=dict(color="#1F2430", dash="dash"), annotation_text=f"target S={sparsity:.2f}")
     fig.update_layout(**{**LAYOUT, "height": 340}, title=title, xaxis_title="matrix (model order)",
@@ -151,7 +167,7 @@ def block_ratios_figure(series: dict[str, pd.Series], sparsity: float) -> go.Fig
     fig = go.Figure()
     for i, (label, s) in enumerate(series.items()):
         fig.add_trace(go.Scatter(x=s.index, y=s.values, mode="lines+markers", name=label,
-                                 line=dict(color=KIND_COLORS[i % len(KIND_COLORS)], width=2)))
+                                 line=dict(color=palette(i), width=2)))
     fig.add_hline(y=sparsity, line=dict(color="#1F2430", dash="dash"), annotation_text="mean")
     fig.update_layout(**{**LAYOUT, "height": 340}, title="sparsity per block (parameter-weighted)",
                       xaxis_title="block", yaxis_title="sparsity")
@@ -163,11 +179,28 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
     fig = go.Figure()
     for i, kind in enumerate(kinds):
         t = table[table["kind"] == kind]
-        fig.add_trace(go.Box(y=t[metric], name=kind, marker_color=KIND_COLORS[i % len(KIND_COLORS)],
+        fig.add_trace(go.Box(y=t[metric], name=kind, marker_color=palette(i),
                              boxpoints="all", jitter=0.4, pointpos=0, customdata=t["name"],
                              hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
         fig.add_hrect(y0=2, y1=6, fillcolor="#54A24B", opacity=0.08, line_width=0)
     fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} of every matrix, by kind", showlegend=False,
                       yaxis_title=metric)
+    return fig
+
+
+def perplexity_figure(pruned: pd.DataFrame, dense: float | None) -> go.Figure:
+    """Perplexity against sparsity, one line per "method · allocation" setting (the last run of
+    each sparsity), with the dense model's perplexity as a dashed line."""
+    fig = go.Figure()
+    for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting", sort=True)):
+        t = t.groupby("sparsity", as_index=False)["perplexity"].last()
+        fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
+                                 line=dict(color=palette(i), width=2)))
+    if dense is not None:
+        fig.add_hline(y=float(np.log10(dense)), line=dict(dash="dash", color="#1F2430"),  # log axis: shapes take log10
+                      annotation_text=f"dense {dense:.2f}")
+    fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
+    fig.update_yaxes(type="log")
+    fig.update_xaxes(range=[-0.02, 1.0])
     return fig
