@@ -23,10 +23,10 @@ from ..config import resolve_device
 from ..models import LoadedModel
 from ..progress import Progress
 from .engine import BlockPipeline, Collector
-from .methods import METHODS, NormCollector, check_nm, get_method, parse_nm, prune_magnitude, prune_wanda
+from .methods import METHODS, NM_PATTERNS, NormCollector, check_nm, get_method, parse_nm, prune_magnitude, prune_wanda
 from .sparsegpt import HessianCollector, prune_sparsegpt
 
-__all__ = ["METHODS", "OWL_M", "HessianCollector", "NormCollector", "PruneResult", "achieved_sparsity",
+__all__ = ["METHODS", "NM_PATTERNS", "OWL_M", "HessianCollector", "NormCollector", "PruneResult", "achieved_sparsity",
            "owl_scores", "parse_nm", "prune", "prune_magnitude", "prune_sparsegpt", "prune_wanda"]
 
 log = logging.getLogger(__name__)

@@ -165,6 +165,8 @@ class SparseGPT(Method):
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (Magnitude(), Wanda(), SparseGPT())}
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+#: the N:M patterns the dashboard offers (any valid N:M works through ``parse_nm``)
+NM_PATTERNS: tuple[str, ...] = ("2:4", "4:8")
 
 
 def get_method(name: str) -> Method:
