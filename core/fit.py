@@ -166,7 +166,6 @@ def _valid(alpha: np.ndarray) -> np.ndarray:
             & ~(alpha - _ALPHA_EPS < _ALPHA_LO) & ~(alpha + _ALPHA_EPS > _ALPHA_HI))
 
 
-
 # --- planning: which candidates each spectrum tries -----------------------------------------
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ class _Plan:
     reason: str = ""
 
     @classmethod
-    def none(cls, x: np.ndarray, reason: str) -> _Plan:
+    def no_fit(cls, x: np.ndarray, reason: str) -> _Plan:
         return cls(x, np.empty(0, dtype=np.int64), reason=reason)
 
 
@@ -190,16 +189,16 @@ def _plan(eigs: object, method: str, name: str = "eigs") -> _Plan:
     x = np.sort(arr[arr > 0]) if np.all(np.isfinite(arr)) else np.empty(0)
     problem = _data_problem(arr, x)
     if problem:
-        return _Plan.none(x, problem)
+        return _Plan.no_fit(x, problem)
     full = _full_candidates(x)
     if full.size < 2:
-        return _Plan.none(x, "no candidate xmin")
+        return _Plan.no_fit(x, "no candidate xmin")
     if method == "full":
         return _Plan(x, full)
     if method == "mid":
         i = int(np.searchsorted(x, x[x.size // 2], side="left"))
         if x[i] >= x[-1]:
-            return _Plan.none(x, "no candidate xmin")
+            return _Plan.no_fit(x, "no candidate xmin")
         return _Plan(x, np.array([i]), powerlaw_rule=False)
     p = _peak(x)
     if method == "peak":
