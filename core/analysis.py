@@ -21,7 +21,7 @@ import pandas as pd
 from .config import atomic_dir, atomic_file, home, resolve_device
 from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
-from .metrics import spectral_metrics
+from .metrics import no_fit_status, spectral_metrics
 from .models import LoadedModel, iter_weights, load_model, resolve_source
 from .spectra import Spectrum, compute_spectra
 
@@ -90,7 +90,7 @@ def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "c
         i = s.info
         if s.reason:      # unusable matrix: every metric nan, the status says why
             m = spectral_metrics(np.full_like(s.eigs, np.nan), f, rows=i.rows, cols=i.cols, w_var=0.0)
-            m.update({k: np.nan for k, v in m.items() if isinstance(v, float)}, status=f"no fit: {s.reason}")
+            m.update({k: np.nan for k, v in m.items() if isinstance(v, float)}, status=no_fit_status(s.reason))
         else:
             m = spectral_metrics(s.eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
         rows.append({"name": i.name, "block": i.block, "kind": i.kind, "rows": i.rows, "cols": i.cols,

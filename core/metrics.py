@@ -28,7 +28,7 @@ from scipy.special import logsumexp
 
 from .fit import PowerLawFit, _as_array
 
-__all__ = ["ALPHA_LOW", "ALPHA_HIGH", "spectral_metrics", "status", "log_histogram",
+__all__ = ["ALPHA_LOW", "ALPHA_HIGH", "spectral_metrics", "status", "no_fit_status", "log_histogram",
            "mp_bulk_edges", "mp_density"]
 
 #: alpha below ALPHA_LOW: very heavy tailed ("over-trained"); above ALPHA_HIGH: "under-trained"
@@ -70,12 +70,17 @@ def mp_density(lam: object, *, rows: int, cols: int, w_var: float) -> np.ndarray
     return np.where(inside, rho, 0.0)
 
 
+def no_fit_status(reason: str) -> str:
+    """The status of a matrix without a fit: "no fit: " and why."""
+    return f"no fit: {reason}"
+
+
 def status(fit: PowerLawFit) -> str:
     """"ok" (2 <= alpha <= 6), "over-trained" (< 2), "under-trained" (> 6), or "no fit: why"."""
     if not isinstance(fit, PowerLawFit):
         raise ValueError(f"fit must be a PowerLawFit, got {type(fit).__name__}")
     if not fit.ok:
-        return f"no fit: {fit.reason or 'alpha is not finite'}"
+        return no_fit_status(fit.reason or "alpha is not finite")
     if fit.alpha < ALPHA_LOW:
         return "over-trained"
     if fit.alpha > ALPHA_HIGH:

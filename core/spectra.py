@@ -42,6 +42,11 @@ class Spectrum:
     reason: str = ""      # why the spectrum is unusable ("" when fine)
 
 
+def _unusable(info: MatrixInfo, n_eigs: int) -> Spectrum:
+    """A matrix with NaN/Inf entries: all-NaN eigenvalues and the reason."""
+    return Spectrum(info, np.full(n_eigs, np.nan), float("nan"), "non-finite weights (NaN/Inf)")
+
+
 def _clean(eigs: np.ndarray, n_max: int) -> np.ndarray:
     eigs = np.sort(eigs)
     top = eigs[-1] if eigs.size else 0.0
@@ -52,7 +57,7 @@ def _clean(eigs: np.ndarray, n_max: int) -> np.ndarray:
 def _cpu_one(info: MatrixInfo, w: torch.Tensor) -> Spectrum:
     a = w.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(a).all():
-        return Spectrum(info, np.full(min(a.shape), np.nan), float("nan"), "non-finite weights (NaN/Inf)")
+        return _unusable(info, min(a.shape))
     gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
     return Spectrum(info, _clean(np.linalg.eigvalsh(gram), max(a.shape)), float(a.var()))
 
@@ -70,7 +75,7 @@ def _torch_group(items: list[tuple[MatrixInfo, torch.Tensor]], device: torch.dev
         if ok:
             out.append(Spectrum(info, _clean(e, max(info.rows, info.cols)), float(v)))
         else:
-            out.append(Spectrum(info, np.full(e.shape, np.nan), float("nan"), "non-finite weights (NaN/Inf)"))
+            out.append(_unusable(info, e.size))
     return out
 
 

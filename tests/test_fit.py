@@ -343,11 +343,11 @@ def test_cuda_equals_cpu(method):
 
 @pytest.mark.parametrize("method", ["full", "peak-compat"])
 def test_chunking_does_not_change_results(method, monkeypatch):
-    import core.fit
+    import core.fit_kernels
 
     spectra = mixed_spectra()
     reference = fit_power_laws(spectra, xmin=method)
-    monkeypatch.setattr(core.fit, "_CPU_CHUNK_BYTES", 8 * 700)   # a row or two per chunk
+    monkeypatch.setattr(core.fit_kernels, "CPU_CHUNK_BYTES", 8 * 700)   # a row or two per chunk
     for a, b in zip(fit_power_laws(spectra, xmin=method), reference):
         assert a.reason == b.reason
         if a.ok:

@@ -9,7 +9,7 @@ import pytest
 from scipy import integrate
 
 from core.fit import PowerLawFit, fit_power_law
-from core.metrics import log_histogram, mp_bulk_edges, mp_density, spectral_metrics, status
+from core.metrics import log_histogram, mp_bulk_edges, mp_density, no_fit_status, spectral_metrics, status
 
 KEYS = {"alpha", "xmin", "D", "sigma", "n_tail", "alpha_hat", "log_norm", "log_spectral_norm",
         "log_alpha_norm", "stable_rank", "entropy", "lambda_plus", "num_spikes", "mp_softrank",
@@ -157,6 +157,9 @@ def test_status_thresholds(alpha, expected):
 def test_status_without_fit():
     assert status(fit_power_law(np.zeros(30))) == "no fit: all eigenvalues are zero"
     assert status(fit_power_law(np.r_[np.ones(20), np.inf])) == "no fit: non-finite eigenvalues"
+    inf = float("inf")
+    assert status(PowerLawFit(alpha=inf, xmin=1.0, D=0.0, sigma=inf, n_tail=5)) == "no fit: alpha is not finite"
+    assert no_fit_status("non-finite weights (NaN/Inf)") == "no fit: non-finite weights (NaN/Inf)"
 
 
 def test_log_histogram():
