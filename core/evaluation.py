@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 
-#: Default chunk of the chunked loss: about this many logits at a time (64 MiB in float32).
-CHUNK_ELEMENTS = 2**24
+#: Default chunk of the chunked loss: about this many logits at a time (256 MiB in float32;
+#: 256 tokens of a 262k vocabulary, a whole 1024-token batch of the demo model's 49k).
+CHUNK_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,13 @@ class _HeadInput:
 _FALLBACK_LOGGED: set[str] = set()
 
 
+def _log_fallback(model: torch.nn.Module, why: str) -> None:
+    name = type(model).__name__
+    if name not in _FALLBACK_LOGGED:       # once per model class
+        _FALLBACK_LOGGED.add(name)
+        log.info("%s: %s; the loss uses the full logits", name, why)
+
+
 def _full_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
     logits = logits[:, :-1].float()
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
@@ -167,9 +175,8 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *,
         if handle is not None:
             handle.remove()
     if chunk_tokens is None or catch.hidden is None or catch.calls != 1:
-        if chunk_tokens is not None and type(model).__name__ not in _FALLBACK_LOGGED:
-            _FALLBACK_LOGGED.add(type(model).__name__)
-            log.info("%s: output head not found as expected; the loss uses the full logits", type(model).__name__)
+        if chunk_tokens is not None:
+            _log_fallback(model, "output head not found as expected")
         if logits.shape[1] == windows.shape[1]:
             return _full_nll(logits, target), int(target.numel())
         return window_nll(model, windows, chunk_tokens=None)
@@ -178,10 +185,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *,
     ref = logits.float()
     tol = max(4 * torch.finfo(logits.dtype).eps, 1e-5) * max(1.0, float(ref.abs().max()))
     if last.shape != ref.shape or float((last - ref).abs().max()) > tol:
-        if type(model).__name__ not in _FALLBACK_LOGGED:
-            _FALLBACK_LOGGED.add(type(model).__name__)
-            log.info("%s: logits are not the output head's (unknown post-processing); the loss uses the full "
-                     "logits", type(model).__name__)
+        _log_fallback(model, "logits are not the output head's (unknown post-processing)")
         return window_nll(model, windows, chunk_tokens=None)
     del logits, ref
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
