@@ -3,22 +3,34 @@
 The evaluation text is tokenized once and cut into non-overlapping windows of ``seqlen``
 tokens (the tail that does not fill a window is dropped); perplexity is ``exp`` of the mean
 next-token negative log-likelihood over all predicted tokens (``seqlen - 1`` per window).
-Logits are taken in float32 whatever the model's dtype. Windows go through the model in
-batches of about ``BATCH_TOKENS`` tokens (one window at a time from that length on), which
-changes nothing but speed. ``max_windows`` evaluates only
-the first K windows (quick looks; the result says how many were used).
+``bos`` (``core.calibration.BOS_MODES``): with ``auto`` on a tokenizer that adds BOS, each
+window is BOS + ``seqlen - 1`` text tokens and only those text tokens are scored (the BOS
+position is input, never a target), so the count stays ``seqlen - 1`` per window; ``paper``
+tokenizes with the tokenizer's defaults (BOS only at the start of the first window).
+
+The loss is computed in chunks: the hidden states that feed the model's output head are
+caught by a pre-hook (which lets the head compute the last position only), then the head is
+applied ``chunk_tokens`` tokens at a time (default: about ``CHUNK_ELEMENTS`` logits) with
+``cross_entropy(reduction="sum")`` in float32, so memory stays bounded whatever the
+vocabulary. Final-logit soft-capping (Gemma-2/3) and logit scaling (Cohere, Granite) are
+applied as the model does; the head's last-position output is checked against the model's
+own logits and any unknown structure falls back to full logits (logged). ``chunk_tokens=None``
+is the plain full-logits path. Logits are float32 whatever the model's dtype. Windows go
+through the model in batches of about ``BATCH_TOKENS`` tokens (one window at a time from that
+length on), which changes nothing but speed. ``max_windows`` evaluates only the first K
+windows (quick looks; the result says how many were used).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .calibration import DEFAULT_SEQLEN, cap_seqlen, tokenize
+from .calibration import DEFAULT_SEQLEN, bos_plan, cap_seqlen, prepend, tokenize
 from .config import resolve_device, window_batches
 from .progress import Progress, check_cancel, report
 from .models import LoadedModel
@@ -27,6 +39,10 @@ from .texts import EMBEDDED, load_text
 log = logging.getLogger(__name__)
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+#: Default chunk of the chunked loss: about this many logits at a time (256 MiB in float32;
+#: 256 tokens of a 262k vocabulary, a whole 1024-token batch of the demo model's 49k).
+CHUNK_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class Perplexity:
     dataset: str
     seconds: float
     device: str
+    bos: str = "none"              # the requested mode (core.calibration.BOS_MODES)
+    bos_prepended: bool = False    # core.calibration.BosPlan.prepended
 
     @property
     def tokens_per_second(self) -> float:
@@ -52,69 +70,175 @@ class Perplexity:
 
     def summary(self) -> str:
         part = "" if self.windows == self.total_windows else f" (first {self.windows} of {self.total_windows})"
+        bos = f"bos {self.bos}" + (" (BOS prepended)" if self.bos_prepended else "")
         return (f"perplexity {self.perplexity:.3f} on {self.dataset}: {self.windows} windows of {self.seqlen} "
-                f"tokens{part}, {self.tokens_per_second:.0f} tokens/s on {self.device}")
+                f"tokens{part}, {bos}, {self.tokens_per_second:.0f} tokens/s on {self.device}")
 
 
-def eval_ids(tokenizer: object, dataset: str = EMBEDDED) -> torch.Tensor:
-    """The evaluation text of ``dataset`` tokenized once (cached per tokenizer and dataset)."""
+def eval_ids(tokenizer: object, dataset: str = EMBEDDED, *, bos: str = "auto") -> torch.Tensor:
+    """The evaluation text of ``dataset`` tokenized once (cached per tokenizer, dataset and
+    tokenization): without special tokens, or with the tokenizer's defaults for ``bos="paper"``
+    (``auto`` adds its BOS per window when the windows are cut, ``eval_windows``)."""
+    plan = bos_plan(tokenizer, bos)
+    defaults = plan.defaults
     key = (getattr(tokenizer, "name_or_path", None), type(tokenizer).__name__,
-           getattr(tokenizer, "vocab_size", None), dataset)
+           getattr(tokenizer, "vocab_size", None), dataset, defaults, defaults and plan.prepended)
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE.clear()  # one text at a time (1M tokens ~ 8 MB)
-        _TOKEN_CACHE[key] = tokenize(tokenizer, load_text(dataset or EMBEDDED, split="eval"))
+        _TOKEN_CACHE[key] = tokenize(tokenizer, load_text(dataset or EMBEDDED, split="eval"), defaults=defaults)
     return _TOKEN_CACHE[key]
 
 
+def eval_windows(ids: torch.Tensor, seqlen: int, *, bos_id: int | None = None,
+                 max_windows: int | None = None) -> tuple[torch.Tensor, int]:
+    """Non-overlapping windows of ``seqlen`` tokens cut from ``ids`` (1-D), the first
+    ``max_windows`` of them, and how many the text holds. With ``bos_id`` each window is that
+    token + ``seqlen - 1`` text tokens (window ``i`` holds text ``i*(seqlen-1) .. (i+1)*(seqlen-1)``)."""
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    span = seqlen - (bos_id is not None)
+    total = ids.numel() // span
+    if total < 1:
+        raise ValueError(f"seqlen={seqlen}: the text has only {ids.numel()} tokens, not one full window")
+    n = min(total, max_windows) if max_windows else total
+    return prepend(ids[:n * span].reshape(n, span), bos_id), total
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def _finish(logits: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """What the model does to its head's output: logit scaling (Cohere ``logit_scale``, Granite
+    ``logits_scaling``) and final soft-capping (Gemma-2/3 ``final_logit_softcapping``)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    divisor = getattr(cfg, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor:
+        logits = logits / divisor
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class _HeadInput:
+    """Forward pre-hook on the output head: keeps the hidden states (``batch x seqlen x
+    hidden``) and lets the head compute the last position only."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape, self.hidden, self.calls = shape, None, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        self.calls += 1
+        h = args[0] if args else None
+        if self.calls > 1 or not torch.is_tensor(h) or h.dim() != 3 or tuple(h.shape[:2]) != self.shape:
+            return None
+        self.hidden = h
+        return (h[:, -1:],) + tuple(args[1:])
+
+
+_FALLBACK_LOGGED: set[str] = set()
+
+
+def _log_fallback(model: torch.nn.Module, why: str) -> None:
+    name = type(model).__name__
+    if name not in _FALLBACK_LOGGED:       # once per model class
+        _FALLBACK_LOGGED.add(name)
+        log.info("%s: %s; the loss uses the full logits", name, why)
+
+
+def _full_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
+    logits = logits[:, :-1].float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+
+
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, *,
+               chunk_tokens: int | str | None = "auto") -> tuple[float, int]:
     """Summed next-token NLL of ``windows`` (``batch x seqlen`` token ids) and the number of
-    predicted tokens (``batch x (seqlen - 1)``)."""
-    logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    predicted tokens (``batch x (seqlen - 1)``). ``chunk_tokens``: tokens per chunk of the
+    loss (``auto``: about ``CHUNK_ELEMENTS`` logits), ``None``: the full logits at once."""
     target = windows[:, 1:]
-    return (float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")),
-            int(target.numel()))
+    head = _output_head(model) if chunk_tokens is not None else None
+    catch = _HeadInput(tuple(windows.shape))
+    handle = head.register_forward_pre_hook(catch) if head is not None else None
+    try:
+        logits = model(input_ids=windows, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if chunk_tokens is None or catch.hidden is None or catch.calls != 1:
+        if chunk_tokens is not None:
+            _log_fallback(model, "output head not found as expected")
+        if logits.shape[1] == windows.shape[1]:
+            return _full_nll(logits, target), int(target.numel())
+        return window_nll(model, windows, chunk_tokens=None)
+    hidden = catch.hidden
+    last = _finish(head(hidden[:, -1:]).float(), model)
+    ref = logits.float()
+    tol = max(4 * torch.finfo(logits.dtype).eps, 1e-5) * max(1.0, float(ref.abs().max()))
+    if last.shape != ref.shape or float((last - ref).abs().max()) > tol:
+        _log_fallback(model, "logits are not the output head's (unknown post-processing)")
+        return window_nll(model, windows, chunk_tokens=None)
+    del logits, ref
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    step = chunk_tokens if isinstance(chunk_tokens, int) else max(1, CHUNK_ELEMENTS // last.shape[-1])
+    total = 0.0
+    for i in range(0, t.numel(), step):
+        chunk = _finish(head(h[i:i + step]).float(), model)
+        total += float(F.cross_entropy(chunk, t[i:i + step], reduction="sum"))
+    return total, int(t.numel())
 
 
 @torch.no_grad()
 def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tensor | None = None,
                seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None, device: str | torch.device = "auto",
-               progress: Progress = None, cancel: object = None) -> Perplexity:
+               progress: Progress = None, cancel: object = None, bos: str = "auto",
+               chunk_tokens: int | str | None = "auto") -> Perplexity:
     """Perplexity of ``loaded`` on the evaluation part of ``dataset`` (``wiki``, ``wikitext2``,
-    ``c4`` or a text file), or on given token ``ids`` (1-D). The model is moved to ``device``
-    for the evaluation and back afterwards."""
+    ``c4`` or a text file), or on given token ``ids`` (1-D; ``bos="paper"`` cuts them as given
+    and reports no BOS). The model is moved to ``device`` for the evaluation and back
+    afterwards. ``bos``: ``core.calibration.BOS_MODES``; ``chunk_tokens``: ``window_nll``."""
 
     model = loaded.model
     seqlen = cap_seqlen(seqlen, model)
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ValueError(f"max_windows={max_windows!r}: give a whole number >= 1, or None for all windows")
+    if chunk_tokens not in (None, "auto") and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens={chunk_tokens!r}: give a whole number >= 1, 'auto', or None for full logits")
+    plan = bos_plan(loaded.tokenizer, bos)
     if ids is None:
-        ids = eval_ids(loaded.tokenizer, dataset)
+        ids = eval_ids(loaded.tokenizer, dataset, bos=bos)
         label = dataset or EMBEDDED
     else:
         label = "given tokens"
-    ids = torch.as_tensor(ids).reshape(-1).long()
-    total = ids.numel() // seqlen
-    if total < 1:
-        raise ValueError(f"seqlen={seqlen}: the text has only {ids.numel()} tokens, not one full window")
-    n = min(total, max_windows) if max_windows else total
+        plan = plan if not plan.defaults else replace(plan, prepended=False)
+    windows, total = eval_windows(ids, seqlen, bos_id=plan.token_id, max_windows=max_windows)
+    n = windows.shape[0]
     dev = resolve_device(device)
     home_device = next(model.parameters()).device
     was_training = model.training
     model.eval().to(dev)
     nll, count = 0.0, 0
     start = time.perf_counter()
-    windows = ids[:n * seqlen].reshape(n, seqlen)
     try:
         for rows in window_batches(n, seqlen):
             check_cancel(cancel, f"at window {rows.start}")
-            s, c = window_nll(model, windows[rows].to(dev))
+            s, c = window_nll(model, windows[rows].to(dev), chunk_tokens=chunk_tokens)
             nll, count = nll + s, count + c
             report(progress, rows.stop, n, f"perplexity {math.exp(nll / count):.2f}")
     finally:
         model.to(home_device).train(was_training)
     seconds = time.perf_counter() - start
     mean = nll / count
-    result = Perplexity(math.exp(mean), mean, count, n, total, seqlen, label, seconds, str(dev))
+    result = Perplexity(math.exp(mean), mean, count, n, total, seqlen, label, seconds, str(dev), bos, plan.prepended)
     log.info(result.summary())
     return result
