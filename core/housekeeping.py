@@ -166,6 +166,15 @@ def remove_tree(path: str | os.PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
+def default_roots(home: str | os.PathLike) -> list[Path]:
+    """Where Spectrascope's own temporaries can lie: ``home`` and its direct subfolders."""
+    home = Path(home)
+    try:
+        return [home, *sorted(p for p in home.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    except OSError:
+        return [home]
+
+
 def clean(roots: Iterable[str | os.PathLike], dry_run: bool = False) -> list[Leftover]:
     """Remove the temporaries of dead processes inside ``roots``; returns what was (or would be) freed."""
     freed = []

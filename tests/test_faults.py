@@ -235,6 +235,7 @@ def test_clean_removes_dead_owners_only(tmp_path):
     assert sorted(x.path.name for x in found) == sorted([dead.name, reused.name, legacy.name])
     assert all(x.bytes == 2000 and "\n" not in str(x) and str(x.path) in str(x) for x in found)
     assert dead.exists()                                    # dry run
+    assert housekeeping.default_roots(tmp_path) == [tmp_path, tmp_path / "user-folder"]
     freed = housekeeping.clean([tmp_path, tmp_path / "missing"])
     assert sorted(x.path.name for x in freed) == sorted(x.path.name for x in found)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
