@@ -103,20 +103,32 @@ def _cache_dir(identity: str, xmin: str) -> Path:
     return home() / "analyses" / key
 
 
+_META_KEYS = {"model": str, "identity": str, "xmin": str, "device": str, "seconds": (int, float)}
+
+
 def _load_cached(folder: Path) -> Analysis | None:
+    """The cached analysis in ``folder``, or None (with a warning) if it is missing or damaged."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
+        if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in _META_KEYS.items()):
+            raise ValueError("meta.json lacks " + ", ".join(_META_KEYS))
         table = pd.read_parquet(folder / "table.parquet")
         with np.load(folder / "eigs.npz") as z:
             eigs = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("ignoring unreadable cache %s: %s", folder, exc)
+        if list(table.columns) != COLUMNS or set(eigs) != set(table["name"]):
+            raise ValueError("its table and eigenvalues do not match")
+    except Exception as exc:  # noqa: BLE001 - parquet, zip and numpy raise many types for a damaged file
+        if (folder / "meta.json").exists():
+            log.warning("ignoring the damaged analysis cache %s (%s: %s); recomputing it", folder,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return None
     return Analysis(table, eigs, meta["model"], meta["identity"], meta["xmin"], meta["device"],
                     meta["seconds"], cached=True, meta=meta)
 
 
-def _store(folder: Path, result: Analysis) -> None:
+def _store(folder: Path, result: Analysis, *, keep_existing: bool = True) -> None:
+    """Cache ``result`` in ``folder``. An existing complete entry is kept (same weights, same
+    settings) unless ``keep_existing`` is False; a damaged one is always replaced."""
     def write(tmp: Path) -> None:
         result.table.to_parquet(tmp / "table.parquet", index=False)
         with open(tmp / "eigs.npz", "wb") as f:
@@ -127,7 +139,8 @@ def _store(folder: Path, result: Analysis) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     try:
-        atomic_dir(folder, write, replace=True)
+        atomic_dir(folder, write, replace=True,
+                   keep=lambda d: keep_existing and _load_cached(d) is not None)
     except OSError as exc:
         log.warning("could not cache the analysis in %s: %s", folder, exc)
 
@@ -152,7 +165,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             raise ValueError(f"--streaming reads safetensors checkpoints; {src.label!r} is a {src.kind} source")
         label, identity = src.label, src.identity()
     folder = _cache_dir(identity, xmin)
-    if use_cache and (folder / "meta.json").is_file():
+    if use_cache:
         cached = _load_cached(folder)
         if cached is not None:
             log.info("analysis of %s from cache %s", label, folder)
@@ -175,6 +188,5 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     table = build_table(spectra, xmin=xmin, device=dev)
     result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),
                       time.perf_counter() - start)
-    if use_cache:
-        _store(folder, result)
+    _store(folder, result, keep_existing=use_cache)   # no-cache: the fresh result replaces the entry
     return result

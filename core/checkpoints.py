@@ -36,6 +36,34 @@ class TensorEntry:
     end: int
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _entry(path: Path, key: object, value: object, base: int, data_size: int) -> TensorEntry:
+    """One header entry, checked: a dtype, a shape of non-negative ints, offsets inside the data
+    that hold exactly ``prod(shape)`` elements."""
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"{path} has a corrupt safetensors header: tensor {key!r} {problem}; "
+                          "re-save or re-download this file")
+
+    if not isinstance(value, dict):
+        raise bad("is not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad("has no dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise bad("has no shape (a list of integers)")
+    if any(d < 0 for d in shape):
+        raise bad(f"has negative dimensions {shape}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise bad(f"has data_offsets {offsets} outside the file's {data_size} data bytes")
+    if dtype in _ITEMSIZE and offsets[1] - offsets[0] != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]:
+        raise bad(f"has shape {shape} ({dtype}) that does not match its {offsets[1] - offsets[0]} bytes")
+    return TensorEntry(path, str(key), dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
 def _header(path: Path) -> dict[str, TensorEntry]:
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -48,10 +76,12 @@ def _header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an "
+                         "object; re-save or re-download this file")
     base = 8 + size
-    return {k: TensorEntry(path, k, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
-                           base + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
+    data_size = path.stat().st_size - base
+    return {k: _entry(path, k, v, base, data_size) for k, v in header.items() if k != "__metadata__"}
 
 
 def _family(folder: Path) -> Family:

@@ -1,18 +1,23 @@
-"""Shared settings: where Spectrascope keeps its files, devices, dtypes, atomic writes.
+"""Shared settings: where Spectrascope keeps its files, devices, dtypes, atomic writes that
+never replace what they did not create.
 
 Every other module takes an explicit ``device`` and ``dtype``; this module turns the
 user's words ("auto", "cuda:1", "bf16") into torch objects in one place.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .housekeeping import clean, remove_tree, temp_path
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -38,10 +43,22 @@ def window_batches(n: int, seqlen: int, start: int = 0, tokens: int = BATCH_TOKE
     return [slice(i, min(i + size, n)) for i in range(start, n, size)]
 
 
+class NoSpaceLeft(OSError, ValueError):
+    """The disk filled up during a write (also a ValueError: callers report it in one line)."""
+
+
 def home() -> Path:
-    """Spectrascope's own folder (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``)."""
-    path = Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope")
-    path.mkdir(parents=True, exist_ok=True)
+    """Spectrascope's own folder (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``), writable."""
+    path = Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope").expanduser()
+    fix = "set SPECTRASCOPE_HOME to a writable folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"Spectrascope's folder {path} is a file, not a folder; {fix}") from None
+    except OSError as exc:
+        raise PermissionError(f"cannot create Spectrascope's folder {path} ({exc.strerror}); {fix}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"Spectrascope's folder {path} is not writable; {fix}")
     return path
 
 
@@ -82,6 +99,27 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
         raise ValueError(f"dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}") from None
 
 
+def _write_error(exc: BaseException, dest: Path) -> BaseException:
+    """A one-line error naming ``dest`` for a full disk or a denied write; other errors unchanged."""
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        err = NoSpaceLeft(f"no space left on the device while writing {dest}; free some space or "
+                          "choose another folder (for caches: set SPECTRASCOPE_HOME)")
+        err.errno = errno.ENOSPC
+        return err
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EROFS:
+        return PermissionError(f"cannot write {dest}: permission denied in {dest.parent}; make it writable or "
+                               "choose another folder (for caches: set SPECTRASCOPE_HOME to a writable folder)")
+    return exc
+
+
+def _fail(exc: BaseException, dest: Path) -> None:
+    err = _write_error(exc, dest)
+    if err is exc:
+        raise exc
+    raise err from exc
+
+
 def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -91,35 +129,88 @@ def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     try:
         open(tmp, "x").close()
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        remove_tree(tmp)
+        _fail(exc, path)
     return path
 
 
-def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replace: bool = False) -> Path:
+def _claim(tmp: Path, dest: Path) -> bool:
+    """Rename ``tmp`` to ``dest`` only if nothing is at ``dest``; False if something is.
+
+    ``os.rename`` would silently replace an empty folder at ``dest``, so ``dest`` is first
+    claimed with ``os.mkdir`` (atomic: one process wins) and ``tmp`` renamed onto that
+    empty folder of ours; if somebody filled it in between, the rename fails and it is kept.
+    """
+    try:
+        os.mkdir(dest)
+    except FileExistsError:
+        return False
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.rmdir(dest)        # only ever removes our own claim while it is still empty
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            return False
+        raise
+    return True
+
+
+def _publish(tmp: Path, dest: Path, replace: bool, keep: Callable[[Path], bool] | None) -> bool:
+    """Move ``tmp`` to ``dest``; True if ours was published, False if an existing ``dest`` is kept."""
+    for _ in range(10):
+        if _claim(tmp, dest):
+            return True
+        if not replace:
+            raise ValueError(f"{dest} already exists (it appeared while this was being written); nothing was "
+                             "overwritten: choose a new folder")
+        if keep is None or keep(dest):
+            return False
+        aside = temp_path(dest)
+        try:
+            os.rename(dest, aside)     # atomic: a concurrent reader's files stay open, the name is free
+        except FileNotFoundError:
+            continue
+        remove_tree(aside)
+    raise OSError(f"could not publish {dest}: other processes keep replacing it; try again")
+
+
+def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replace: bool = False,
+               keep: Callable[[Path], bool] | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary folder beside ``dest``, then rename it to ``dest``.
 
-    An interrupted run leaves no half-written folder. With ``replace`` an existing ``dest``
-    is swapped out (caches); without it an existing ``dest`` is an error (user outputs).
+    An interrupted run leaves no half-written folder, only a temporary named after its owner
+    process that ``housekeeping.clean`` (run here first for ``dest``'s folder) removes once the
+    owner is dead. Nothing that this call did not create is ever replaced:
+
+    - ``replace=False`` (user outputs): ``dest`` must not exist, neither now nor when the result
+      is published; otherwise ``ValueError``, and the temporary is removed.
+    - ``replace=True`` (caches keyed by their content): if ``dest`` exists when the result is
+      ready, ``keep(dest)`` decides (default: keep any): True keeps it and discards ours (a
+      concurrent writer of the same content won), False moves it aside, removes it and
+      publishes ours (a corrupt entry).
     """
     dest = Path(dest).expanduser().resolve()
-    if dest.exists() and not replace:
+    if not replace and (dest.exists() or dest.is_symlink()):
         raise ValueError(f"{dest} already exists; choose a new folder (nothing is overwritten)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    tmp = temp_path(dest)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean([dest.parent])
+        tmp.mkdir()
         write(tmp)
         tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        published = _publish(tmp, dest, replace, keep)
+    except BaseException as exc:
+        remove_tree(tmp)
+        _fail(exc, dest)
+    if not published:
+        log.info("%s was written meanwhile by another process; using it", dest)
+        remove_tree(tmp)
     return dest

@@ -201,18 +201,25 @@ def _weight_files(folder: Path) -> list[Path]:
                   if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file())
 
 
+def is_converted(folder: Path) -> bool:
+    """True if ``folder`` is a complete converted model (a config and its safetensors weights)."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
     """Convert a GGUF file once into a float32 safetensors folder in the cache and return it.
 
     transformers dequantises GGUF weights on load but refuses to ``save_pretrained`` such a
     model, so the state dict is copied into a fresh model built from the same config.
-    The folder is written to a temporary name and renamed when complete.
+    The folder is written to a temporary name and renamed when complete; when two processes
+    convert at once, the first complete folder wins and the other uses it. An incomplete
+    folder (from an older version, or damaged by hand) is replaced.
     """
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
     dest = home() / "models" / f"{gguf.stem}-{file_identity([gguf])}"
-    if (dest / "config.json").is_file():
+    if is_converted(dest):
         return dest
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -239,7 +246,7 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
         (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
 
     report(progress, 2, 3, "saving")
-    atomic_dir(dest, write, replace=True)
+    atomic_dir(dest, write, replace=True, keep=is_converted)
     report(progress, 3, 3, "converted")
     return dest
 

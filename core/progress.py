@@ -4,10 +4,11 @@ pruning, evaluation) shares with its caller.
 ``progress(done, total, message)`` is called by long work; the CLI draws a bar (or writes
 JSON lines), the dashboard an ``st.progress``; ``None`` means nobody listens. ``cancel`` is
 a ``threading.Event`` or a callable returning True; stages check it between units of work
-and raise ``Cancelled``.
+and raise ``Cancelled``. ``install_sigterm_handler`` makes SIGTERM stop work like Ctrl-C.
 """
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Callable, Optional
 
@@ -36,3 +37,16 @@ def check_cancel(cancel: object, where: str = "") -> None:
     """Raise ``Cancelled`` if ``cancel`` is set (``where`` ends up in the message)."""
     if is_cancelled(cancel):
         raise Cancelled(f"cancelled{' ' + where if where else ''}")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
+def install_sigterm_handler() -> bool:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread, like Ctrl-C, so that
+    temporaries are removed on the way out. False (and nothing changed) outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    return True
