@@ -1,6 +1,6 @@
 """Cached loaders of the dashboard (models shared by all sessions, xmin scans; analyses come from
-core's disk cache) and the
-progress callback that draws ``core``'s progress reports on an ``st.progress`` bar."""
+core's disk cache) and the progress callback that draws ``core``'s progress reports on an
+``st.progress`` bar."""
 from __future__ import annotations
 
 import streamlit as st
