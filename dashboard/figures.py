@@ -146,6 +146,7 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
     for i, it in enumerate(items):
         color = palette(i)
         row, label = it["row"], it["label"]
+        group = None if full else label        # a horizontal legend stacks a group's entries
         eigs = np.asarray(it["eigs"], dtype=np.float64)
         pos = eigs[np.isfinite(eigs) & (eigs > 0)] / unit
         if pos.size == 0:
@@ -158,7 +159,7 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
         entry = label if full or not fitted else f"{label} (α={alpha:.2f})"
         fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1] if len(density) else 0),
                                  mode="lines", line=dict(shape="hv", color=color, width=2),
-                                 name=f"{entry} ESD" if full else entry, legendgroup=label))
+                                 name=f"{entry} ESD" if full else entry, legendgroup=group))
         xs.append(edges), ys.append(shown)
         if show_fit and fitted:
             x0 = xmin / unit
@@ -166,8 +167,8 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             share = float(n_tail) / pos.size
             pdf = share * (alpha - 1) / x0 * (lam / x0) ** (-alpha)
             fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
-                                     name=f"{label} power law α={alpha:.2f}", legendgroup=label, showlegend=full))
-            _vmark(fig, x0, y0, y1, name=f"{label} xmin {x0:.3g}", color=color, dash="dot", group=label,
+                                     name=f"{label} power law α={alpha:.2f}", legendgroup=group, showlegend=full))
+            _vmark(fig, x0, y0, y1, name=f"{label} xmin {x0:.3g}", color=color, dash="dot", group=group,
                    legend=full)
             ys.append(pdf[pdf >= y0])
         if show_mp and np.isfinite(row.get("w_var", np.nan)) and row.get("w_var", 0) > 0:
@@ -176,9 +177,9 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             lam = np.linspace(max(lo, 1e-12), hi, 300)[1:-1] if linear else np.geomspace(max(lo, hi * 1e-4), hi, 300)[1:-1]
             rho = mp_density(lam, **shape) * unit
             fig.add_trace(go.Scatter(x=lam / unit, y=rho, mode="lines", line=dict(color=color, dash="dashdot", width=1.5),
-                                     name=f"{label} {mp_name}", legendgroup=label, showlegend=full, opacity=0.8))
+                                     name=f"{label} {mp_name}", legendgroup=group, showlegend=full, opacity=0.8))
             _vmark(fig, hi / unit, y0, y1, name=f"{label} λ+ (MP edge) {hi / unit:.3g}", color=color,
-                   dash="longdash", group=label, legend=full)
+                   dash="longdash", group=group, legend=full)
             xs.append([hi / unit])
     fig.update_layout(**LAYOUT, title=title, xaxis_title=f"eigenvalue λ of {unit_label}", yaxis_title="density")
     _axes(fig, xs, ys, linear=linear)
@@ -321,7 +322,7 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
                              hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
         _band(fig)
-    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} of every matrix, by kind", showlegend=False,
+    fig.update_layout(**{**LAYOUT, "height": 400}, title=f"{metric} of every matrix, by kind", showlegend=False,
                       yaxis_title=metric)
     return fig
 

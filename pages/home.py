@@ -7,7 +7,7 @@ import streamlit as st
 from core.analysis import analyze
 from core.fit import XMIN_METHODS
 from core.models import resolve_source
-from dashboard.figures import fmt_params, kind_box_figure, kind_order, show
+from dashboard.figures import export_format_control, fmt_params, kind_box_figure, kind_order, show
 from dashboard.loaders import cached_model, progress_callback
 from dashboard.state import PAGES, State, setup
 
@@ -15,6 +15,7 @@ from dashboard.state import PAGES, State, setup
 LOAD_SECONDS = "load_seconds"
 
 setup()
+export_format_control()
 ss = st.session_state
 st.title("Spectrascope")
 st.caption("Look inside an LLM through the **spectra of its weight matrices** (Heavy-Tailed "
@@ -88,7 +89,7 @@ cards = [("Family", summary.get("family", "?")), ("Blocks", int(table["block"].n
          ("Total params", fmt_params(summary["total_params"]) if summary else "?"),
          ("Median alpha", f"{table['alpha'].median():.2f}" if fits.any() else "n/a"),
          ("With a fit", f"{int(fits.sum())} / {len(table)}"), ("Analysis", took)]
-left, right = st.columns([2, 3])
+left, right = st.columns([1, 1])
 with left:
     for i in range(0, len(cards), 2):
         row = st.columns(2)
