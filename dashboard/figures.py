@@ -1,16 +1,21 @@
-"""Plotly figures and number formatting for the pages. Drawing only: every number comes from ``core``."""
+"""Plotly figures, their readable log axes, and how the pages show and export them (PNG/SVG
+charts, CSV tables). Drawing only: every number comes from ``core``."""
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import streamlit as st
 from plotly.subplots import make_subplots
 
-from core.metrics import log_histogram, mp_bulk_edges, mp_density
+from core.metrics import ALPHA_HIGH, ALPHA_LOW, log_histogram, mp_bulk_edges, mp_density
 
 COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
+#: legends go below the plot (horizontal, wrapping) so that narrow screens keep the plot's width
 LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420,
-              legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02))
+              legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
 
 
 def palette(i: int) -> str:
@@ -32,13 +37,77 @@ def fmt_params(n: int | float) -> str:
     return f"{n:.0f}"
 
 
-def _vmark(fig: go.Figure, x: float, y0: float, y1: float, *, name: str, color: str, dash: str,
-           group: str | None = None, row: int | None = None, col: int | None = None) -> None:
-    """A vertical marker drawn as a two-point line trace: unlike shapes and annotations, a trace
-    is placed in data units on linear and log axes alike, and it gets a legend entry."""
-    trace = go.Scatter(x=[x, x], y=[y0, y1], mode="lines", name=name, legendgroup=group,
+def _mark(fig: go.Figure, x: list[float], y: list[float], *, name: str, color: str, dash: str,
+          group: str | None = None, legend: bool = True, row: int | None = None, col: int | None = None) -> None:
+    """A marker line drawn as a two-point trace: unlike shapes and annotations, a trace is placed
+    in data units on linear and log axes alike, and it gets a legend entry (when ``legend``)."""
+    trace = go.Scatter(x=x, y=y, mode="lines", name=name, legendgroup=group, showlegend=legend,
                        line=dict(color=color, dash=dash, width=1.5), hovertemplate=f"{name}<extra></extra>")
     fig.add_trace(trace, row=row, col=col) if row else fig.add_trace(trace)
+
+
+def _vmark(fig: go.Figure, x: float, y0: float, y1: float, **kwargs) -> None:
+    """A vertical marker at ``x`` from ``y0`` to ``y1`` (see :func:`_mark`)."""
+    _mark(fig, [x, x], [y0, y1], **kwargs)
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _power_label(mantissa: float, exponent: int) -> str:
+    """``2×10⁻⁵``, ``10⁻⁴``; plain numbers from 0.1 to 1000 (``0.5``, ``20``)."""
+    if -1 <= exponent <= 3:
+        return f"{mantissa * 10.0 ** exponent:.10g}"
+    power = "10" + str(exponent).translate(_SUPERSCRIPT)
+    return power if mantissa == 1 else f"{mantissa:g}×{power}"
+
+
+#: mantissas per decade, from sparse to dense, for log axes spanning under about two decades
+_MANTISSAS = ([1], [1, 3], [1, 2, 5], [1, 2, 3, 5, 7], [1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9],
+              [1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9])
+
+
+def log_ticks(lo: float, hi: float, *, max_ticks: int = 7) -> dict:
+    """Tick settings of a log axis spanning ``lo``..``hi`` (positive): powers of ten, never SI
+    prefixes. Over several decades one tick every ``dtick`` decades; below about two decades
+    explicit ticks at 1-2-5 (or denser) mantissas labelled ``2×10⁻⁵``, so that even a range
+    inside one decade has at least three readable ticks and none crowd."""
+    lo, hi = (float(lo), float(hi)) if lo <= hi else (float(hi), float(lo))
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0):
+        return dict(type="log", exponentformat="power")
+    decades = np.log10(hi / lo) if hi > lo else 0.0
+    if decades >= 2.5:
+        return dict(type="log", exponentformat="power", showexponent="all", tick0=0,
+                    dtick=max(1, int(np.ceil(decades / max_ticks))), minor=dict(showgrid=False))
+    if decades == 0:
+        lo, hi = lo / 1.5, hi * 1.5
+    e0, e1 = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    inside = lambda v: lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)  # noqa: E731
+    lists = [[(m * 10.0 ** e, e, m) for e in range(e0, e1 + 1) for m in ms if inside(m * 10.0 ** e)]
+             for ms in _MANTISSAS]
+    fits = [t for t in lists if 4 <= len(t) <= max_ticks] or [t for t in lists if 3 <= len(t) <= max_ticks]
+    if fits:
+        ticks = fits[0]
+    else:                                         # a narrow range: nice linear steps (1, 2 or 5 x 10^k)
+        raw = (hi - lo) / 4
+        k = 10.0 ** np.floor(np.log10(raw))
+        step = next(s * k for s in (1, 2, 5, 10) if s * k >= raw)
+        values = np.arange(np.ceil(lo / step) * step, hi * (1 + 1e-9), step)
+        exps = [int(np.floor(np.log10(v) + 1e-9)) for v in values]
+        ticks = [(v, e, float(f"{v / 10.0 ** e:.4g}")) for v, e in zip(values, exps)]
+    return dict(type="log", tickmode="array", tickvals=[t[0] for t in ticks],
+                ticktext=[_power_label(m, e) for _, e, m in ticks])
+
+
+def log_axis(fig: go.Figure, values, *, axis: str = "x", row: int | None = None, col: int | None = None) -> None:
+    """Make ``axis`` ("x" or "y") of ``fig`` (or of one subplot) a log axis with readable ticks
+    for the positive finite ``values`` it shows (see :func:`log_ticks`). Every log axis of the
+    dashboard goes through here."""
+    v = np.concatenate([np.ravel(np.asarray(a, dtype=np.float64)) for a in values]) if len(values) else np.array([])
+    v = v[np.isfinite(v) & (v > 0)]
+    ticks = log_ticks(float(v.min()), float(v.max())) if v.size else dict(type="log", exponentformat="power")
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    update(**ticks, row=row, col=col)
 
 
 def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
@@ -51,75 +120,137 @@ def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, n
     return log_histogram(x, bins=bins)
 
 
+def _axes(fig: go.Figure, xs: list, ys: list, *, linear: bool, row: int | None = None, col: int | None = None) -> None:
+    """Linear axes, or log axes with readable ticks for the plotted ``xs`` and ``ys``."""
+    if linear:
+        fig.update_xaxes(type="linear", row=row, col=col)
+        fig.update_yaxes(type="linear", row=row, col=col)
+    else:
+        log_axis(fig, xs, axis="x", row=row, col=col)
+        log_axis(fig, ys, axis="y", row=row, col=col)
+
+
 def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True, show_mp: bool = True,
-               bins: int = 80) -> go.Figure:
-    """ESD of one or several matrices. ``items``: dicts with name, eigs, row (table row as dict)."""
+               bins: int = 80, unit: float = 1.0, unit_label: str = "WᵀW", mp_name: str = "MP (shuffled)",
+               full_legend: bool | None = None, title: str = "Empirical spectral density") -> go.Figure:
+    """ESD of one or several matrices. ``items``: dicts with label, eigs, row (table row as dict).
+
+    Each matrix has one colour for its ESD and every overlay (power-law fit, xmin, MP density,
+    λ+). The legend has one entry per matrix (a click hides all its lines) unless ``full_legend``
+    (default: only one matrix), which names every line. ``unit``: eigenvalues are drawn divided
+    by it (``unit=N`` draws X = WᵀW/N, with ``unit_label`` naming it), densities rescaled to match.
+    """
     fig = go.Figure()
+    full = len(items) == 1 if full_legend is None else full_legend
+    xs, ys = [], []
     for i, it in enumerate(items):
         color = palette(i)
-        row, eigs, label = it["row"], np.asarray(it["eigs"], dtype=np.float64), it["label"]
-        pos = eigs[np.isfinite(eigs) & (eigs > 0)]
+        row, label = it["row"], it["label"]
+        group = None if full else label        # a horizontal legend stacks a group's entries
+        eigs = np.asarray(it["eigs"], dtype=np.float64)
+        pos = eigs[np.isfinite(eigs) & (eigs > 0)] / unit
         if pos.size == 0:
             continue
         edges, density = _hist(pos, linear, bins)
         shown = density[density > 0]
         y0, y1 = (float(shown.min()), float(shown.max())) if shown.size else (1e-6, 1.0)
+        alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail")
+        fitted = alpha is not None and np.isfinite(alpha) and np.isfinite(xmin) and n_tail
+        entry = label if full or not fitted else f"{label} (α={alpha:.2f})"
         fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1] if len(density) else 0),
                                  mode="lines", line=dict(shape="hv", color=color, width=2),
-                                 name=f"{label} ESD", legendgroup=label))
-        alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail")
-        if show_fit and alpha is not None and np.isfinite(alpha) and np.isfinite(xmin) and n_tail:
-            lam = np.geomspace(xmin, pos.max(), 60)
+                                 name=f"{entry} ESD" if full else entry, legendgroup=group))
+        xs.append(edges), ys.append(shown)
+        if show_fit and fitted:
+            x0 = xmin / unit
+            lam = np.geomspace(x0, pos.max(), 60)
             share = float(n_tail) / pos.size
-            pdf = share * (alpha - 1) / xmin * (lam / xmin) ** (-alpha)
+            pdf = share * (alpha - 1) / x0 * (lam / x0) ** (-alpha)
             fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
-                                     name=f"{label} power law α={alpha:.2f}", legendgroup=label))
-            _vmark(fig, xmin, y0, y1, name=f"{label} xmin {xmin:.3g}", color=color, dash="dot", group=label)
+                                     name=f"{label} power law α={alpha:.2f}", legendgroup=group, showlegend=full))
+            _vmark(fig, x0, y0, y1, name=f"{label} xmin {x0:.3g}", color=color, dash="dot", group=group,
+                   legend=full)
+            ys.append(pdf[pdf >= y0])
         if show_mp and np.isfinite(row.get("w_var", np.nan)) and row.get("w_var", 0) > 0:
-            lo, hi = mp_bulk_edges(rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
+            shape = dict(rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
+            lo, hi = mp_bulk_edges(**shape)
             lam = np.linspace(max(lo, 1e-12), hi, 300)[1:-1] if linear else np.geomspace(max(lo, hi * 1e-4), hi, 300)[1:-1]
-            rho = mp_density(lam, rows=int(row["rows"]), cols=int(row["cols"]), w_var=float(row["w_var"]))
-            fig.add_trace(go.Scatter(x=lam, y=rho, mode="lines", line=dict(color="#888888", width=1.5),
-                                     name=f"{label} MP (shuffled)", legendgroup=label, opacity=0.8))
-            _vmark(fig, hi, y0, y1, name=f"{label} λ+ (MP edge) {hi:.3g}", color="#888888", dash="dash", group=label)
-    axis = "linear" if linear else "log"
-    fig.update_layout(**LAYOUT, title="Empirical spectral density", xaxis_title="eigenvalue λ of WᵀW",
-                      yaxis_title="density")
-    fig.update_xaxes(type=axis)
-    fig.update_yaxes(type=axis)
+            rho = mp_density(lam, **shape) * unit
+            fig.add_trace(go.Scatter(x=lam / unit, y=rho, mode="lines", line=dict(color=color, dash="dashdot", width=1.5),
+                                     name=f"{label} {mp_name}", legendgroup=group, showlegend=full, opacity=0.8))
+            _vmark(fig, hi / unit, y0, y1, name=f"{label} λ+ (MP edge) {hi / unit:.3g}", color=color,
+                   dash="longdash", group=group, legend=full)
+            xs.append([hi / unit])
+    fig.update_layout(**LAYOUT, title=title, xaxis_title=f"eigenvalue λ of {unit_label}", yaxis_title="density")
+    _axes(fig, xs, ys, linear=linear)
     return fig
 
 
 def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
-    """D and alpha against the candidate xmin (as powerlaw/WeightWatcher draw them)."""
+    """D and alpha against the candidate xmin (as powerlaw/WeightWatcher draw them); one colour
+    and one legend entry per matrix."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("KS distance D vs xmin", "alpha vs xmin"))
+    xs = []
     for i, (label, scan, chosen) in enumerate(scans):
         color = palette(i)
         if scan.empty:
             continue
-        fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["D"], mode="lines", name=f"{label} D",
+        xs.append(scan["xmin"])
+        fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["D"], mode="lines", name=f"{label} D", legendgroup=label,
                                  line=dict(color=color)), row=1, col=1)
         fig.add_trace(go.Scatter(x=scan["xmin"], y=scan["alpha"], mode="lines", name=f"{label} alpha",
-                                 line=dict(color=color, dash="dot")), row=1, col=2)
+                                 legendgroup=label, line=dict(color=color, dash="dot")), row=1, col=2)
         if chosen is not None and np.isfinite(chosen):
             d = scan["D"][np.isfinite(scan["D"])]
             for c, (y0, y1) in ((1, (float(d.min()), float(d.max())) if d.size else (0.0, 1.0)), (2, (0.0, 12.0))):
                 _vmark(fig, chosen, y0, y1, name=f"{label} chosen xmin {chosen:.3g}", color=color, dash="dash",
-                       group=label, row=1, col=c)
+                       group=label, legend=c == 1, row=1, col=c)
     fig.update_layout(**{**LAYOUT, "height": 340})
-    fig.update_xaxes(type="log", title_text="xmin")
+    for c in (1, 2):
+        log_axis(fig, xs, axis="x", row=1, col=c)
+    fig.update_xaxes(title_text="xmin")
     fig.update_yaxes(title_text="D", row=1, col=1)
     fig.update_yaxes(title_text="alpha", range=[0, 12], row=1, col=2)
     return fig
 
 
+#: alpha colour scale of the heatmap, clipped to ALPHA_CLIP: oranges below 2 (very heavy tailed),
+#: blues from light to dark across the well-trained band 2-6, greys above 6 (random-like)
+ALPHA_CLIP = (1.5, 8.0)
+
+
+def _alpha_scale() -> list:
+    lo, hi = ALPHA_CLIP
+    at = lambda a: (a - lo) / (hi - lo)  # noqa: E731
+    return [[0.0, "#B35806"], [at(ALPHA_LOW), "#F1A340"], [at(ALPHA_LOW), "#D1E5F0"], [at(4.0), "#6BAED6"],
+            [at(ALPHA_HIGH), "#08306B"], [at(ALPHA_HIGH), "#D9D9D9"], [1.0, "#636363"]]
+
+
 def heatmap_figure(pivot: pd.DataFrame, metric: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=pivot.to_numpy().T, x=pivot.index.astype(str), y=list(pivot.columns),
-                               colorscale="RdYlBu_r" if metric == "alpha" else "Viridis",
-                               colorbar=dict(title=metric),
-                               hovertemplate="block %{x}<br>kind %{y}<br>" + metric + " %{z:.3f}<extra></extra>"))
+    """``metric`` by block (x) and kind (y): a heatmap for the colours, with a transparent square
+    marker at every cell on top (Streamlit reports clicks on scatter points, not on heatmap
+    cells; a click selects that marker). For alpha the colours are clipped to ``ALPHA_CLIP``
+    around the well-trained band 2-6."""
+    z = pivot.to_numpy(dtype=np.float64).T                   # kinds x blocks
+    x, y = [str(b) for b in pivot.index], [str(k) for k in pivot.columns]
+    if metric == "alpha":
+        color = dict(colorscale=_alpha_scale(), zmin=ALPHA_CLIP[0], zmax=ALPHA_CLIP[1],
+                     colorbar=dict(title=dict(text="alpha<br><sub>2-6: well trained</sub>"),
+                                   tickvals=[1.5, 2, 4, 6, 8], ticktext=["≤1.5", "2", "4", "6", "≥8"]))
+    else:
+        color = dict(colorscale="Viridis", colorbar=dict(title=dict(text=metric)))
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, hoverinfo="skip", xgap=1, ygap=1, **color))
+    bx, ky = np.meshgrid(np.arange(len(x)), np.arange(len(y)))
+    fig.add_trace(go.Scatter(
+        x=[x[i] for i in bx.ravel()], y=[y[j] for j in ky.ravel()], mode="markers", name="cells",
+        marker=dict(symbol="square", size=14, color="rgba(0,0,0,0)"), showlegend=False,
+        customdata=np.stack([np.array(x)[bx.ravel()], np.array(y)[ky.ravel()], z.ravel()], axis=1),
+        hovertemplate="block %{customdata[0]} · %{customdata[1]}<br>" + metric
+                      + " %{customdata[2]:.4g}<br>click: open in Spectra<extra></extra>"))
     fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} by block and kind",
-                      xaxis_title="block", yaxis_title="kind")
+                      xaxis_title="block", yaxis_title="kind", hoverdistance=-1, clickmode="event+select")
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", showgrid=False, autorange="reversed")
     return fig
 
 
@@ -132,10 +263,17 @@ def depth_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figur
                                  customdata=t["name"], hovertemplate="%{customdata}<br>" + metric
                                  + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
-        fig.add_hrect(y0=2, y1=6, fillcolor="#54A24B", opacity=0.08, line_width=0,
-                      annotation_text="well trained (2-6)", annotation_position="top left")
+        _band(fig)
     fig.update_layout(**LAYOUT, title=f"{metric} against depth", xaxis_title="block", yaxis_title=metric)
     return fig
+
+
+def _band(fig: go.Figure) -> None:
+    """The well-trained alpha band 2-6, shaded, its label on a white box above the lines."""
+    fig.add_hrect(y0=ALPHA_LOW, y1=ALPHA_HIGH, fillcolor="#54A24B", opacity=0.08, line_width=0, layer="below")
+    fig.add_annotation(x=0, xref="paper", xanchor="left", y=ALPHA_HIGH, yanchor="bottom", showarrow=False,
+                       text="well trained (2-6)", font=dict(size=11, color="#2E6B2A"),
+                       bgcolor="rgba(255,255,255,0.85)", borderpad=2)
 
 
 def distribution_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figure:
@@ -183,9 +321,27 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
                              boxpoints="all", jitter=0.4, pointpos=0, customdata=t["name"],
                              hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
-        fig.add_hrect(y0=2, y1=6, fillcolor="#54A24B", opacity=0.08, line_width=0)
-    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} of every matrix, by kind", showlegend=False,
+        _band(fig)
+    fig.update_layout(**{**LAYOUT, "height": 400}, title=f"{metric} of every matrix, by kind", showlegend=False,
                       yaxis_title=metric)
+    return fig
+
+
+def phases_figure(examples: list[tuple[str, np.ndarray]], *, unit_label: str = "X") -> go.Figure:
+    """One small log-log ESD per ``(title, eigenvalues)``, three per row, each in its own colour."""
+    rows = -(-len(examples) // 3)
+    fig = make_subplots(rows=rows, cols=3, subplot_titles=[t for t, _ in examples],
+                        horizontal_spacing=0.06, vertical_spacing=0.16)
+    for i, (title, eigs) in enumerate(examples):
+        r, c = i // 3 + 1, i % 3 + 1
+        edges, density = _hist(eigs, linear=False, bins=50)
+        fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1]), mode="lines", name=title,
+                                 line=dict(shape="hv", color=palette(i), width=2), showlegend=False,
+                                 hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra>" + title + "</extra>"),
+                      row=r, col=c)
+        _axes(fig, [edges], [density[density > 0]], linear=False, row=r, col=c)
+    fig.update_layout(**{**LAYOUT, "height": 270 * rows, "margin": dict(l=10, r=10, t=40, b=10)})
+    fig.update_xaxes(title_text=f"λ of {unit_label}", row=rows)
     return fig
 
 
@@ -197,10 +353,54 @@ def perplexity_figure(pruned: pd.DataFrame, dense: float | None) -> go.Figure:
         t = t.groupby("sparsity", as_index=False)["perplexity"].last()
         fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
                                  line=dict(color=palette(i), width=2)))
-    if dense is not None:
-        fig.add_hline(y=float(np.log10(dense)), line=dict(dash="dash", color="#1F2430"),  # log axis: shapes take log10
-                      annotation_text=f"dense {dense:.2f}")
+    if dense is not None:      # a trace, not a shape: placed at the value itself on the log axis
+        _mark(fig, [0.0, 1.0], [dense, dense], name=f"dense {dense:.2f}", color="#1F2430", dash="dash")
     fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
-    fig.update_yaxes(type="log")
+    log_axis(fig, [pruned["perplexity"].to_numpy()] + ([[dense]] if dense is not None else []), axis="y")
     fig.update_xaxes(range=[-0.02, 1.0])
     return fig
+
+
+#: session key of the chart download format, "png" or "svg" (not yet in ``State``: it belongs there)
+EXPORT_FORMAT = "fig_format"
+
+
+def export_name(name: str, *, model: str | None = None, settings: dict | str | None = None) -> str:
+    """A file name (without extension) naming the model, the chart and its settings:
+    ``SmolLM2-135M-Instruct_esd_xmin-peak_blocks-0-5``. ``model`` None: the analysed model."""
+    if model is None:
+        analysis = st.session_state.get("analysis")
+        model = getattr(analysis, "model", "") or ""
+    if isinstance(settings, dict):
+        settings = "_".join(f"{k}-{v}" for k, v in settings.items())
+    parts = [str(p) for p in (model.split("/")[-1], name, settings) if p]
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(parts)).strip("_")[:180] or "chart"
+
+
+def show(fig: go.Figure, name: str, *, settings: dict | str | None = None, model: str | None = None,
+         key: str | None = None, where=None, **kwargs):
+    """Draw ``fig`` full width with a download button (the camera in its toolbar) that saves it
+    as PNG or SVG, as chosen with :func:`export_format_control`; the file name holds the model,
+    ``name`` and ``settings``. The export runs in the browser (plotly.js), so it works offline and
+    needs no kaleido. ``kwargs`` go to ``st.plotly_chart`` (``on_select``...); returns its result."""
+    fmt = st.session_state.get(EXPORT_FORMAT) or "png"
+    config = {"displaylogo": False, "toImageButtonOptions": {
+        "format": fmt, "filename": export_name(name, model=model, settings=settings), "scale": 2 if fmt == "png" else 1}}
+    return (where or st).plotly_chart(fig, width="stretch", key=key or name, config=config, **kwargs)
+
+
+def export_format_control(where=None) -> None:
+    """The one chart-format switch (PNG or SVG) of the page, in the sidebar by default; kept for
+    the whole session."""
+    (where or st.sidebar).segmented_control(
+        "Chart downloads", ["png", "svg"], format_func=str.upper, key=EXPORT_FORMAT, default="png",
+        required=True, persist_state="session",
+        help="the format the camera button of every chart saves (SVG: vector, for papers and slides)")
+
+
+def csv_button(table: pd.DataFrame, name: str, *, settings: dict | str | None = None, model: str | None = None,
+               where=None, key: str | None = None) -> None:
+    """A "CSV" download of ``table`` whose file name holds the model, ``name`` and ``settings``."""
+    (where or st).download_button("CSV", table.to_csv(index=False).encode(), key=key or f"csv_{name}",
+                                  file_name=export_name(name, model=model, settings=settings) + ".csv",
+                                  mime="text/csv", icon=":material/download:", on_click="ignore")

@@ -1,10 +1,10 @@
-"""Cached loaders of the dashboard (models shared by all sessions, analyses, xmin scans) and the
-progress callback that draws ``core``'s progress reports on an ``st.progress`` bar."""
+"""Cached loaders of the dashboard (models shared by all sessions, xmin scans; analyses come from
+core's disk cache) and the progress callback that draws ``core``'s progress reports on an
+``st.progress`` bar."""
 from __future__ import annotations
 
 import streamlit as st
 
-from core.analysis import analyze
 from core.fit import xmin_scan
 from core.models import load_model
 from core.progress import Progress
@@ -15,12 +15,6 @@ def cached_model(identity: str, source: str, device: str):
     """One loaded model per (weights identity, device), shared by all sessions: read-only.
     Never prune it in place (pruning runs in a separate process)."""
     return load_model(source, device=device)
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def cached_analysis(identity: str, xmin: str, device: str, _loaded):
-    """The analysis of a loaded model, from core's disk cache after the first run."""
-    return analyze(_loaded, xmin=xmin, device=device)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

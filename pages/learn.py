@@ -1,27 +1,38 @@
-"""Learn HT-SR: short interactive lessons on the same engine (spectra, fits, MP law, allocation)."""
+"""Learn HT-SR: short interactive lessons on the same engine (spectra, fits, MP law, allocation).
+One lesson is shown and computed at a time; each lesson holds its own controls."""
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.allocation import allocate
+from core.allocation import DEFAULT_R_MAX, allocate
 from core.fit import fit_power_law
 from core.metrics import mp_bulk_edges
 from core.profiles import load_profile
 from core.spectra import eigenvalues
-from dashboard.figures import LAYOUT, esd_figure
+from dashboard.figures import LAYOUT, esd_figure, export_format_control, phases_figure, show
 from dashboard.state import State, setup
 
+# Session keys of this page that are not yet in ``State`` (they belong there): the lesson shown,
+# the Spikes lesson's own noise variance, the Phases lesson's second step, lesson 5's S and epsilon.
+LESSON, SPIKE_VAR, PHASE_REAL, L_S, L_EPS = "l_lesson", "l_spike_var", "l_phase_real", "l_S", "l_eps"
+LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"]
+KEEP = dict(persist_state="session")      # widget values survive page switches and hidden lessons
+
 setup()
+export_format_control()
 ss = st.session_state
 st.title("Learn HT-SR")
 st.markdown("Heavy-Tailed Self-Regularization reads how well a layer is trained from the **spectrum** of its "
-            "weight matrix $W$ ($N \\times M$): the eigenvalues $\\lambda_i$ of $X = W^\\top W$, i.e. the "
-            "squared singular values. Move the sliders; every number below comes from Spectrascope's engine.")
+            "weight matrix $W$ ($N \\times M$, $N \\ge M$): the eigenvalues $\\lambda_i$ of the correlation matrix "
+            "$X = W^\\top W / N$. Every number below comes from Spectrascope's engine.")
+lesson = st.segmented_control("Lesson", LESSONS, key=LESSON, default=LESSONS[0], required=True,
+                              label_visibility="collapsed", **KEEP)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def lesson_eigs(kind: str, n: int, m: int, var: float, mu: float, spike: float, seed: int) -> np.ndarray:
-    """Eigenvalues of a synthetic matrix: gaussian, pareto (tail index mu) or spike (gaussian + theta u v^T)."""
+    """Eigenvalues of W^T W of a synthetic matrix: gaussian, pareto (tail index mu) or spike
+    (gaussian + theta u v^T)."""
     rng = np.random.default_rng(seed)
     if kind == "pareto":   # symmetric Pareto entries: P(|w| > t) = t^-mu for t >= 1
         w = rng.pareto(mu, size=(n, m)) + 1.0
@@ -34,93 +45,136 @@ def lesson_eigs(kind: str, n: int, m: int, var: float, mu: float, spike: float, 
     return eigenvalues(w)
 
 
-def synthetic_row(n: int, m: int, var: float, eigs: np.ndarray, fit=None) -> dict:
+@st.cache_data(show_spinner=False, max_entries=8)
+def fitted(n: int, m: int, mu: float, seed: int):
+    """The heavy-tails lesson's eigenvalues and their power-law fit (xmin by KS distance)."""
+    eigs = lesson_eigs("pareto", n, m, 1.0, mu, 0.0, seed)
+    return eigs, fit_power_law(eigs, xmin="full")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def phase_examples(seed: int, n: int = 500, m: int = 250) -> list[tuple[str, np.ndarray]]:
+    """One synthetic matrix per phase of Martin & Mahoney, as eigenvalues of X = W^T W / N."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(n, m))
+    theta_c = (n * m) ** 0.25                   # detection threshold of a rank-one signal (sigma = 1)
+
+    def signal(strengths) -> np.ndarray:
+        u, _ = np.linalg.qr(rng.normal(size=(n, len(strengths))))
+        v, _ = np.linalg.qr(rng.normal(size=(m, len(strengths))))
+        return (u * np.asarray(strengths, dtype=np.float64)) @ v.T
+
+    pareto = (rng.pareto(2.5, size=(n, m)) + 1.0) * rng.choice([-1.0, 1.0], size=(n, m))
+    low_rank = rng.normal(size=(n, m // 5)) @ rng.normal(size=(m // 5, m)) / np.sqrt(m // 5)
+    matrices = [
+        ("1 · random-like: Marchenko-Pastur", noise),
+        ("2 · bleeding-out: a few just past λ+", noise + signal(theta_c * np.array([1.2, 1.4, 1.7]))),
+        ("3 · bulk + spikes: clear outliers", noise + signal(theta_c * np.array([3.0, 4.0, 6.0]))),
+        ("4 · bulk-decay: no sharp edge", noise + signal(4 * theta_c * np.arange(1, 61) ** -0.7)),
+        ("5 · heavy-tailed: power-law tail", pareto),
+        ("6 · rank-collapse: mass near 0", low_rank + 1e-3 * noise),
+    ]
+    return [(title, eigenvalues(w) / n) for title, w in matrices]
+
+
+def synthetic_row(n: int, m: int, var: float, fit=None) -> dict:
     row = {"rows": n, "cols": m, "w_var": var, "alpha": np.nan, "xmin": np.nan, "n_tail": 0}
     if fit is not None and fit.ok:
         row.update(alpha=fit.alpha, xmin=fit.xmin, n_tail=fit.n_tail)
     return row
 
 
-def lesson(text: str, formula: str, slider: str, low: float, high: float, step: float, key: str) -> float:
-    """A lesson's opening: its text, its formula and its one slider; returns the slider's value."""
-    st.markdown(text)
-    st.latex(formula)
-    st.slider(slider, low, high, step=step, key=key)
-    return float(ss[key])
+def size_controls(*extra: tuple) -> tuple[int, int, int, list[float]]:
+    """The matrix size and seed controls (shared by lessons 1-3) and a lesson's own sliders
+    ``(label, low, high, step, key)`` in one row; returns N >= M, M, seed and the sliders' values."""
+    cols = st.columns(3 + len(extra))
+    cols[0].slider("N (rows)", 100, 2000, step=50, key=State.l_n)
+    cols[1].slider("M (columns)", 50, 1000, step=50, key=State.l_m)
+    cols[2].number_input("random seed", 0, 10_000, key=State.l_seed)
+    values = []
+    for col, (label, low, high, step, key) in zip(cols[3:], extra):
+        kw = {} if key in ss else {"value": {SPIKE_VAR: 1.0}.get(key, low)}
+        values.append(float(col.slider(label, low, high, step=step, key=key, **KEEP, **kw)))
+    n, m = max(ss[State.l_n], ss[State.l_m]), min(ss[State.l_n], ss[State.l_m])
+    if ss[State.l_n] < ss[State.l_m]:
+        st.caption(f"Using the larger side as N: {n} x {m}.")
+    return n, m, int(ss[State.l_seed]), values
 
 
-def noise_esd(kind: str, label: str, var: float, theta: float = 0.0):
-    """(eigenvalues, MP bulk edges, linear ESD figure without a fit) of a gaussian matrix (plus a spike)."""
-    eigs = lesson_eigs(kind, N, M, var, 0.0, theta, seed)
-    edges = mp_bulk_edges(rows=N, cols=M, w_var=var)
-    fig = esd_figure([{"label": label, "row": synthetic_row(N, M, var, eigs), "eigs": eigs}], linear=True,
-                     show_fit=False)
-    return eigs, edges, fig
+X_LABEL = "X = WᵀW/N"
 
+if lesson == LESSONS[0]:
+    st.markdown("A matrix of i.i.d. entries with variance $\\sigma^2$ has no learned structure. The ESD of "
+                "$X = W^\\top W / N$ follows the **Marchenko-Pastur** law, with $Q = N/M \\ge 1$:")
+    st.latex(r"\rho(\lambda) = \frac{Q}{2\pi\sigma^2\lambda}\sqrt{(\lambda_+-\lambda)(\lambda-\lambda_-)},\qquad "
+             r"\lambda_\pm = \sigma^2\left(1 \pm \tfrac{1}{\sqrt{Q}}\right)^2")
+    N, M, seed, (var,) = size_controls(("variance σ²", 0.1, 4.0, 0.1, State.l_var))
+    eigs = lesson_eigs("gaussian", N, M, var, 0.0, 0.0, seed)
+    lo, hi = (e / N for e in mp_bulk_edges(rows=N, cols=M, w_var=var))
+    fig = esd_figure([{"label": "gaussian W", "row": synthetic_row(N, M, var), "eigs": eigs}], linear=True,
+                     show_fit=False, unit=N, unit_label=X_LABEL, mp_name="MP law")
+    show(fig, "lesson1_mp", model="", settings={"N": N, "M": M, "var": var, "seed": seed}, key="l_mp")
+    st.caption(f"Q = {N / M:.3g}; bulk edges of X: λ- = σ²(1 - 1/√Q)² = {lo:.4g}, λ+ = σ²(1 + 1/√Q)² = {hi:.4g}; "
+               f"largest eigenvalue {eigs.max() / N:.4g}. No eigenvalue leaves the bulk: nothing was learned.")
 
-c1, c2, c3 = st.columns(3)
-c1.slider("N (rows)", 100, 2000, step=50, key=State.l_n)
-c2.slider("M (columns)", 50, 1000, step=50, key=State.l_m)
-c3.number_input("random seed", 0, 10_000, key=State.l_seed)
-N, M, seed = max(ss[State.l_n], ss[State.l_m]), min(ss[State.l_n], ss[State.l_m]), int(ss[State.l_seed])
-if ss[State.l_n] < ss[State.l_m]:
-    st.caption(f"Using the larger side as N: {N} x {M}.")
-
-tabs = st.tabs(["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"])
-
-with tabs[0]:
-    var = lesson("A matrix of i.i.d. entries with variance $\\sigma^2$ has no learned structure. Its ESD follows "
-                 "the **Marchenko-Pastur** law: with $Q = N/M \\ge 1$ and $X = W^\\top W / N$,",
-                 r"\rho(\lambda) = \frac{Q}{2\pi\sigma^2\lambda}\sqrt{(\lambda_+-\lambda)(\lambda-\lambda_-)},\qquad "
-                 r"\lambda_\pm = \sigma^2\left(1 \pm \tfrac{1}{\sqrt{Q}}\right)^2",
-                 "variance σ²", 0.1, 4.0, 0.1, State.l_var)
-    eigs, (lo, hi), fig = noise_esd("gaussian", "gaussian", var)
-    st.plotly_chart(fig, width="stretch", key="l_mp")
-    st.caption(f"Bulk edges (units of $W^\\top W$): λ- = {lo:.4g}, λ+ = {hi:.4g}; largest eigenvalue "
-               f"{eigs.max():.4g}. No eigenvalue leaves the bulk: nothing was learned.")
-
-with tabs[1]:
-    mu = lesson("Training correlates the weights. HT-SR models that with **heavy-tailed** entries: "
+elif lesson == LESSONS[1]:
+    st.markdown("Training correlates the weights. HT-SR models that with **heavy-tailed** entries: "
                 "$P(|W_{ij}| > t) \\sim t^{-\\mu}$. For $\\mu < 2$ the ESD itself becomes a power law "
-                "$\\rho(\\lambda) \\sim \\lambda^{-\\alpha}$ with",
-                r"\alpha = 1 + \frac{\mu}{2}\quad(\mu < 2);\qquad 2<\mu<4:\ \text{finite-size power law};\qquad "
-                r"\mu > 4:\ \text{Marchenko-Pastur again}",
-                "tail index μ of the entries", 0.5, 5.0, 0.1, State.l_mu)
-    eigs = lesson_eigs("pareto", N, M, 1.0, mu, 0.0, seed)
-    fit = fit_power_law(eigs, xmin="full")
-    fig = esd_figure([{"label": f"μ={mu:g}", "row": synthetic_row(N, M, np.nan, eigs, fit), "eigs": eigs}],
-                     show_mp=False)
-    st.plotly_chart(fig, width="stretch", key="l_ht")
+                "$\\rho(\\lambda) \\sim \\lambda^{-\\alpha}$ with")
+    st.latex(r"\alpha = 1 + \frac{\mu}{2}\quad(\mu < 2);\qquad 2<\mu<4:\ \text{finite-size power law};\qquad "
+             r"\mu > 4:\ \text{Marchenko-Pastur again}")
+    N, M, seed, (mu,) = size_controls(("tail index μ of the entries", 0.5, 5.0, 0.1, State.l_mu))
+    eigs, fit = fitted(N, M, mu, seed)
+    fig = esd_figure([{"label": f"μ={mu:g}", "row": synthetic_row(N, M, np.nan, fit), "eigs": eigs}],
+                     show_mp=False, unit=N, unit_label=X_LABEL)
+    show(fig, "lesson2_heavy_tails", model="", settings={"N": N, "M": M, "mu": mu, "seed": seed}, key="l_ht")
     a, b = st.columns(2)
     a.metric("fitted alpha", f"{fit.alpha:.2f}" if fit.ok else "no fit")
     b.metric("theory 1 + μ/2", f"{1 + mu / 2:.2f}" if mu < 2 else "n/a (μ ≥ 2)")
+    if mu >= 4:
+        st.info(f"At μ = {mu:g} the entries have a finite fourth moment: the ESD is Marchenko-Pastur again, with "
+                "a sharp edge and no power-law tail. The fit still returns a number, but a power law fitted to "
+                "an MP edge means little (large, unstable alpha).", icon=":material/info:")
+    elif mu >= 2:
+        st.caption("For 2 ≤ μ < 4 the tail is a finite-size power law: alpha depends on N and M, not only on μ.")
     st.caption("Smaller μ: heavier tails, smaller alpha. LLM layers typically show alpha between 2 and 6.")
 
-with tabs[2]:
-    strength = lesson("A learned feature can also appear as a **spike**: a rank-one signal $\\theta\\,u v^\\top$ "
-                      "(unit vectors) added to noise of variance $\\sigma^2$. It leaves the bulk only above the "
-                      "detection (BBP) threshold, in units of $W^\\top W$:",
-                      r"\theta_c = \sigma\,(NM)^{1/4},\qquad \lambda_{\text{spike}} = "
-                      r"\frac{(\theta^2 + \sigma^2 N)(\theta^2 + \sigma^2 M)}{\theta^2}\ \ (\theta > \theta_c)",
-                      "signal strength θ / θc", 0.0, 3.0, 0.05, State.l_spike)
-    var = float(ss[State.l_var])
+elif lesson == LESSONS[2]:
+    st.markdown("A learned feature can also appear as a **spike**: a rank-one signal $\\theta\\,u v^\\top$ "
+                "(unit vectors) added to noise of variance $\\sigma^2$. It leaves the bulk only above the "
+                "detection (BBP) threshold $\\theta_c$; then the largest eigenvalue of $X = W^\\top W / N$ is")
+    st.latex(r"\theta_c = \sigma\,(NM)^{1/4},\qquad \lambda_{\text{spike}} = "
+             r"\frac{(\theta^2 + \sigma^2 N)(\theta^2 + \sigma^2 M)}{N\,\theta^2}\ \ (\theta > \theta_c)")
+    N, M, seed, (var, strength) = size_controls(("noise variance σ²", 0.1, 4.0, 0.1, SPIKE_VAR),
+                                                 ("signal strength θ / θc", 0.0, 3.0, 0.05, State.l_spike))
     theta_c = np.sqrt(var) * (N * M) ** 0.25
     theta = strength * theta_c
-    eigs, (lo, hi), fig = noise_esd("spike", "noise + spike", var, theta)
-    fig.add_vline(x=float(eigs.max()), line=dict(color="#E45756", width=2), annotation_text="largest λ")  # linear axis
-    st.plotly_chart(fig, width="stretch", key="l_spike_fig")
-    predicted = (theta**2 + var * N) * (theta**2 + var * M) / theta**2 if theta > theta_c else hi
+    eigs = lesson_eigs("spike", N, M, var, 0.0, theta, seed)
+    hi = mp_bulk_edges(rows=N, cols=M, w_var=var)[1] / N
+    top = float(eigs.max()) / N
+    fig = esd_figure([{"label": "noise + spike", "row": synthetic_row(N, M, var), "eigs": eigs}], linear=True,
+                     show_fit=False, unit=N, unit_label=X_LABEL, mp_name="MP law of the noise")
+    fig.add_vline(x=top, line=dict(color="#E45756", width=2), annotation_text="largest λ")  # linear axis
+    show(fig, "lesson3_spike", model="", settings={"N": N, "M": M, "var": var, "theta": f"{strength:g}thc"},
+         key="l_spike_fig")
+    predicted = (theta**2 + var * N) * (theta**2 + var * M) / (N * theta**2) if theta > theta_c else hi
     a, b, c = st.columns(3)
-    a.metric("largest eigenvalue", f"{eigs.max():.4g}")
+    a.metric("largest eigenvalue", f"{top:.4g}")
     b.metric("prediction", f"{predicted:.4g}", help="the spike formula above θc, the bulk edge λ+ below it")
     c.metric("bulk edge λ+", f"{hi:.4g}")
     st.caption("Below θc the signal is invisible in the spectrum; above it one eigenvalue separates from the bulk.")
 
-with tabs[3]:
-    st.markdown("Martin & Mahoney describe training as a path through **phases**: *random-like* (fits MP) → "
-                "*bleeding-out* → *bulk + spikes* → *bulk-decay* → *heavy-tailed* → *rank-collapse*. "
-                "Here are three layers of the loaded model: the most random-like (largest alpha), a typical "
-                "one (median alpha) and the most heavy-tailed (smallest alpha).")
+elif lesson == LESSONS[3]:
+    st.markdown("Martin & Mahoney describe training as a path through six **phases**, read from the ESD: "
+                "*random-like* → *bleeding-out* → *bulk + spikes* → *bulk-decay* → *heavy-tailed* → "
+                "*rank-collapse*. **Step 1**: one synthetic 500 x 250 matrix per phase (log-log axes).")
+    examples = phase_examples(int(ss[State.l_seed]))
+    show(phases_figure(examples, unit_label=X_LABEL), "lesson4_phases", model="", key="l_phases")
+    st.caption("1: i.i.d. noise. 2: weak rank-one signals just above the threshold leave the edge. "
+               "3: strong signals, far outliers. 4: sixty signals of decaying strength blur the edge into a tail. "
+               "5: heavy-tailed entries (μ = 2.5), a power-law tail. 6: a rank-50 matrix: most eigenvalues "
+               "collapse towards 0.")
+    st.markdown("**Step 2**: real layers of the loaded model, on the same log-log axes.")
     analysis = ss[State.analysis]
     if analysis is None:
         st.info("Load a model on **Home / model** to see its own layers here.")
@@ -128,39 +182,52 @@ with tabs[3]:
         t = analysis.table[analysis.table["alpha"].notna()].sort_values("alpha")
         if t.empty:
             st.info("No matrix of this model has a power-law fit.")
-        else:
+        elif st.toggle("Show three layers of the loaded model", key=PHASE_REAL, **KEEP):
             picks = [("most random-like", t.iloc[-1]), ("typical", t.iloc[len(t) // 2]),
                      ("most heavy-tailed", t.iloc[0])]
-            cols = st.columns(3)
-            for col, (what, r) in zip(cols, picks):
-                fig = esd_figure([{"label": f"{r['block']}.{r['kind']}", "row": r.to_dict(),
-                                   "eigs": analysis.eigs[r["name"]]}])
-                fig.update_layout(height=320, showlegend=False, title=f"{what}: α = {r['alpha']:.2f}")
-                col.plotly_chart(fig, width="stretch", key=f"phase_{what}")
-                col.caption(f"`{r['name']}` · {r['num_spikes']:.0f} eigenvalues above λ+ · {r['status']}")
+            items = [{"label": f"{what}: {r['block']}.{r['kind']} α={r['alpha']:.2f}", "row": r.to_dict(),
+                      "eigs": analysis.eigs[r["name"]]} for what, r in picks]
+            fig = esd_figure(items, show_mp=False, full_legend=False,
+                             title=f"three layers of {analysis.model}: largest, median and smallest alpha")
+            show(fig, "lesson4_layers", settings={"xmin": analysis.xmin}, key="l_layers")
+            st.caption(" · ".join(f"`{r['name']}`: {r['num_spikes']:.0f} eigenvalues above λ+, {r['status']}"
+                                  for _, r in picks) + ". Dashed: each layer's power-law fit from its xmin (dotted).")
 
-with tabs[4]:
+else:
     st.markdown("AlphaPruning turns each block's mean alpha $m_i$ into a sparsity: a linear map into "
-                "$[1-\\varepsilon, 1+\\varepsilon]$, then a rescale so the parameter-weighted mean is the target $S$:")
+                "$[1-\\varepsilon, 1+\\varepsilon]$, then a rescale so the parameter-weighted mean is the target "
+                "$S$, with every ratio capped at $r_{\\max}$:")
     st.latex(r"q_i = (1-\varepsilon) + 2\varepsilon\,\frac{m_i - \min m}{\max m - \min m},\qquad "
-             r"r_i = q_i\,\frac{S\sum_j n_j}{\sum_j n_j q_j}")
-    st.markdown("Larger alpha = less well trained = pruned more.")
+             r"r_i = \min\!\Big(q_i\,\frac{S\sum_j n_j}{\sum_j n_j q_j},\ r_{\max}\Big)")
+    a, b = st.columns(2)
+    S = a.slider("target sparsity S", 0.1, 0.9, step=0.05, key=L_S, **KEEP, **({} if L_S in ss else {"value": 0.7}))
+    eps = b.slider("ε", 0.0, 0.8, step=0.05, key=L_EPS, **KEEP, **({} if L_EPS in ss else {"value": 0.3}))
     analysis = ss[State.analysis]
     table = analysis.table if analysis is not None else load_profile("llama-7b-hf")
     source = analysis.model if analysis is not None else "published LLaMA-7B profile"
-    a, b = st.columns(2)
-    S = a.slider("target sparsity S", 0.1, 0.9, 0.7, 0.05, key="l_S")
-    eps = b.slider("ε", 0.0, 0.8, 0.3, 0.05, key="l_eps")
     try:
-        ratios = allocate(table, sparsity=S, epsilon=eps).ratios
+        alloc = allocate(table, sparsity=S, epsilon=eps, r_max=DEFAULT_R_MAX)
     except ValueError as exc:
         st.error(str(exc))
     else:
-        blocks = ratios.groupby("block").agg(metric=("metric", "mean"), ratio=("ratio", "mean"))
-        fig = go.Figure(go.Scatter(x=blocks["metric"], y=blocks["ratio"], mode="markers+text",
-                                   text=blocks.index.astype(str), textposition="top center",
-                                   marker=dict(size=9, color="#3E5C9A")))
+        r = alloc.ratios
+        blocks = r.groupby("block").agg(metric=("metric", "mean"), ratio=("ratio", "mean"), capped=("clipped", "any"))
+        fig = go.Figure(go.Scatter(
+            x=blocks["metric"], y=blocks["ratio"], mode="markers", name="blocks",
+            marker=dict(size=10, color=blocks.index, colorscale="Viridis", line=dict(width=1, color="white"),
+                        symbol=np.where(blocks["capped"], "diamond", "circle"),
+                        colorbar=dict(title=dict(text="block"), thickness=12)),
+            customdata=np.stack([blocks.index, blocks["capped"].map({True: " (at r_max)", False: ""})], axis=1),
+            hovertemplate="block %{customdata[0]}%{customdata[1]}<br>mean alpha %{x:.3f}<br>"
+                          "sparsity %{y:.3f}<extra></extra>"))
         fig.add_hline(y=S, line=dict(dash="dash"), annotation_text="S")
-        fig.update_layout(**{**LAYOUT, "height": 360}, title=f"block mean alpha → block sparsity ({source})",
-                          xaxis_title="block mean alpha", yaxis_title="sparsity ratio")
-        st.plotly_chart(fig, width="stretch", key="l_alloc")
+        fig.add_hline(y=DEFAULT_R_MAX, line=dict(dash="dot", color="#E45756"), annotation_text=f"r_max {DEFAULT_R_MAX:g}",
+                      annotation_position="bottom right")
+        fig.update_layout(**{**LAYOUT, "height": 380}, title=f"block mean alpha → block sparsity ({source})",
+                          xaxis_title="block mean alpha", yaxis_title="sparsity ratio", showlegend=False)
+        show(fig, "lesson5_alloc", model=source, settings={"S": S, "eps": eps}, key="l_alloc")
+        capped = [int(b) for b in blocks.index[blocks["capped"]]]
+        st.caption("Larger alpha = less well trained = pruned more. Colour: block depth; hover a point for its "
+                   f"block. No ratio may exceed r_max = {DEFAULT_R_MAX:g}: "
+                   + (f"block{'s' if len(capped) > 1 else ''} {', '.join(map(str, capped))} reached it (diamonds) "
+                      "and their excess went to the other blocks." if capped else "no block reaches it here."))

@@ -1,11 +1,16 @@
 """Layer quality: a metric over blocks and kinds, against depth, its distribution, the flagged matrices."""
 import streamlit as st
 
-from dashboard.figures import depth_figure, distribution_figure, heatmap_figure, kind_order
+from dashboard.figures import (csv_button, depth_figure, distribution_figure, export_format_control, heatmap_figure,
+                               kind_order, show)
 from dashboard.state import METRICS, PAGES, State, analysis_page
+
+#: a matrix a click asked to open, (block, kind); set by a selection callback, used once below
+OPEN = "q_open"
 
 ss = st.session_state
 analysis = analysis_page("Layer quality")
+export_format_control()
 table = analysis.table
 kinds = kind_order(table)
 metrics = [m for m in METRICS if m in table.columns and table[m].notna().any()]
@@ -21,8 +26,28 @@ def open_in_spectra(block: int, kind: str) -> None:
     st.switch_page(PAGES["spectra"][0])
 
 
+def clicked(key: str) -> None:
+    """Selection callback of the heatmap ("heatmap": a cell marker) and the flagged table
+    ("flagged": a row): remember the matrix to open (once; the page body switches)."""
+    selection = ss[key].selection
+    if key == "heatmap":
+        points = [p for p in selection.get("points", []) if p.get("curve_number") == 1]
+        if points:
+            ss[OPEN] = (int(points[0]["x"]), str(points[0]["y"]))
+    elif selection.get("rows"):
+        pick = flagged.iloc[selection["rows"][0]]
+        ss[OPEN] = (int(pick["block"]), str(pick["kind"]))
+
+
+if ss.get(OPEN):
+    open_in_spectra(*ss.pop(OPEN))
+
 pivot = table.pivot_table(index="block", columns="kind", values=metric, aggfunc="first").reindex(columns=kinds)
-st.plotly_chart(heatmap_figure(pivot, metric), width="stretch", key="heatmap")
+show(heatmap_figure(pivot, metric), "heatmap", settings={"metric": metric, "xmin": analysis.xmin}, key="heatmap",
+     on_select=lambda: clicked("heatmap"), selection_mode="points")
+st.caption("Click a cell to open that matrix in Spectra."
+           + (" Colours are clipped to alpha 1.5-8: oranges below 2 (very heavy tailed), blues across the "
+              "well-trained band 2-6 (darker: larger alpha), greys above 6 (random-like)." if metric == "alpha" else ""))
 
 c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
 blocks = sorted(int(b) for b in table["block"].unique())
@@ -41,10 +66,12 @@ if not cell.empty:
     st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g}{extra} · status: {r['status']}")
 
 left, right = st.columns(2)
-left.plotly_chart(depth_figure(table, metric, kinds), width="stretch", key="depth")
-right.plotly_chart(distribution_figure(table, metric, kinds), width="stretch", key="dist")
+show(depth_figure(table, metric, kinds), "depth", settings={"metric": metric, "xmin": analysis.xmin}, where=left)
+show(distribution_figure(table, metric, kinds), "distribution", settings={"metric": metric, "xmin": analysis.xmin},
+     where=right)
 
-st.subheader("Flagged matrices")
+h1, h2 = st.columns([6, 1], vertical_alignment="bottom")
+h1.subheader("Flagged matrices")
 status = table["status"].astype(str)
 flagged = table[~status.str.lower().isin({"ok", "well trained", "well-trained", "good"})]
 st.caption("Over-trained (alpha < 2: very heavy tailed), under-trained (alpha > 6: random-like) and matrices "
@@ -54,9 +81,7 @@ if flagged.empty:
 else:
     counts = flagged["status"].astype(str).str.replace(r"^no fit.*", "no fit", regex=True).value_counts()
     st.write(" · ".join(f"**{k}**: {v}" for k, v in counts.items()))
-    event = st.dataframe(flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]], hide_index=True,
-                         width="stretch", on_select="rerun", selection_mode="single-row", key="flagged")
-    rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
-    if rows:
-        pick = flagged.iloc[rows[0]]
-        open_in_spectra(pick["block"], pick["kind"])
+    listed = flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]]
+    csv_button(listed, "flagged", settings={"xmin": analysis.xmin}, where=h2)
+    st.dataframe(listed, hide_index=True, width="stretch", on_select=lambda: clicked("flagged"),
+                 selection_mode="single-row", key="flagged")

@@ -37,3 +37,25 @@ def test_load_and_analyse_demo_shows_summary(demo, demo_analysis_full):
     assert metrics["Family"] == "llama"
     assert metrics["Analysis"] == "from cache"
     assert at.session_state["analysis"].xmin == "full"
+
+
+def test_a_fresh_analysis_reports_its_time_and_a_failed_load_keeps_the_old_model_labelled(demo):
+    import shutil
+
+    from core.analysis import _cache_dir
+
+    shutil.rmtree(_cache_dir(demo.identity, "mid"), ignore_errors=True)   # nothing cached: computed now
+    at = new_app(timeout=300)
+    at.selectbox(key="device").set_value("cpu")
+    at.selectbox(key="xmin").set_value("mid")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    took = {m.label: m.value for m in at.metric}["Analysis"]
+    assert took != "from cache" and took.endswith(" s")
+    assert not at.warning
+
+    at.text_input(key="source").set_value("/no/such/model.gguf")
+    at.button[0].click().run()
+    assert "model path not found" in at.error[0].value
+    assert "Still loaded" in at.warning[0].value and "SmolLM2" in at.warning[0].value
+    assert at.session_state["analysis"].xmin == "mid"
