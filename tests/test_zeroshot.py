@@ -66,7 +66,9 @@ def task_dir(tmp_path_factory):
     return folder
 
 
-def _harness():
+@pytest.fixture(scope="module")
+def harness():
+    """lm-evaluation-harness, or the test is skipped (before the demo model is loaded)."""
     return pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: pip install "
                                "'spectrascope[zeroshot]'")
 
@@ -130,8 +132,7 @@ def test_missing_harness_says_which_extra_to_install(monkeypatch):
 # --- with the harness, on the demo model -----------------------------------------------------
 
 @pytest.mark.slow
-def test_local_task_scores_match_loglikelihoods_computed_here(demo, task_dir):
-    _harness()
+def test_local_task_scores_match_loglikelihoods_computed_here(harness, demo, task_dir):
     limit = 8
     result = zeroshot(demo, ["tiny_mc"], task_dir=task_dir, limit=limit, device="cpu")
     score = result.task("tiny_mc")
@@ -151,8 +152,7 @@ def test_local_task_scores_match_loglikelihoods_computed_here(demo, task_dir):
 
 
 @pytest.mark.slow
-def test_zeroshot_command_records_an_eval_run(demo, task_dir, capsys):
-    _harness()
+def test_zeroshot_command_records_an_eval_run(harness, demo, task_dir, capsys):
     code = main(["zeroshot", "--model", "demo", "--tasks", "tiny_mc", "--task-dir", str(task_dir), "--limit", "5",
                  "--device", "cpu", "--json", "--quiet"])
     assert code == 0
@@ -170,8 +170,7 @@ def test_zeroshot_command_records_an_eval_run(demo, task_dir, capsys):
 
 
 @pytest.mark.slow
-def test_missing_task_data_gives_one_line_saying_what_to_do(demo, task_dir, capsys):
-    _harness()
+def test_missing_task_data_gives_one_line_saying_what_to_do(harness, demo, task_dir, capsys):
     with pytest.raises(ValueError, match=r"task broken_mc: its data could not be loaded .*--task-dir"):
         zeroshot(demo, "broken_mc", task_dir=task_dir, device="cpu")
     code = main(["zeroshot", "--tasks", "boolq", "--limit", "2", "--device", "cpu", "--quiet"])   # offline
@@ -183,8 +182,7 @@ def test_missing_task_data_gives_one_line_saying_what_to_do(demo, task_dir, caps
 
 
 @pytest.mark.slow
-def test_prune_with_zeroshot_scores_the_pruned_model(demo, task_dir, tmp_path):
-    _harness()
+def test_prune_with_zeroshot_scores_the_pruned_model(harness, demo, task_dir, tmp_path):
     reg = Registry(tmp_path / "runs.sqlite")
     spec = PruneSpec(method="magnitude", sparsity=0.5, device="cpu",
                      evaluation=EvaluationSpec(zeroshot=("tiny_mc",), zeroshot_limit=4, task_dir=task_dir))
