@@ -30,6 +30,7 @@ from .pruning import owl_scores as compute_owl_scores
 from .pruning import prune
 from .registry import Registry, software_versions
 from .texts import EMBEDDED
+from .zeroshot import ZeroShot, record_zeroshot, task_folder, task_names
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,26 @@ class CalibrationSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``."""
+    """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``;
+    zero-shot accuracy on the ``zeroshot`` tasks (none: not measured; ``core.zeroshot``), the
+    first ``zeroshot_limit`` documents of each, tasks also read from ``task_dir``."""
 
     evaluate: bool = False
     dataset: str = EMBEDDED
     seqlen: int = DEFAULT_SEQLEN
     max_windows: int | None = None
+    zeroshot: tuple[str, ...] = ()
+    zeroshot_limit: int | None = None
+    task_dir: Path | None = None
 
     def __post_init__(self) -> None:
         _flag("evaluation.evaluate", self.evaluate)
         _text("evaluation.dataset", self.dataset)
         _whole("evaluation.seqlen", self.seqlen, 2)
         _whole("evaluation.max_windows", self.max_windows, 1, optional=True)
+        object.__setattr__(self, "zeroshot", task_names(self.zeroshot) if self.zeroshot else ())
+        _whole("evaluation.zeroshot_limit", self.zeroshot_limit, 1, optional=True)
+        object.__setattr__(self, "task_dir", task_folder(self.task_dir))
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,9 @@ class PruneSpec:
         argv += ["--eval"] if e.evaluate else []
         argv += ["--dataset", e.dataset, "--eval-seqlen", str(e.seqlen)]
         argv += ["--max-windows", str(e.max_windows)] if e.max_windows is not None else []
+        argv += ["--zeroshot", ",".join(e.zeroshot)] if e.zeroshot else []
+        argv += ["--zeroshot-limit", str(e.zeroshot_limit)] if e.zeroshot_limit is not None else []
+        argv += ["--task-dir", str(e.task_dir)] if e.task_dir else []
         argv += ["--device", self.device, "--dtype", self.dtype]
         argv += ["--save", str(self.save)] if self.save else []
         argv += ["--trust-remote-code"] if self.trust_remote_code else []
@@ -237,7 +249,8 @@ class PruneSpec:
             calibration=CalibrationSpec(get("calib", EMBEDDED), get("nsamples", DEFAULT_NSAMPLES), seqlen,
                                         get("seed", DEFAULT_SEED)),
             evaluation=EvaluationSpec(get("eval", False), get("dataset", EMBEDDED), get("eval_seqlen", seqlen),
-                                      get("max_windows", None)),
+                                      get("max_windows", None), zeroshot=get("zeroshot", ()),
+                                      zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
             trust_remote_code=get("trust_remote_code", False))
         return cls(**{**fields, **overrides})
@@ -261,6 +274,7 @@ class RunResult:
     perplexity: Perplexity | None = None
     output_dir: Path | None = None
     calibration: dict = field(default_factory=dict)
+    zeroshot: ZeroShot | None = None
 
     def to_dict(self) -> dict:
         ppl = self.perplexity
@@ -268,7 +282,8 @@ class RunResult:
                 "sparsity": self.sparsity, "epsilon": self.epsilon, "nm": self.nm,
                 "achieved_sparsity": self.achieved, "prune_seconds": self.prune_seconds,
                 "calibration": self.calibration, "output_dir": str(self.output_dir) if self.output_dir else None,
-                "perplexity": ppl.to_dict() if ppl is not None else None}
+                "perplexity": ppl.to_dict() if ppl is not None else None,
+                "zeroshot": self.zeroshot.to_dict() if self.zeroshot is not None else None}
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -380,7 +395,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         if spec.evaluation.evaluate:
             ppl = _evaluate(spec, result.model, registry, run_id, progress, cancel)
         out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else sparsity,
-                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib)
+                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib,
+                        _zeroshot(spec, result.model, registry, run_id, progress))
         if spec.save:
             report = {**out.to_dict(), "output_dir": str(spec.save), "model": loaded.source,
                       "model_identity": loaded.identity, "allocation_params": params, "versions": software_versions(),
@@ -402,11 +418,23 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
 
 def eval_run(spec: PruneSpec, loaded: LoadedModel | None = None, *, registry: Registry | None = None,
              progress: Progress = None, cancel: object = None) -> tuple[int, Perplexity]:
-    """Perplexity of the model as it is (``loaded``, or the spec's model), recorded as an
-    ``eval`` run. Only the spec's model, dtype, device and ``evaluation`` are used."""
+    """Perplexity (and the zero-shot tasks, if any) of the model as it is (``loaded``, or the
+    spec's model), recorded as an ``eval`` run. Only the spec's model, dtype, device and
+    ``evaluation`` are used."""
     registry = registry or Registry()
     loaded = loaded if loaded is not None else load_for(spec, progress)
     with registry.record("eval", model=loaded.source, model_identity=loaded.identity, method="dense",
                          device=spec.device, dtype=loaded.dtype_name) as run_id:
         ppl = _evaluate(spec, loaded, registry, run_id, progress, cancel)
+        _zeroshot(spec, loaded, registry, run_id, progress)
     return run_id, ppl
+
+
+def _zeroshot(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: int, progress: Progress
+              ) -> ZeroShot | None:
+    """The spec's zero-shot tasks on ``loaded``, recorded with run ``run_id`` (None without tasks)."""
+    e = spec.evaluation
+    if not e.zeroshot:
+        return None
+    return record_zeroshot(loaded, registry, run_id, e.zeroshot, task_dir=e.task_dir, limit=e.zeroshot_limit,
+                           device=spec.device, progress=progress)

@@ -4,7 +4,7 @@ eval run and one row per pruned matrix; nothing here loads or prunes a model.
 ``runs``: kind prune or eval; model identity, method, allocation and its parameters,
 calibration settings, perplexity, timings, software versions, status
 running/done/failed/cancelled with the error. ``matrices``: requested ratio and achieved
-sparsity per matrix. The schema is versioned (``schema_version``); WAL mode and a busy
+sparsity per matrix. ``zeroshot``: a run's zero-shot scores, one row per task and metric. The schema is versioned (``schema_version``); WAL mode and a busy
 timeout make two processes writing at once safe; every write is one short transaction.
 """
 from __future__ import annotations
@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS matrices (
     PRIMARY KEY (run_id, name)
 );
 CREATE INDEX IF NOT EXISTS runs_model ON runs(model_identity, kind, status);
+CREATE TABLE IF NOT EXISTS zeroshot (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    task TEXT NOT NULL, metric TEXT NOT NULL, value REAL, stderr REAL, n INTEGER,
+    harness_version TEXT, "limit" INTEGER,
+    PRIMARY KEY (run_id, task, metric)
+);
 """
 
 _RUN_COLUMNS = ("kind", "status", "error", "model", "model_identity", "method", "allocation", "sparsity", "epsilon",
@@ -216,3 +222,23 @@ class Registry:
         t = self.query(status="done", model_identity=model_identity)
         t = t[t["perplexity"].notna()]
         return t.loc[:, list(COMPARE_COLUMNS)].reset_index(drop=True)
+
+    ZEROSHOT_COLUMNS = ("run_id", "task", "metric", "value", "stderr", "n", "harness_version", "limit")
+
+    def add_zeroshot(self, run_id: int, rows: list[Mapping[str, object]]) -> None:
+        """Zero-shot rows of a run (keys task, metric, value, stderr, n, harness_version, limit)."""
+        values = [(run_id, *(r[c] for c in self.ZEROSHOT_COLUMNS[1:])) for r in rows]
+        with self._connect() as con:
+            con.executemany("INSERT OR REPLACE INTO zeroshot VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+    def zeroshot(self, run_ids: list[int] | None = None) -> pd.DataFrame:
+        """Zero-shot rows (``ZEROSHOT_COLUMNS``) of the given runs (all when ``None``)."""
+        sql = 'SELECT run_id, task, metric, value, stderr, n, harness_version, "limit" FROM zeroshot'
+        params = [int(i) for i in run_ids] if run_ids is not None else []
+        if run_ids is not None:
+            sql += f" WHERE run_id IN ({', '.join('?' * len(params))})"
+        con = sqlite3.connect(self.path, timeout=60)
+        try:
+            return pd.read_sql_query(sql + " ORDER BY run_id, rowid", con, params=params)
+        finally:
+            con.close()

@@ -23,6 +23,7 @@ from ..progress import Progress
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
 from .prune import add_eval, add_prune, add_sweep, add_tune_epsilon, run_eval, run_prune, run_sweep, run_tune_epsilon
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
+from .zeroshot import add_zeroshot, run_zeroshot
 
 EPILOG = """machine-readable progress (for the dashboard and scripts):
   spectrascope --progress-json COMMAND ... writes, instead of the progress bar, one JSON
@@ -32,7 +33,7 @@ EPILOG = """machine-readable progress (for the dashboard and scripts):
     {"event": "error", "message": "<one line>", "exit": N}            when the command fails
   (every line of stderr is then such an object; N = 2 for an input error, 130 when interrupted, 1 for anything else). The result still
   goes to stdout as without the option (add --json to the command for JSON)."""
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
 
 
 class Command(NamedTuple):
@@ -52,6 +53,8 @@ COMMANDS: dict[str, Command] = {
                      "(CSV and Markdown)", add_sweep, run_sweep),
     "tune-epsilon": Command("pick AlphaPruning's epsilon by perplexity on held-out calibration text (never the "
                             "evaluation text)", add_tune_epsilon, run_tune_epsilon),
+    "zeroshot": Command("zero-shot accuracy through lm-evaluation-harness (BoolQ, ARC, ... or local task files)",
+                        add_zeroshot, run_zeroshot),
 }
 
 

@@ -14,6 +14,8 @@ from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, loa
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
 from ..sweeps import DEFAULT_EPSILONS, sweep, sweep_report, tune_epsilon
+from ..zeroshot import with_accuracy
+from .zeroshot import opts_zeroshot
 
 
 # --- shared options ------------------------------------------------------------------------
@@ -94,6 +96,7 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="measure perplexity of the pruned model")
     _opts_eval(p)
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
+    opts_zeroshot(p)
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
@@ -107,6 +110,8 @@ def run_prune(args: argparse.Namespace, progress: Progress) -> str:
              f"{(m['achieved'] - m['ratio']).abs().max():.2e}"]
     if run.perplexity is not None:
         lines.append(run.perplexity.summary())
+    if run.zeroshot is not None:
+        lines.append(run.zeroshot.summary())
     if run.output_dir:
         lines.append(f"saved to {run.output_dir}")
     return "\n".join(lines)
@@ -138,6 +143,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
+    opts_zeroshot(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
@@ -152,6 +158,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
                   progress=progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)
+    table = with_accuracy(table)
     table.to_csv(out.with_suffix(".csv"), index=False)
     md = sweep_report(table, base, model=loaded.source, calibration=calib, seconds=seconds)
     out.with_suffix(".md").write_text(md)

@@ -1,0 +1,47 @@
+"""The ``zeroshot`` sub-command (zero-shot accuracy of a model through lm-evaluation-harness,
+recorded as an ``eval`` run) and the ``--zeroshot`` options ``prune`` and ``sweep`` share."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import DTYPES
+from ..models import load_model
+from ..progress import Progress
+from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, zeroshot_run
+
+
+def opts_task_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task-dir", metavar="DIR", help="a folder of lm-evaluation-harness task YAML files with local "
+                   "data (when the hub is not reachable; see the README)")
+
+
+def opts_zeroshot(p: argparse.ArgumentParser) -> None:
+    """``--zeroshot TASKS`` of ``prune`` and ``sweep``: zero-shot accuracy of each pruned model."""
+    p.add_argument("--zeroshot", metavar="TASKS", help="also measure zero-shot accuracy on these comma-separated "
+                   f"lm-evaluation-harness tasks (the papers': {','.join(PAPER_TASKS)})")
+    p.add_argument("--zeroshot-limit", type=int, metavar="N", help="score only the first N documents of each task")
+    opts_task_dir(p)
+
+
+def add_zeroshot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="demo (default), a Hugging Face folder, a .gguf file or a hub id")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-evaluation-harness tasks "
+                   f"(default the papers' seven: {','.join(PAPER_TASKS)})")
+    opts_task_dir(p)
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"documents per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        progress=progress)
+    run_id, result = zeroshot_run(loaded, args.tasks, task_dir=args.task_dir, limit=args.limit, device=args.device,
+                                  batch_size=args.batch_size, progress=progress)
+    return json.dumps({"run_id": run_id, **result.to_dict()}) if args.json else f"run {run_id}: {result.summary()}"
