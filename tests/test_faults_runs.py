@@ -145,7 +145,7 @@ def test_killed_prune_save(tiny_folder, home, tmp_path, capsys, sig):
     assert not dest.exists()
     if sig == signal.SIGTERM:                         # like Ctrl-C: cleans up and records the run cancelled
         assert proc.returncode == 130, err
-        assert [line for line in err.splitlines() if "spectrascope" in line or "Error" in line] == [
+        assert [line for line in err.splitlines() if line.startswith(("spectrascope ", "Traceback"))] == [
             "spectrascope prune: interrupted"], err
         assert run["status"] == "cancelled" and "signal 15" in run["error"]
         assert leftovers(out) == []
