@@ -331,15 +331,16 @@ MISSING_MODEL = "/no/such/model/folder"     # a check that came after loading wo
 
 
 @pytest.mark.parametrize("args, words", [
-    (["sweep", "--sparsities", "0.5,1.5"], ["--sparsities", "1.5", "[0, 1)"]),
+    (["sweep", "--sparsities", "0.5,1.5"], ["--sparsities", "1.5 not in [0, 1)"]),
+    (["sweep", "--sparsities", ","], ["--sparsities", "no value"]),
     (["sweep", "--sparsities", "0.5,x"], ["--sparsities", "numbers"]),
-    (["sweep", "--epsilons", "wanda=0.2,sparsegpt=2"], ["--epsilons", "2", "[0, 1)"]),
+    (["sweep", "--epsilons", "wanda=0.2,sparsegpt=2"], ["--epsilons", "2 not in [0, 1)"]),
     (["sweep", "--out", "{tmp}"], ["--out", "{tmp}.csv", "it is a folder"]),
     (["sweep", "--out", "{tmp}/missing/stem"], ["--out", "does not exist"]),
     (["tune-epsilon", "--holdout-windows", "0"], ["--holdout-windows", ">= 1"]),
-    (["tune-epsilon", "--epsilons", "0.1,-0.2"], ["--epsilons", "-0.2"]),
-], ids=["sparsity above 1", "sparsity not a number", "epsilon above 1", "out is a folder", "out folder missing",
-        "holdout windows 0", "negative epsilon"])
+    (["tune-epsilon", "--epsilons", "0.1,-0.2"], ["--epsilons", "-0.2 not in [0, 1)"]),
+], ids=["sparsity above 1", "no sparsity", "sparsity not a number", "epsilon above 1", "out is a folder",
+        "out folder missing", "holdout windows 0", "negative epsilon"])
 def test_bad_arguments_are_refused_before_loading_and_not_recorded(home, tmp_path, capsys, args, words):
     (tmp_path / "stem.csv").mkdir()
     args = [a.replace("{tmp}", str(tmp_path / "stem")) for a in args]

@@ -56,9 +56,8 @@ def _floats(text: str, name: str) -> list[float]:
         raise ValueError(f"{name} {text!r}: give comma-separated numbers, e.g. 0.5,0.6,0.7") from None
     bad = [f"{v:g}" for v in values if not 0.0 <= v < 1.0]
     if bad or not values:
-        raise ValueError(f"{name} {text!r}: {', '.join(bad) or 'nothing'} "
-                         f"{'is' if len(bad) == 1 else 'are'} not {'a fraction' if len(bad) == 1 else 'fractions'}"
-                         " in [0, 1); give comma-separated fractions, e.g. 0.5,0.6,0.7")
+        what = f"{', '.join(bad)} not in [0, 1)" if bad else "no value"
+        raise ValueError(f"{name} {text!r}: {what}; give comma-separated fractions in [0, 1), e.g. 0.5,0.6,0.7")
     return values
 
 
