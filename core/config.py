@@ -120,15 +120,28 @@ def _fail(exc: BaseException, dest: Path) -> None:
     raise err from exc
 
 
+def writable_file(path: str | os.PathLike, name: str = "") -> Path:
+    """``path`` as an absolute path that a file can be written to (checked before the work that
+    produces it): not a folder, in an existing writable folder. ``name`` (e.g. ``--out``)
+    prefixes the one-line error."""
+    path = Path(path).expanduser().resolve()
+    what = f"{name} {path}" if name else str(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {what}: it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {what}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {what}: folder {path.parent} is not writable; choose another folder")
+    return path
+
+
 def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A reader never sees a half-written file, and a failure leaves nothing behind. The
     temporary file is created with a plain ``open`` so the result has the usual permissions.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    path = writable_file(path)
     tmp = temp_path(path)
     try:
         open(tmp, "x").close()
@@ -138,6 +151,31 @@ def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         remove_tree(tmp)
         _fail(exc, path)
     return path
+
+
+def _umask() -> int:
+    """This process's umask (read from ``/proc`` where possible: setting it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would (libraries
+    that write through private temporary files leave some files ``0600``)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o666 | (os.stat(path).st_mode & 0o111)) & ~mask)
 
 
 def _claim(tmp: Path, dest: Path) -> bool:
@@ -205,7 +243,7 @@ def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replac
         clean([dest.parent])
         tmp.mkdir()
         write(tmp)
-        tmp.chmod(0o755)
+        _usual_modes(tmp)
         published = _publish(tmp, dest, replace, keep)
     except BaseException as exc:
         remove_tree(tmp)

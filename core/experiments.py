@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .analysis import analyze
 from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
 from .config import DTYPES
 from .evaluation import Perplexity, perplexity
+from .metricsfile import read_metrics
 from .models import LoadedModel, load_model, save_model
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
@@ -300,14 +302,6 @@ def calibration_for(spec: PruneSpec, loaded: LoadedModel) -> Calibration:
                             seed=c.seed, model=loaded.model)
 
 
-def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
-    """A table written by ``spectrascope analyze --out`` (.csv or .parquet)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--metrics {path}: no such file; write one with `spectrascope analyze --out`")
-    return pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-
-
 def alpha_metrics(spec: PruneSpec, loaded: LoadedModel, metrics: pd.DataFrame | None = None,
                   progress: Progress = None) -> pd.DataFrame:
     """The analysis table AlphaPruning scores: ``metrics`` if given, else the spec's
@@ -315,7 +309,7 @@ def alpha_metrics(spec: PruneSpec, loaded: LoadedModel, metrics: pd.DataFrame | 
     if metrics is not None:
         return metrics
     if spec.metrics_file is not None:
-        return read_metrics(spec.metrics_file)
+        return read_metrics(spec.metrics_file, spec.metric)
     return analyze(loaded, device=spec.device, progress=progress).table
 
 
@@ -373,20 +367,18 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
     calib = _calibration_settings(calibration)
     alpha = spec.allocation == "alpha" and not spec.nm
     epsilon = (DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon) if alpha else None
+    ratios, params, sparsity = None, {}, spec.sparsity
+    if not spec.nm:   # before the run is recorded: a bad ratios or metrics file is refused, not a failed run
+        alloc = choose_allocation(spec, loaded, metrics=metrics, owl_scores=owl_scores, calibration=calibration,
+                                  progress=progress, cancel=cancel)
+        # a ratios file's sparsity is its weighted mean; its path and hash are in params
+        ratios, params, sparsity = alloc.ratio_by_name(), alloc.params(), float(alloc.sparsity)
     fields = {"model": loaded.source, "model_identity": loaded.identity, "method": spec.method,
-              "allocation": spec.recorded_allocation, "sparsity": None if spec.nm else spec.sparsity,
-              "epsilon": epsilon, "mapping": spec.mapping, "nm": spec.nm,
+              "allocation": spec.recorded_allocation, "sparsity": None if spec.nm else sparsity,
+              "epsilon": epsilon, "mapping": spec.mapping, "nm": spec.nm, "allocation_params": params,
               "calibration": calib if calibration is not None else None, "device": spec.device,
               "dtype": loaded.dtype_name, "output_dir": str(spec.save) if spec.save else None}
     with registry.record("prune", **fields) as run_id:
-        ratios, params, sparsity = None, {}, spec.sparsity
-        if not spec.nm:
-            alloc = choose_allocation(spec, loaded, metrics=metrics, owl_scores=owl_scores, calibration=calibration,
-                                      progress=progress, cancel=cancel)
-            ratios, params, sparsity = alloc.ratio_by_name(), alloc.params(), float(alloc.sparsity)
-            if spec.allocation == "file":   # the file's weighted mean; its path and hash are in params
-                registry.update(run_id, sparsity=sparsity)
-        registry.update(run_id, allocation_params=params)
         result = prune(loaded, ratios, method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
                        copy=True, progress=progress, cancel=cancel)
         registry.add_matrices(run_id, result.matrices)
@@ -413,6 +405,10 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
                      progress=progress, cancel=cancel)
     registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
                     perplexity=ppl.perplexity, tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
+    if not math.isfinite(ppl.perplexity):
+        raise ValueError(f"the perplexity of {spec.model} is {ppl.perplexity}: its outputs are not finite (NaN or "
+                         f"inf weights, or an overflow in {loaded.dtype_name}); check the model or use float32 "
+                         f"(run {run_id} is recorded as failed)")
     return ppl
 
 

@@ -113,9 +113,12 @@ class Leftover:
     owner: str          # "pid 123 on host" or "an older version"
 
     def __str__(self) -> str:
-        size = next(f"{self.bytes / 10**e:.1f} {u}" for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B"))
-                    if self.bytes >= 10**e or e == 0)
-        return f"{size:>9}  {self.path}  (left by {self.owner})"
+        return f"{human_size(self.bytes):>9}  {self.path}  (left by {self.owner})"
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes as ``12.3 MB`` (decimal units)."""
+    return next(f"{n / 10**e:.1f} {u}" for e, u in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10**e or e == 0)
 
 
 def stale_partials(roots: Iterable[str | os.PathLike]) -> list[Leftover]:

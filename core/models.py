@@ -303,9 +303,13 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
                                                      low_cpu_mem_usage=True)
     except Exception as exc:  # transformers and safetensors raise many types for bad files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if src.kind == "hub" and "/" not in src.label:
+            raise ValueError(f"model {src.label!r} is neither a local path (nothing at {Path(src.label).resolve()}) "
+                             "nor a model reachable on the Hugging Face hub; give a model folder, a .gguf file or "
+                             f"a hub id such as org/name ({first})") from exc
         hint = (" (no network, or not a model id? give a local folder or a .gguf file)"
                 if src.kind == "hub" else "")
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"could not load model {src.label!r}{hint}: {first}") from exc
     model.eval().requires_grad_(False).to(dev)
     tok = None

@@ -4,15 +4,22 @@ eval run and one row per pruned matrix; nothing here loads or prunes a model.
 ``runs``: kind prune or eval; model identity, method, allocation and its parameters,
 calibration settings, perplexity, timings, software versions, status
 running/done/failed/cancelled with the error. ``matrices``: requested ratio and achieved
-sparsity per matrix. ``zeroshot``: a run's zero-shot scores, one row per task and metric. The schema is versioned (``schema_version``); WAL mode and a busy
-timeout make two processes writing at once safe; every write is one short transaction.
+sparsity per matrix. ``zeroshot``: a run's zero-shot scores, one row per task and metric.
+The schema is versioned (``schema_version``); WAL mode and a busy timeout make two processes writing at once safe; every write is one short transaction.
+
+Liveness: a run records its process (host, pid, start time) and a heartbeat renewed every
+``HEARTBEAT_S`` while it runs; a ``running`` run whose process is gone is marked
+``interrupted`` when the registry is read. Columns that a database of an older version lacks
+are added when it is opened (``ALTER TABLE ADD COLUMN``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -25,10 +32,19 @@ import torch
 import transformers
 
 from .config import home
+from .housekeeping import owner_alive, owner_tag
 from .progress import Cancelled
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
-STATUSES = ("running", "done", "failed", "cancelled")
+STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
+#: Seconds between two heartbeats of a running run.
+HEARTBEAT_S = 30.0
+#: A running run of another host whose heartbeat is older than this counts as interrupted.
+STALE_S = 20 * HEARTBEAT_S
+#: A running run recorded before liveness columns existed counts as interrupted after this long.
+LEGACY_STALE_S = 24 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -67,6 +83,9 @@ _RUN_COLUMNS = ("kind", "status", "error", "model", "model_identity", "method", 
                 "mapping", "nm", "allocation_params", "calibration", "achieved_sparsity", "eval_dataset",
                 "eval_seqlen", "eval_windows", "perplexity", "tokens_per_second", "prune_seconds", "eval_seconds",
                 "device", "dtype", "output_dir", "versions", "started_at", "finished_at")
+#: Columns added after version 1's CREATE TABLE (name: SQL type), added to older databases on open.
+_ADDED_COLUMNS = {"runs": {"host": "TEXT", "pid": "INTEGER", "process_start": "TEXT", "heartbeat_at": "REAL"}}
+_RUN_COLUMNS += tuple(c for c in _ADDED_COLUMNS["runs"] if c not in _RUN_COLUMNS)
 _JSON_COLUMNS = ("allocation_params", "calibration", "versions")
 COMPARE_COLUMNS = ("id", "kind", "model", "model_identity", "method", "allocation", "sparsity", "epsilon", "nm",
                    "achieved_sparsity", "eval_dataset", "eval_seqlen", "eval_windows", "perplexity",
@@ -83,12 +102,58 @@ def software_versions() -> dict:
             "transformers": transformers.__version__, "numpy": numpy.__version__, "pandas": pd.__version__}
 
 
+def _unusable(path: Path, exc: sqlite3.Error) -> ValueError:
+    """A one-line error naming the registry file that SQLite cannot use, and what to do."""
+    fix = "or set SPECTRASCOPE_HOME to another folder"
+    if path.is_dir():
+        return ValueError(f"the runs registry {path} is a folder, not a database file; move it away {fix}")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return ValueError(f"the runs registry {path} cannot be read or written (permission denied); "
+                          f"make it readable and writable {fix}")
+    if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+        return ValueError(f"the runs registry {path} is not an SQLite database (damaged, or another file); "
+                          f"move it aside (a new registry is then started) {fix}")
+    return ValueError(f"the runs registry {path} cannot be used ({exc}); move it aside {fix}")
+
+
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    """``ALTER TABLE ADD COLUMN`` every column of ``_ADDED_COLUMNS`` that a table lacks."""
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+        for name, sql_type in columns.items():
+            if name not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+
+
+def _this_process() -> dict:
+    host, pid, start = owner_tag().split("~")
+    return {"host": host, "pid": int(pid), "process_start": start, "heartbeat_at": time.time()}
+
+
+def _gone(run: Mapping[str, object], now: float) -> bool:
+    """True if the process of a ``running`` run is certainly gone: on this host, its pid is dead
+    or reused; elsewhere, its heartbeat is older than ``STALE_S``; without liveness columns
+    (older versions), it started more than ``LEGACY_STALE_S`` ago."""
+    pid, beat = run.get("pid"), run.get("heartbeat_at")
+    if pid is None or pid != pid:      # None or NaN: recorded by an older version
+        return now - float(run["started_at"]) > LEGACY_STALE_S
+    if run.get("host") == _this_process()["host"]:
+        return not owner_alive(str(run["host"]), int(pid), str(run["process_start"]))
+    return beat is not None and beat == beat and now - float(beat) > STALE_S
+
+
 class Registry:
     """The runs database. ``Registry()`` uses ``$SPECTRASCOPE_HOME/runs.sqlite``."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else home() / "runs.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            raise _unusable(self.path, exc) from exc
+
+    def _open(self) -> None:
         con = sqlite3.connect(self.path, timeout=60)
         try:
             con.execute("PRAGMA busy_timeout = 60000")
@@ -103,6 +168,7 @@ class Registry:
             elif row[0] > SCHEMA_VERSION:
                 raise ValueError(f"{self.path} has schema version {row[0]}, newer than this Spectrascope "
                                  f"({SCHEMA_VERSION}); upgrade Spectrascope or use another SPECTRASCOPE_HOME")
+            _add_missing_columns(con)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -135,7 +201,7 @@ class Registry:
         if kind not in ("prune", "eval"):
             raise ValueError(f"kind={kind!r}: use 'prune' or 'eval'")
         row = self._encode({"versions": software_versions(), **fields, "kind": kind, "status": "running",
-                            "started_at": time.time()})
+                            "started_at": time.time(), **_this_process()})
         with self._connect() as con:
             cur = con.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                               tuple(row.values()))
@@ -167,6 +233,7 @@ class Registry:
         cancelled on ``Cancelled``/``KeyboardInterrupt``, failed (with the error) otherwise."""
 
         run_id = self.start(kind, **fields)
+        stop = self.heartbeat(run_id)
         try:
             yield run_id
         except (Cancelled, KeyboardInterrupt) as exc:
@@ -178,6 +245,8 @@ class Registry:
         else:
             if self.get(run_id)["status"] == "running":
                 self.finish(run_id, "done")
+        finally:
+            stop.set()    # the heartbeat only touches running runs: harmless if it beats once more
 
     def get(self, run_id: int) -> dict:
         table = self.query(ids=[run_id])
@@ -197,6 +266,7 @@ class Registry:
               model_identity: str | None = None, method: str | None = None, allocation: str | None = None
               ) -> pd.DataFrame:
         """Runs as a DataFrame (newest last), filtered by the given fields (JSON decoded)."""
+        self.mark_interrupted()
         where, params = [], []
         for col, value in (("kind", kind), ("model_identity", model_identity), ("method", method),
                            ("allocation", allocation), ("status", status or None)):
@@ -242,3 +312,40 @@ class Registry:
             return pd.read_sql_query(sql + " ORDER BY run_id, rowid", con, params=params)
         finally:
             con.close()
+
+    def heartbeat(self, run_id: int, every: float = HEARTBEAT_S) -> threading.Event:
+        """Renew ``run_id``'s heartbeat every ``every`` seconds from a daemon thread while it is
+        ``running``; set the returned event to stop."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every):
+                try:
+                    with self._connect() as con:
+                        con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ? AND status = 'running'",
+                                    (time.time(), run_id))
+                except sqlite3.Error as exc:      # a busy or vanished database: try again next time
+                    log.debug("heartbeat of run %d: %s", run_id, exc)
+
+        threading.Thread(target=beat, name=f"registry-heartbeat-{run_id}", daemon=True).start()
+        return stop
+
+    def mark_interrupted(self) -> list[int]:
+        """Mark every ``running`` run whose process is gone as ``interrupted``; returns their ids."""
+        con = sqlite3.connect(self.path, timeout=60)
+        try:
+            con.row_factory = sqlite3.Row
+            running = [dict(r) for r in con.execute("SELECT * FROM runs WHERE status = 'running'")]
+        finally:
+            con.close()
+        now = time.time()
+        gone = [r for r in running if _gone(r, now)]
+        if gone:
+            with self._connect() as con:
+                for r in gone:
+                    who = f"pid {r['pid']} on {r['host']}" if r.get("pid") is not None else "its process"
+                    con.execute("UPDATE runs SET status = 'interrupted', error = ?, finished_at = ? "
+                                "WHERE id = ? AND status = 'running'",
+                                (f"interrupted: {who} ended without finishing the run (killed?)",
+                                 r.get("heartbeat_at") or r["started_at"], r["id"]))
+        return [int(r["id"]) for r in gone]

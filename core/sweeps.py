@@ -15,6 +15,7 @@ from .calibration import Calibration, cap_seqlen, sample_windows, tokenize
 from .evaluation import perplexity
 from .experiments import PruneSpec, alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, \
     prune_and_eval
+from .experiments import _whole
 from .models import LoadedModel
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
@@ -49,11 +50,11 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
         if a not in ALLOCATION_METHODS:
             raise ValueError(f"allocations: {a!r} is unknown; use {', '.join(ALLOCATION_METHODS)}")
     registry = registry or Registry()
-    loaded = loaded if loaded is not None else load_for(base, progress)
     specs = [replace(base, method=method, allocation=allocation, sparsity=float(s), epsilon=eps, nm=None,
                      ratios_file=None, save=None, evaluation=replace(base.evaluation, evaluate=True))
              for method in methods for allocation in allocations for s in sparsities
              for eps in (_epsilons_of(epsilons, method) if allocation == "alpha" else [None])]
+    loaded = loaded if loaded is not None else load_for(base, progress)   # once every spec is valid
     if calibration is None and any(s.needs_calibration for s in specs):
         calibration = calibration_for(base, loaded)
     rows = []
@@ -155,6 +156,7 @@ def tune_epsilon(base: PruneSpec, *, epsilons: list[float] | None = None, holdou
     The evaluation split is never read."""
     if not (0.0 < holdout < 0.5):
         raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
+    _whole("holdout_windows (--holdout-windows)", holdout_windows, 1, optional=True)
     epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
     specs = [replace(base, allocation="alpha", epsilon=e, nm=None, ratios_file=None, save=None) for e in epsilons]
     loaded = loaded if loaded is not None else load_for(base, progress)

@@ -12,6 +12,7 @@ from dashboard.state import ALLOCATIONS, METRICS, State, allocation_label, setup
 
 setup()
 ss = st.session_state
+_FALLBACK = "a_metric_fallback"   # (table shown, the user's metric, the metric used instead)
 st.title("Allocation")
 st.caption("How much of each matrix to prune so that the parameter-weighted mean is the target sparsity S. "
            "AlphaPruning prunes matrices with larger alpha (less well trained) more. The allocation set here "
@@ -31,8 +32,20 @@ else:
     table, identity = load_profile(ss[State.a_source].removeprefix("profile: ")), None
 kinds = kind_order(table)
 metrics = [m for m in METRICS if m in table.columns and table[m].notna().any()]
+# A metric this table lacks (alpha NaN everywhere: no power-law fit) is replaced for this table
+# only, with a warning; the user's choice comes back with the next model or profile.
+fallback, shown = ss.get(_FALLBACK), (ss[State.a_source], identity)
+if fallback is not None and fallback[0] != shown:
+    if ss[State.a_metric] == fallback[2]:
+        ss[State.a_metric] = fallback[1]
+    ss[_FALLBACK] = fallback = None
 if ss[State.a_metric] not in metrics:
+    ss[_FALLBACK] = fallback = (shown, ss[State.a_metric], metrics[0])
     ss[State.a_metric] = metrics[0]
+if fallback is not None and ss[State.a_metric] == fallback[2]:
+    st.warning(f"{fallback[1]} is missing or NaN for every matrix here (no power-law fit?): AlphaPruning uses "
+               f"{fallback[2]} instead for this table; {fallback[1]} comes back with the next model.",
+               icon=":material/warning:")
 ss[State.a_dense] = [k for k in ss[State.a_dense] if k in kinds]
 
 with st.container(border=True):

@@ -131,7 +131,13 @@ def job_panel() -> None:
 job_panel()
 
 # --- results from the registry --------------------------------------------------------------
-runs = Registry().compare(model_identity=identity)
+registry = Registry()
+stopped = registry.query(status="interrupted", model_identity=identity)
+if not stopped.empty:
+    st.caption(f"Interrupted (the process ended without finishing, e.g. killed): run "
+               f"{', '.join(map(str, stopped['id']))}. `spectrascope runs` lists every run; `spectrascope clean` "
+               "removes what killed runs left behind.")
+runs = registry.compare(model_identity=identity)
 st.subheader("Results")
 if runs.empty:
     st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")

@@ -2,8 +2,10 @@
 
 ``COMMANDS`` is the table of sub-commands: name -> (help, a function adding its options, a
 function running it with the parsed options and a progress callback and returning the text
-for stdout). Errors a user can fix (``ValueError``, ``FileNotFoundError``, ...) end the
-command with one line on stderr and exit code 2. ``--progress-json`` (``EPILOG``) turns
+for stdout). Errors a user can fix (``ValueError``, ``FileNotFoundError``, an ``OSError`` naming a
+path, ...) end the command with one line on stderr and exit code 2; any other error with one
+line naming the log file that holds its traceback, exit code 1. SIGTERM stops a command like
+Ctrl-C (the run is recorded as cancelled, temporaries are removed). ``--progress-json`` (``EPILOG``) turns
 progress and errors into JSON lines for programs such as the dashboard.
 """
 from __future__ import annotations
@@ -11,19 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import transformers
 from huggingface_hub.utils import disable_progress_bars
 from tqdm import tqdm
 
-from ..progress import Progress
+from ..config import home
+from ..progress import Progress, install_sigterm_handler
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
 from .prune import add_eval, add_prune, add_sweep, add_tune_epsilon, run_eval, run_prune, run_sweep, run_tune_epsilon
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
 from .zeroshot import add_zeroshot, run_zeroshot
+from .runs import add_clean, add_runs, run_clean, run_runs
 
 EPILOG = """machine-readable progress (for the dashboard and scripts):
   spectrascope --progress-json COMMAND ... writes, instead of the progress bar, one JSON
@@ -55,6 +64,8 @@ COMMANDS: dict[str, Command] = {
                             "evaluation text)", add_tune_epsilon, run_tune_epsilon),
     "zeroshot": Command("zero-shot accuracy through lm-evaluation-harness (BoolQ, ARC, ... or local task files)",
                         add_zeroshot, run_zeroshot),
+    "runs": Command("list the recorded runs (status, settings, perplexity, output folder)", add_runs, run_runs),
+    "clean": Command("remove the temporaries of killed runs, listing what it frees", add_clean, run_clean),
 }
 
 
@@ -151,10 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     handler = _json_stderr(level) if args.progress_json else None
     if handler is None:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    installed = install_sigterm_handler()
     try:
         return _run(args)
     finally:
         logging.getLogger().removeHandler(handler)   # main() may be called again in one process
+        if installed:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
+    """Exit 1 with one line naming the error and the file that holds its full traceback
+    (``$SPECTRASCOPE_HOME/logs/<time>-<command>.log``, the temporary folder if that fails)."""
+    text = "".join(traceback.format_exception(exc))
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{args.command}.log"
+    try:
+        (home() / "logs").mkdir(exist_ok=True)
+        path = home() / "logs" / name
+        path.write_text(text)
+    except (OSError, ValueError):
+        path = Path(tempfile.gettempdir()) / f"spectrascope-{name}"
+        path.write_text(text)
+    return _fail(args, f"{type(exc).__name__}: {exc} (an unexpected error; full traceback in {path})", 1)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,10 +195,12 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(args, str(exc), 2)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)
+    except OSError as exc:
+        if exc.filename is None:
+            return _unexpected(args, exc)
+        return _fail(args, f"cannot use {exc.filename}: {exc.strerror or exc}; check the path", 2)
     except Exception as exc:
-        if args.progress_json:
-            _fail(args, f"{type(exc).__name__}: {exc}", 1)
-        raise
+        return _unexpected(args, exc)
     if text:
         print(text)
     return 0

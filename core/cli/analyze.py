@@ -61,7 +61,7 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
-    table = load_profile(args.profile) if args.profile else read_metrics(args.metrics)
+    table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)
     options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
     result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,
                       dense_kinds=args.dense_kinds, reverse=args.reverse, **options)

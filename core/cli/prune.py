@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..allocation import MAPPINGS
 from ..allocation import METHODS as ALLOCATION_METHODS
-from ..config import DTYPES
+from ..config import DTYPES, atomic_file, writable_file
 from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
@@ -51,10 +51,16 @@ def _opts_alpha(p: argparse.ArgumentParser) -> None:
 
 
 def _floats(text: str, name: str) -> list[float]:
+    """Comma-separated fractions in [0, 1) (sparsities, epsilons), each checked before any work."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{name} {text!r}: give comma-separated numbers, e.g. 0.5,0.6,0.7") from None
+    bad = [f"{v:g}" for v in values if not 0.0 <= v < 1.0]
+    if bad or not values:
+        what = f"{', '.join(bad)} not in [0, 1)" if bad else "no value"
+        raise ValueError(f"{name} {text!r}: {what}; give comma-separated fractions in [0, 1), e.g. 0.5,0.6,0.7")
+    return values
 
 
 def _names(text: str) -> list[str]:
@@ -148,24 +154,23 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     methods, allocations = _names(args.methods), _names(args.allocations)
+    out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out") for s in (".csv", ".md"))
+    sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
-    table = sweep(base, methods=methods, allocations=allocations, sparsities=_floats(args.sparsities, "--sparsities"),
-                  epsilons=parse_epsilons(args.epsilons, methods), loaded=loaded, calibration=calib,
-                  progress=progress)
+    table = sweep(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
+                  loaded=loaded, calibration=calib, progress=progress)
     seconds = time.perf_counter() - start
-    out = Path(args.out)
     table = with_accuracy(table)
-    table.to_csv(out.with_suffix(".csv"), index=False)
+    atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False))
     md = sweep_report(table, base, model=loaded.source, calibration=calib, seconds=seconds)
-    out.with_suffix(".md").write_text(md)
+    atomic_file(out_md, lambda tmp: tmp.write_text(md))
     if args.json:
         return json.dumps({"seconds": seconds, "rows": table.to_dict(orient="records")}, default=str)
-    return (f"{md}\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.md')} (dense perplexity "
-            f"{table.iloc[0]['perplexity']:.3f})")
+    return f"{md}\nwrote {out_csv} and {out_md} (dense perplexity {table.iloc[0]['perplexity']:.3f})"
 
 
 # --- tune-epsilon --------------------------------------------------------------------------
