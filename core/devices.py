@@ -48,6 +48,16 @@ def parse_devices(text: str | Sequence[str] | None) -> list[str]:
     return out
 
 
+def devices_of(device: str, devices: str | None) -> list[str] | None:
+    """The device list of the ``--device``/``--devices`` options: ``--devices`` when given,
+    every visible GPU for ``--device cuda`` on a machine with several, else ``None`` (one device)."""
+    if devices:
+        return parse_devices(devices)
+    if str(device).strip().lower() == "cuda" and torch.cuda.device_count() > 1:
+        return parse_devices("cuda")
+    return None
+
+
 def check_devices(devices: Sequence[str]) -> list[torch.device]:
     """The devices as torch devices; a device this machine lacks is a clear error."""
     return [resolve_device(d) for d in devices]

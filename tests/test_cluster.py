@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -17,10 +18,9 @@ from conftest import tiny_config, tiny_model  # noqa: E402
 from core.analysis import analyze  # noqa: E402
 from core.cluster import spectra_on_ray, sweep_parallel  # noqa: E402
 from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
-from core.models import resolve_source, wrap_model  # noqa: E402
+from core.models import iter_weights, load_model, resolve_source, wrap_model  # noqa: E402
 from core.registry import Registry  # noqa: E402
 from core.spectra import compute_spectra  # noqa: E402
-from core.models import iter_weights  # noqa: E402
 from core.sweeps import sweep  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -37,8 +37,6 @@ def local_ray():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, demo):
     """A tiny random llama with the demo tokenizer, saved as a folder the workers see."""
-    from transformers import AutoModelForCausalLM
-
     cfg = tiny_config("llama")
     cfg.vocab_size = len(demo.tokenizer)
     torch.manual_seed(0)
@@ -65,7 +63,7 @@ def test_spectra_through_the_object_store_when_workers_do_not_see_the_files(loca
     for source in (loaded, resolve_source(str(tiny_folder))):
         got = spectra_on_ray(source, device="cpu", shared=False, groups=3)
         ref = want if source is loaded else compute_spectra(
-            iter_weights(__import__("core.models").models.load_model(tiny_folder, tokenizer=False)), device="cpu")
+            iter_weights(load_model(tiny_folder, tokenizer=False)), device="cpu")
         assert [s.info.name for s in got] == [s.info.name for s in ref]
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a.eigs, b.eigs)
@@ -125,8 +123,6 @@ def test_a_killed_worker_is_retried_and_the_registry_is_complete(local_ray, tiny
 
 
 def test_a_task_failing_twice_is_recorded_as_failed_with_its_error(local_ray, tiny_folder, tmp_path):
-    from core.models import load_model
-
     reg = Registry(tmp_path / "runs.sqlite")
     loaded = load_model(tiny_folder)
     missing = PruneSpec(model=str(tmp_path / "not-here"), device="cpu",

@@ -6,11 +6,18 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 from core.analysis import analyze
+from core.cli import main
+from core.cluster import sweep_parallel
+from core.experiments import EvaluationSpec, PruneSpec
+from core.registry import Registry
+from core.sweeps import sweep
 from core.devices import map_on_devices, matrix_cost, parse_devices, plan_devices, plan_loads, spectra_on_devices
 from core.models import MatrixInfo, wrap_model
 from core.spectra import compute_spectra
@@ -100,3 +107,33 @@ def test_analysis_on_all_gpus_equals_cpu():
     gpus = analyze(loaded, devices=parse_devices("cuda"), use_cache=False)
     for name, eigs in cpu.eigs.items():
         np.testing.assert_allclose(gpus.eigs[name][-5:], eigs[-5:], rtol=1e-9)
+
+
+def test_cli_analyze_on_a_device_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path / "home"))
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    assert main(["analyze", "--model", str(src), "--devices", "cpu", "--out", str(tmp_path / "a.csv"), "--quiet",
+                 "--no-cache"]) == 0
+    assert main(["analyze", "--model", str(src), "--device", "cpu", "--out", str(tmp_path / "b.csv"), "--quiet",
+                 "--no-cache"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+    assert main(["analyze", "--model", str(src), "--devices", "gpu7", "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_with_one_run_per_device_equals_the_sequential_sweep(demo, tmp_path):
+    cfg = tiny_config("llama")
+    cfg.vocab_size = len(demo.tokenizer)
+    torch.manual_seed(0)
+    loaded = wrap_model(AutoModelForCausalLM.from_config(cfg).eval(), demo.tokenizer)
+    calib = demo.tokenizer("The river flows north through the valley. " * 40, return_tensors="pt").input_ids[:, :64]
+    base = PruneSpec(device="cpu", evaluation=EvaluationSpec(dataset="wiki", seqlen=64, max_windows=2))
+    grid = dict(methods=["magnitude", "wanda"], allocations=["uniform"], sparsities=[0.5, 0.6], calibration=calib,
+                loaded=loaded)
+    want = sweep(base, registry=Registry(tmp_path / "a.sqlite"), **grid)
+    reg = Registry(tmp_path / "b.sqlite")
+    got = sweep_parallel(base, devices=["cpu"], registry=reg, **grid)
+    cols = ["method", "allocation", "sparsity", "achieved", "perplexity"]
+    pd.testing.assert_frame_equal(got[cols], want[cols])
+    assert set(reg.query()["status"]) == {"done"} and len(reg.query()) == len(got)

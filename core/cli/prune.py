@@ -11,8 +11,11 @@ from ..allocation import MAPPINGS
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..config import DTYPES
 from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
+from ..cluster import sweep_parallel
+from ..devices import devices_of
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
+from .analyze import add_parallel
 from ..sweeps import DEFAULT_EPSILONS, sweep, sweep_report, tune_epsilon
 
 
@@ -138,6 +141,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
+    add_parallel(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
@@ -147,9 +151,13 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
-    table = sweep(base, methods=methods, allocations=allocations, sparsities=_floats(args.sparsities, "--sparsities"),
-                  epsilons=parse_epsilons(args.epsilons, methods), loaded=loaded, calibration=calib,
-                  progress=progress)
+    grid = dict(methods=methods, allocations=allocations, sparsities=_floats(args.sparsities, "--sparsities"),
+                epsilons=parse_epsilons(args.epsilons, methods), calibration=calib, progress=progress)
+    if args.ray or devices_of(args.device, args.devices):   # parallel runs (core.cluster)
+        table = sweep_parallel(base, ray=args.ray, devices=devices_of(args.device, args.devices), loaded=loaded,
+                               ship_model=False, **grid)
+    else:
+        table = sweep(base, loaded=loaded, **grid)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     table.to_csv(out.with_suffix(".csv"), index=False)
