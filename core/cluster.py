@@ -1,5 +1,5 @@
-"""Parallel analyses and sweeps: spectra as Ray tasks, and sweep runs as Ray tasks or one run
-per local device; every Ray import of Spectrascope stays in this module.
+"""Parallel analyses, sweeps and epsilon tuning: spectra, sweep runs and epsilons as Ray tasks,
+or sweep runs one per local device; every Ray import of Spectrascope stays in this module.
 
 Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"local"``)
 starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
@@ -28,7 +28,7 @@ from .progress import Cancelled, Progress, is_cancelled, report
 from .pruning import owl_scores as compute_owl_scores
 from .registry import Registry
 from .spectra import Spectrum, compute_spectra
-from .sweeps import SWEEP_COLUMNS, sweep_specs
+from .sweeps import DEFAULT_EPSILONS, SWEEP_COLUMNS, EpsilonTuning, sweep_specs, tune_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -308,3 +308,40 @@ def _sweep_on_devices(devices: list[str], jobs: list, inputs: dict, registry: Re
 
     for i, result in map_on_devices(run, jobs, devices):
         finished(i, result)
+
+
+# --- epsilon tuning --------------------------------------------------------------------------
+
+def _tune_task(base: PruneSpec, epsilon: float, holdout_windows: int | None, metrics: pd.DataFrame,
+               loaded: LoadedModel | None) -> EpsilonTuning:
+    if base.device == "auto":
+        base = replace(base, device="cuda" if torch.cuda.is_available() else "cpu")
+    return tune_epsilon(base, epsilons=[epsilon], holdout_windows=holdout_windows, metrics=metrics,
+                        loaded=_worker_model(base, loaded))
+
+
+def tune_epsilon_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, holdout_windows: int | None = 16,
+                        ray: str | bool = True, loaded: LoadedModel | None = None, ship_model: bool | None = None,
+                        metrics: pd.DataFrame | None = None, progress: Progress = None,
+                        cancel: object = None) -> EpsilonTuning:
+    """``core.sweeps.tune_epsilon`` with one Ray task per epsilon (each task draws the same
+    seeded calibration and held-out text); the same table and choice as one process."""
+    epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
+    ship_model = loaded is not None if ship_model is None else ship_model
+    driver = loaded if loaded is not None else load_for(base, progress)
+    metrics = alpha_metrics(base, driver, metrics, progress)
+    ray = connect(ray)
+    gpus = _gpus(ray) if base.device != "cpu" else 0
+    task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
+                      retry_exceptions=True)(_tune_task)
+    model_ref = ray.put(driver if ship_model else None)
+    refs = [task.remote(base, e, holdout_windows, metrics, model_ref) for e in epsilons]
+    parts: list[EpsilonTuning | None] = [None] * len(refs)
+    for i, result in _gather(ray, refs, cancel=cancel):
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"epsilon {epsilons[i]:g}: {_error_text(result)}") from result
+        parts[i] = result
+        report(progress, sum(p is not None for p in parts), len(parts), "epsilons (Ray)")
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
+    return replace(parts[0], best=best, table=table)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from ..allocation import MAPPINGS
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..config import DTYPES
 from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
-from ..cluster import sweep_parallel
+from ..cluster import sweep_parallel, tune_epsilon_on_ray
 from ..devices import devices_of
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
@@ -180,11 +181,14 @@ def add_tune_epsilon(p: argparse.ArgumentParser) -> None:
     _opts_alpha(p)
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows scored (default 16)")
     _opts_calib(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="one Ray task per epsilon: alone, a local Ray instance; with ADDRESS, that cluster")
 
 
 def run_tune_epsilon(args: argparse.Namespace, progress: Progress) -> str:
-    result = tune_epsilon(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
-                          holdout_windows=args.holdout_windows, progress=progress)
+    tune = partial(tune_epsilon_on_ray, ray=args.ray) if args.ray else tune_epsilon
+    result = tune(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
+                  holdout_windows=args.holdout_windows, progress=progress)
     if args.json:
         return json.dumps({"best": result.best, "rows": result.table.to_dict(orient="records"),
                            "calibration": result.calibration})
