@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import atomic_dir, atomic_file, home, resolve_device
+from .devices import check_devices, spectra_on_devices
 from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import no_fit_status, spectral_metrics
@@ -147,16 +148,21 @@ def _store(folder: Path, result: Analysis, *, keep_existing: bool = True) -> Non
 
 def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "peak", device: str = "auto",
             streaming: bool = False, use_cache: bool = True, trust_remote_code: bool = False,
-            progress: Progress = None) -> Analysis:
+            devices: list[str] | None = None, ray: str | bool | None = None, progress: Progress = None) -> Analysis:
     """Eigenvalues, power-law fits and shape metrics of every prunable matrix of a model.
 
     ``source``: ``"demo"``, a Hugging Face folder, a ``.gguf`` or ``.safetensors`` file, a hub
     id, or an already loaded ``LoadedModel``. ``streaming=True`` reads a safetensors
     checkpoint one tensor at a time instead of loading the model (bounded memory).
+    ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the spectra over several devices;
+    ``ray`` (``True`` for a local instance, or a cluster address) computes them as Ray tasks
+    (``core.cluster``). The table and the cache are the same whichever way.
     """
     if xmin not in XMIN_METHODS:
         raise ValueError(f"xmin={xmin!r} is unknown; use one of {', '.join(XMIN_METHODS)}")
     dev = resolve_device(device)
+    if devices:
+        dev = check_devices(devices)[0]
     if isinstance(source, LoadedModel):
         label, identity = source.source, source.identity
     else:
@@ -172,19 +178,27 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             return cached
 
     start = time.perf_counter()
-    if streaming:
-        from .checkpoints import open_checkpoint
+    if ray:
+        from .cluster import spectra_on_ray
 
-        ckpt = open_checkpoint(src.path)
-        items, infos = ckpt.iter_weights(), ckpt.matrices
+        spectra = spectra_on_ray(source if isinstance(source, LoadedModel) else src, address=ray, device=device,
+                                 trust_remote_code=trust_remote_code, progress=progress)
     else:
-        loaded = source if isinstance(source, LoadedModel) else load_model(
-            source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
-        items, infos = iter_weights(loaded), loaded.matrices
-    # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
-    spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress,
-                              budget_bytes=(256 << 20) if streaming else (1 << 30))
-    report(progress, len(infos), len(infos), "fits and metrics")
+        if streaming:
+            from .checkpoints import open_checkpoint
+
+            ckpt = open_checkpoint(src.path)
+            items, infos = ckpt.iter_weights(), ckpt.matrices
+        else:
+            loaded = source if isinstance(source, LoadedModel) else load_model(
+                source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
+            items, infos = iter_weights(loaded), loaded.matrices
+        if devices and len(devices) > 1:
+            spectra = spectra_on_devices(items, devices, compute=compute_spectra)
+        else:   # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
+            spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress,
+                                      budget_bytes=(256 << 20) if streaming else (1 << 30))
+    report(progress, len(spectra), len(spectra), "fits and metrics")
     table = build_table(spectra, xmin=xmin, device=dev)
     result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),
                       time.perf_counter() - start)

@@ -43,17 +43,8 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     epsilon. ``epsilons``: one list for every method, or ``{method: list}`` (each method with
     the epsilon tuned for it; a method left out gets the default epsilon). ``loaded``,
     ``metrics`` and ``calibration`` are computed from ``base`` when not given."""
-    for m in methods:
-        if m not in PRUNE_METHODS:
-            raise ValueError(f"methods: {m!r} is unknown; use {', '.join(PRUNE_METHODS)}")
-    for a in allocations:
-        if a not in ALLOCATION_METHODS:
-            raise ValueError(f"allocations: {a!r} is unknown; use {', '.join(ALLOCATION_METHODS)}")
+    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
     registry = registry or Registry()
-    specs = [replace(base, method=method, allocation=allocation, sparsity=float(s), epsilon=eps, nm=None,
-                     ratios_file=None, save=None, evaluation=replace(base.evaluation, evaluate=True))
-             for method in methods for allocation in allocations for s in sparsities
-             for eps in (_epsilons_of(epsilons, method) if allocation == "alpha" else [None])]
     loaded = loaded if loaded is not None else load_for(base, progress)   # once every spec is valid
     if calibration is None and any(s.needs_calibration for s in specs):
         calibration = calibration_for(base, loaded)
@@ -181,3 +172,20 @@ def tune_epsilon(base: PruneSpec, *, epsilons: list[float] | None = None, holdou
     best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
     return EpsilonTuning(best, table, base.method, base.sparsity, calib.settings(),
                          min(held.numel(), (holdout_windows or 10**9) * seqlen))
+
+
+# --- the runs of a sweep (also for core.cluster) ------------------------------------------------
+
+def sweep_specs(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
+                epsilons: list[float] | Mapping[str, list[float]] | None = None) -> list[PruneSpec]:
+    """The prune specs of a sweep, in the order of its table (see ``sweep``)."""
+    for m in methods:
+        if m not in PRUNE_METHODS:
+            raise ValueError(f"methods: {m!r} is unknown; use {', '.join(PRUNE_METHODS)}")
+    for a in allocations:
+        if a not in ALLOCATION_METHODS:
+            raise ValueError(f"allocations: {a!r} is unknown; use {', '.join(ALLOCATION_METHODS)}")
+    return [replace(base, method=method, allocation=allocation, sparsity=float(s), epsilon=eps, nm=None,
+                    ratios_file=None, save=None, evaluation=replace(base.evaluation, evaluate=True))
+            for method in methods for allocation in allocations for s in sparsities
+            for eps in (_epsilons_of(epsilons, method) if allocation == "alpha" else [None])]

@@ -328,6 +328,7 @@ def test_batched_equals_one_by_one(method):
             assert got.D == pytest.approx(one.D, rel=1e-12)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", XMIN_METHODS)
 def test_cuda_equals_cpu(method):

@@ -7,6 +7,7 @@ import argparse
 from ..allocation import MAPPINGS, allocate
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..analysis import analyze
+from ..devices import devices_of
 from ..experiments import read_metrics
 from ..fit import XMIN_METHODS
 from ..profiles import load_profile
@@ -19,6 +20,7 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xmin", default="peak", choices=XMIN_METHODS, help="how xmin is chosen (default peak; see "
                    "the README)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_parallel(p)
     p.add_argument("--out", help="write the table to FILE.csv or FILE.parquet")
     p.add_argument("--eigs", help="write every matrix's eigenvalues to FILE.npz (key: matrix name)")
     p.add_argument("--streaming", action="store_true",
@@ -30,7 +32,8 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
     result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
-                     use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code, progress=progress)
+                     use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
+                     devices=devices_of(args.device, args.devices), ray=args.ray, progress=progress)
     if args.out:
         result.save_table(args.out)
     if args.eigs:
@@ -68,3 +71,12 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     if args.out:
         result.to_csv(args.out)
     return "" if args.quiet else result.summary()
+
+
+def add_parallel(p: argparse.ArgumentParser) -> None:
+    """``--devices`` and ``--ray [ADDRESS]`` (analyze and sweep)."""
+    p.add_argument("--devices", metavar="LIST", help="several devices at once: GPU numbers (0,1,2,3), names "
+                   "(cuda:0,cuda:1) or cuda for every visible GPU")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as Ray tasks: alone, on a local Ray instance; with ADDRESS (e.g. ray://head:10001 or "
+                   "auto), on that cluster (pip install 'spectrascope[cluster]')")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from ..allocation import MAPPINGS
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..config import DTYPES, atomic_file, writable_file
 from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
+from ..cluster import sweep_parallel, tune_epsilon_on_ray
+from ..devices import devices_of
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
+from .analyze import add_parallel
 from ..sweeps import DEFAULT_EPSILONS, sweep, sweep_report, tune_epsilon
 from ..zeroshot import with_accuracy
 from .zeroshot import opts_zeroshot
@@ -149,7 +153,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
-    opts_zeroshot(p)
+    add_parallel(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
@@ -161,8 +165,13 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
-    table = sweep(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
-                  loaded=loaded, calibration=calib, progress=progress)
+    grid = dict(methods=methods, allocations=allocations, sparsities=sparsities,
+                epsilons=epsilons, calibration=calib, progress=progress)
+    if args.ray or devices_of(args.device, args.devices):   # parallel runs (core.cluster)
+        table = sweep_parallel(base, ray=args.ray, devices=devices_of(args.device, args.devices), loaded=loaded,
+                               ship_model=False, **grid)
+    else:
+        table = sweep(base, loaded=loaded, **grid)
     seconds = time.perf_counter() - start
     table = with_accuracy(table)
     atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False))
@@ -184,11 +193,14 @@ def add_tune_epsilon(p: argparse.ArgumentParser) -> None:
     _opts_alpha(p)
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows scored (default 16)")
     _opts_calib(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="one Ray task per epsilon: alone, a local Ray instance; with ADDRESS, that cluster")
 
 
 def run_tune_epsilon(args: argparse.Namespace, progress: Progress) -> str:
-    result = tune_epsilon(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
-                          holdout_windows=args.holdout_windows, progress=progress)
+    tune = partial(tune_epsilon_on_ray, ray=args.ray) if args.ray else tune_epsilon
+    result = tune(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
+                  holdout_windows=args.holdout_windows, progress=progress)
     if args.json:
         return json.dumps({"best": result.best, "rows": result.table.to_dict(orient="records"),
                            "calibration": result.calibration})

@@ -1,0 +1,217 @@
+"""The prepared GPU check: one command, a few minutes on one GPU, one Markdown table.
+
+1. the CUDA tests (``pytest -m cuda``; only when the device is CUDA);
+2. a LLaMA-7B-shaped analysis: 224 matrices (32 blocks of q, k, v, o 4096x4096, gate, up
+   11008x4096, down 4096x11008), random weights generated on the device (no download),
+   through ``compute_spectra`` and ``build_table`` (eigenvalues, power-law fits, metrics),
+   with the eigenvalues of a sample compared with float64 on the CPU;
+3. Wanda and SparseGPT on one LLaMA-7B-shaped block with 128 x 2048 calibration tokens, and
+   the projection to all 32 blocks;
+4. peak GPU memory of each stage.
+
+    python benchmarks/gpu_check.py                       # on the GPU machine (device cuda)
+    python benchmarks/gpu_check.py --small --device cpu  # scaled-down shapes, a CPU smoke test
+
+Goals on one H200 (issue 14): the analysis under 60 s; Wanda on all 32 blocks under 5 min.
+The JSON file (``--json``) has every number of the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.analysis import build_table  # noqa: E402
+from core.models import MatrixInfo, wrap_model  # noqa: E402
+from core.pruning import prune  # noqa: E402
+from core.spectra import compute_spectra, eigenvalues  # noqa: E402
+
+FULL = dict(hidden=4096, inter=11008, blocks=32, heads=32, vocab=32000, nsamples=128, seqlen=2048)
+SMALL = dict(hidden=256, inter=688, blocks=4, heads=4, vocab=512, nsamples=8, seqlen=128)
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def shapes_of(s: dict) -> list[tuple[str, int, str, int, int]]:
+    """(name, block, kind, rows, cols) of every matrix, LLaMA's order (rows = out features)."""
+    h, f = s["hidden"], s["inter"]
+    dims = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}
+    return [(f"model.layers.{b}.{k}", b, k, *dims[k]) for b in range(s["blocks"]) for k in KINDS]
+
+
+def _weight(k: int, rows: int, cols: int, device: str) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(1000 + k)
+    return torch.randn(rows, cols, generator=g, device=device) / cols ** 0.5
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # process peak (KiB -> GiB)
+
+
+def cuda_tests(device: str) -> dict:
+    if not device.startswith("cuda"):
+        return {"status": "skipped (no CUDA device)"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return {"status": "passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})", "summary": last,
+            "seconds": time.perf_counter() - start, "tail": proc.stdout[-3000:]}
+
+
+def analysis(s: dict, device: str, sample: int) -> dict:
+    """Spectra + fits + metrics of every matrix, generated lazily on the device."""
+    infos = [MatrixInfo(n, b, k, r, c) for n, b, k, r, c in shapes_of(s)]
+    items = ((info, _weight(i, info.rows, info.cols, device)) for i, info in enumerate(infos))
+    _peak_reset(device)
+    start = time.perf_counter()
+    spectra = compute_spectra(items, total=len(infos), device=device)
+    spectra_s = time.perf_counter() - start
+    table = build_table(spectra, device=device)
+    seconds = time.perf_counter() - start
+    peak = _peak_gib(device)
+    # a sample (one matrix of each shape first) against float64 eigenvalues on the CPU
+    picks = sorted({next(i for i, x in enumerate(infos) if (x.rows, x.cols) == shp)
+                    for shp in {(x.rows, x.cols) for x in infos}})[:sample]
+    rel, d_alpha = [], []
+    for i in picks:
+        ref = eigenvalues(_weight(i, infos[i].rows, infos[i].cols, device).cpu(), device="cpu")
+        rel.append(float(np.max(np.abs(spectra[i].eigs - ref)) / ref[-1]))
+        ref_alpha = build_table([type(spectra[i])(infos[i], ref, spectra[i].w_var)], device="cpu")["alpha"].iloc[0]
+        d_alpha.append(abs(float(table["alpha"].iloc[i]) - float(ref_alpha)))
+    return {"matrices": len(infos), "seconds": seconds, "spectra_seconds": spectra_s, "fit_seconds": seconds - spectra_s,
+            "sample": len(picks), "max_rel_eig_error": max(rel), "max_alpha_diff": max(d_alpha),
+            "fitted": int(table["alpha"].notna().sum()), "peak_gib": peak}
+
+
+def per_shape(s: dict, device: str, repeat: int = 2) -> dict:
+    """Time of one matrix's spectrum by shape (best of ``repeat``; batches of the same shape)."""
+    out = {}
+    for r, c in sorted({(x[3], x[4]) for x in shapes_of(s)}):
+        items = [(MatrixInfo(f"m{k}", 0, "x", r, c), _weight(k, r, c, device)) for k in range(4)]
+        best = float("inf")
+        for _ in range(repeat):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            compute_spectra(items, device=device)
+            best = min(best, (time.perf_counter() - start) / len(items))
+        out[f"{r}x{c}"] = best * 1000
+    return out
+
+
+def one_block(s: dict, device: str, dtype: torch.dtype, method: str) -> dict:
+    """``method`` on a one-block LLaMA with this shape, ``nsamples x seqlen`` random tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=1,
+                      num_attention_heads=s["heads"], num_key_value_heads=s["heads"], vocab_size=s["vocab"],
+                      max_position_embeddings=s["seqlen"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    loaded = wrap_model(model, label=f"gpu-check block {s['hidden']}")
+    ids = torch.randint(0, s["vocab"], (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0))
+    _peak_reset(device)
+    result = prune(loaded, 0.5, method=method, calibration=ids, device=device)
+    peak = _peak_gib(device)
+    del loaded, model
+    return {"seconds": result.seconds, "achieved": float(result.sparsity), "peak_gib": peak,
+            "projected_32_blocks_s": result.seconds * 32, "tokens": s["nsamples"] * s["seqlen"]}
+
+
+def _guard(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:   # one failed stage still leaves the rest of the table
+        logging.exception("stage failed")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def table(res: dict) -> str:
+    a, t = res["analysis"], res["cuda_tests"]
+    rows = [("CUDA tests (pytest -m cuda)", f"{t['status']} {t.get('summary', '')}".strip(), "pass")]
+    if "error" in a:
+        rows.append(("analysis", a["error"], ""))
+    else:
+        rows += [(f"analysis: {a['matrices']} matrices (spectra + fits + metrics)",
+                  f"{a['seconds']:.1f} s (spectra {a['spectra_seconds']:.1f} s, fits {a['fit_seconds']:.1f} s)",
+                  "< 60 s" if not res["small"] else "-"),
+                 (f"eigenvalues vs float64 CPU ({a['sample']} matrices)",
+                  f"max error {a['max_rel_eig_error']:.1e} of lambda_max; max alpha difference {a['max_alpha_diff']:.1e}",
+                  "< 1e-10"),
+                 ("analysis peak memory", f"{a['peak_gib']:.2f} GiB", "")]
+    for shape, ms in res.get("per_matrix_ms", {}).items():
+        rows.append((f"one spectrum {shape}", f"{ms:.1f} ms" if shape != "error" else ms, ""))
+    for m in ("wanda", "sparsegpt"):
+        r = res[m]
+        if "error" in r:
+            rows.append((f"{m}, one block", r["error"], ""))
+            continue
+        rows += [(f"{m}, one block, {r['tokens']} calibration tokens",
+                  f"{r['seconds']:.1f} s, sparsity {r['achieved']:.3f}, peak {r['peak_gib']:.2f} GiB", ""),
+                 (f"{m}, all 32 blocks (projected)", f"{r['projected_32_blocks_s'] / 60:.1f} min",
+                  "< 5 min" if m == "wanda" and not res["small"] else "-")]
+    head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
+            f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
+    lines = [head, "", "| check | result | goal |", "|---|---|---|"]
+    lines += [f"| {a_} | {b} | {c} |" for a_, b, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    p.add_argument("--small", action="store_true", help="scaled-down shapes (a CPU smoke test)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="the pruned block's dtype (default float16 on CUDA, float32 on the CPU)")
+    p.add_argument("--sample", type=int, default=3, help="matrices compared with float64 on the CPU (default 3)")
+    p.add_argument("--json", metavar="FILE", help="write every number (default benchmarks/results/gpu_check.json)")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible; run with --device cpu --small for the smoke test", file=sys.stderr)
+        return 2
+    s = SMALL if args.small else FULL
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    res = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "small": args.small, "dtype": str(dtype)[6:],
+           "torch": torch.__version__, "python": platform.python_version(), "shapes": s,
+           "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+           else platform.processor() or "CPU"}
+    res["cuda_tests"] = cuda_tests(args.device)
+    res["analysis"] = _guard(analysis, s, args.device, args.sample)
+    res["per_matrix_ms"] = _guard(per_shape, s, args.device)
+    for method in ("wanda", "sparsegpt"):
+        res[method] = _guard(one_block, s, args.device, dtype, method)
+    text = table(res)
+    res["table"] = text
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"gpu_check{'_small' if args.small else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(text)
+    print(f"\nwrote {out}")
+    failed = any("error" in res[k] for k in ("analysis", "wanda", "sparsegpt")) or "FAILED" in res["cuda_tests"]["status"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Parallel analyses, sweeps and epsilon tuning: spectra, sweep runs and epsilons as Ray tasks,
+or sweep runs one per local device; every Ray import of Spectrascope stays in this module.
+
+Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"local"``)
+starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
+matrices from the checkpoint path when the workers see it (shared storage), otherwise the
+driver puts them in Ray's object store. Sweep runs are recorded by the worker in a private
+registry and copied into the driver's registry as each run finishes; a failed or lost task is
+retried once, then recorded as failed with its error. Cancelling the driver cancels the tasks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import replace
+from typing import Callable, Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from .checkpoints import open_checkpoint
+from .devices import map_on_devices, parse_devices, plan_devices
+from .experiments import PruneSpec, alpha_metrics, calibration_for, eval_run, load_for, prune_and_eval
+from .models import LoadedModel, MatrixInfo, Source, iter_weights, load_model
+from .progress import Cancelled, Progress, is_cancelled, report
+from .pruning import owl_scores as compute_owl_scores
+from .registry import Registry
+from .spectra import Spectrum, compute_spectra
+from .sweeps import DEFAULT_EPSILONS, SWEEP_COLUMNS, EpsilonTuning, sweep_specs, tune_epsilon
+
+log = logging.getLogger(__name__)
+
+#: A Ray task is tried this many times (a failed or lost task is retried once).
+ATTEMPTS = 2
+#: Registry columns a worker's run row carries over into the driver's registry.
+_NOT_COPIED = ("id", "kind", "status", "error", "started_at", "finished_at")
+
+
+# --- connecting ------------------------------------------------------------------------------
+
+def ray_module():
+    """The ``ray`` module, or a clear error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray: pip install 'spectrascope[cluster]' (or pip install ray)") from None
+    return ray
+
+
+def connect(address: str | bool | None = True, *, num_cpus: int | None = None):
+    """Start a local Ray instance (``True``, ``"local"``) or join the cluster at ``address``;
+    an already connected driver is reused. Returns the ``ray`` module."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        local = address in (True, None, "", "local")
+        ray.init(address=None if local else str(address), num_cpus=num_cpus if local else None,
+                 include_dashboard=False, log_to_driver=False)
+        log.info("Ray: %s, resources %s", "local instance" if local else f"joined {address}",
+                 ray.cluster_resources())
+    return ray
+
+
+def _gpus(ray) -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _gather(ray, refs: list, *, cancel: object = None) -> Iterator[tuple[int, object]]:
+    """``(index, result)`` of each task as it finishes (``result`` is the exception when the
+    task failed after its retries). A cancel flag or Ctrl-C cancels every pending task."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    try:
+        while pending:
+            if is_cancelled(cancel):
+                raise Cancelled("cancelled: the driver stopped the Ray tasks")
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in ready:
+                try:
+                    yield index[ref], ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    yield index[ref], _cause(exc)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _cause(exc: BaseException) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''} (after {ATTEMPTS} attempts)"
+
+
+# --- spectra ---------------------------------------------------------------------------------
+
+def _spectra_task(infos: list[MatrixInfo], where: str | None, tensors: list | None, device: str) -> list[Spectrum]:
+    """On a worker: the spectra of ``infos``, read from the checkpoint ``where`` or given."""
+    if where is not None:
+        ckpt = open_checkpoint(where)
+        items = [(info, ckpt.read(info.name)) for info in infos]
+    else:
+        items = list(zip(infos, tensors))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return compute_spectra(items, total=len(items), device=device, workers=1 if device == "cpu" else None)
+
+
+def _probe(path: str) -> int:
+    try:
+        return open_checkpoint(path).nbytes
+    except (OSError, ValueError):
+        return -1
+
+
+def workers_see(ray, path: str) -> bool:
+    """Whether a Ray worker reads the same checkpoint at ``path`` (same files, same sizes)."""
+    try:
+        mine = open_checkpoint(path).nbytes
+    except (OSError, ValueError):
+        return False
+    return ray.get(ray.remote(num_cpus=0)(_probe).remote(path)) == mine
+
+
+def spectra_on_ray(source: Source | LoadedModel, *, address: str | bool = True, device: str = "auto",
+                   groups: int | None = None, shared: bool | None = None, trust_remote_code: bool = False,
+                   progress: Progress = None, cancel: object = None) -> list[Spectrum]:
+    """The spectra of every matrix of ``source`` as Ray tasks, in the model's order.
+
+    The matrices are split into ``groups`` (default one per GPU of the cluster, else one
+    per CPU) of about equal estimated cost. A safetensors folder that the workers see
+    (``shared``; probed when ``None``) is read by the workers themselves; otherwise the
+    driver loads the model and puts each group's tensors in the object store."""
+    ray = connect(address)
+    gpus = _gpus(ray) if device != "cpu" else 0
+    slots = groups or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    path = str(source.path) if isinstance(source, Source) and source.kind == "folder" else None
+    if path is not None and shared is None:
+        shared = workers_see(ray, path)
+    if path is not None and shared:
+        infos, weights = open_checkpoint(path).matrices, None
+    else:
+        loaded = source if isinstance(source, LoadedModel) else load_model(
+            source.label if source.kind == "hub" else (source.path or "demo"), device="cpu",
+            trust_remote_code=trust_remote_code, tokenizer=False)
+        infos = loaded.matrices
+        weights = dict((i.name, w.detach().cpu()) for i, w in iter_weights(loaded))
+        path = None
+    plan = plan_devices([(i.rows, i.cols) for i in infos], [str(k) for k in range(slots)])
+    parts = [[i for i, p in zip(infos, plan) if p == str(k)] for k in range(slots)]
+    parts = [p for p in parts if p]
+    task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_retries=ATTEMPTS - 1,
+                      retry_exceptions=True)(_spectra_task)
+    task_device = "cuda" if gpus else "cpu"
+    refs = [task.remote(part, path, None if weights is None else ray.put([weights[i.name] for i in part]),
+                        task_device) for part in parts]
+    done: dict[str, Spectrum] = {}
+    report(progress, 0, len(infos), "eigenvalues (Ray)")
+    for _, result in _gather(ray, refs, cancel=cancel):
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"a Ray spectra task failed: {_error_text(result)}") from result
+        done.update((s.info.name, s) for s in result)
+        report(progress, len(done), len(infos), "eigenvalues (Ray)")
+    return [done[i.name] for i in infos]
+
+
+# --- sweep runs ------------------------------------------------------------------------------
+
+_WORKER_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def _worker_model(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
+    if loaded is not None:
+        return loaded
+    key = (spec.model, spec.dtype, spec.trust_remote_code)
+    if key not in _WORKER_MODELS:   # a worker process keeps the model for its next runs
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = load_for(spec)
+    return _WORKER_MODELS[key]
+
+
+def _run_one(kind: str, spec: PruneSpec, inputs: dict, registry: Registry) -> int:
+    """One sweep run (``eval`` of the dense model or ``prune``) recorded in ``registry``."""
+    if kind == "eval":
+        return eval_run(spec, inputs["loaded"], registry=registry)[0]
+    return prune_and_eval(spec, inputs["loaded"], registry=registry, metrics=inputs["metrics"],
+                          owl_scores=inputs["owl"], calibration=inputs["calibration"]).run_id
+
+
+def _run_task(kind: str, spec: PruneSpec, inputs: dict) -> tuple[dict, pd.DataFrame]:
+    """On a Ray worker: the run in a private registry; returns its row and matrices."""
+    if spec.device == "auto":
+        spec = replace(spec, device="cuda" if torch.cuda.is_available() else "cpu")
+    inputs = {**inputs, "loaded": _worker_model(spec, inputs.get("loaded"))}
+    with tempfile.TemporaryDirectory(prefix="spectrascope-run-") as tmp:
+        registry = Registry(os.path.join(tmp, "runs.sqlite"))
+        run_id = _run_one(kind, spec, inputs, registry)
+        return registry.get(run_id), registry.matrices(run_id)
+
+
+def _plain(value: object) -> object:
+    """A registry value as SQLite takes it (numpy scalars -> Python, NaN -> None)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def copy_run(registry: Registry, row: Mapping, matrices: pd.DataFrame) -> int:
+    """Record a run of another registry (a worker's) in ``registry``; returns its new id."""
+    fields = {k: _plain(v) for k, v in row.items() if k not in _NOT_COPIED}
+    run_id = registry.start(str(row["kind"]), **fields)
+    if len(matrices):
+        registry.add_matrices(run_id, matrices)
+    registry.finish(run_id, str(row["status"]), error=_plain(row.get("error")))
+    registry.update(run_id, started_at=_plain(row["started_at"]), finished_at=_plain(row["finished_at"]))
+    return run_id
+
+
+def _record_failure(registry: Registry, kind: str, spec: PruneSpec, exc: BaseException, model: str) -> int:
+    run_id = registry.start(kind, model=model, method=spec.method if kind == "prune" else "dense",
+                            allocation=spec.allocation if kind == "prune" else None,
+                            sparsity=spec.sparsity if kind == "prune" else None, epsilon=spec.epsilon,
+                            device=spec.device)
+    registry.finish(run_id, "failed", error=_error_text(exc))
+    return run_id
+
+
+def _table_row(kind: str, spec: PruneSpec, run: dict, run_id: int) -> dict:
+    if kind == "eval":
+        return {"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
+                "perplexity": run.get("perplexity"), "prune_seconds": 0.0, "eval_seconds": run.get("eval_seconds"),
+                "run_id": run_id}
+    return {"method": spec.method, "allocation": spec.allocation, "sparsity": spec.sparsity,
+            "epsilon": _plain(run.get("epsilon")), "achieved": run.get("achieved_sparsity"),
+            "perplexity": run.get("perplexity"), "prune_seconds": run.get("prune_seconds"),
+            "eval_seconds": run.get("eval_seconds"), "run_id": run_id}
+
+
+def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
+                   epsilons: list[float] | Mapping[str, list[float]] | None = None, dense: bool = True,
+                   ray: str | bool | None = None, devices: Sequence[str] | None = None,
+                   loaded: LoadedModel | None = None, ship_model: bool | None = None,
+                   registry: Registry | None = None, metrics: pd.DataFrame | None = None, calibration: object = None,
+                   progress: Progress = None, cancel: object = None) -> pd.DataFrame:
+    """``core.sweeps.sweep`` with its runs in parallel: as Ray tasks (``ray``: ``True`` or an
+    address; one GPU per task where the cluster has GPUs) or one run per local device
+    (``devices``). Same table (rows in the sweep's order) and the same registry records.
+
+    The driver loads the model once for the shared inputs (alpha metrics, calibration, OWL
+    scores). Ray workers load the spec's model themselves, unless ``ship_model`` (default:
+    when ``loaded`` was given) sends the driver's model through the object store."""
+    if not ray and not devices:
+        raise ValueError("sweep_parallel: give ray=True/ADDRESS or devices=[...]")
+    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
+    registry = registry or Registry()
+    ship_model = loaded is not None if ship_model is None else ship_model
+    loaded = loaded if loaded is not None else load_for(base, progress)
+    if calibration is None and any(s.needs_calibration for s in specs):
+        calibration = calibration_for(base, loaded)
+    inputs = {"loaded": loaded, "calibration": calibration, "owl": None, "metrics": metrics}
+    if "owl" in allocations:
+        inputs["owl"] = compute_owl_scores(loaded, calibration, device=base.device, progress=progress, cancel=cancel)
+    if "alpha" in allocations:
+        inputs["metrics"] = alpha_metrics(base, loaded, metrics, progress)
+    jobs = ([("eval", base)] if dense else []) + [("prune", s) for s in specs]
+    rows: list[dict | None] = [None] * len(jobs)
+
+    def finished(i: int, result: object) -> None:
+        kind, spec = jobs[i]
+        if isinstance(result, BaseException):
+            if isinstance(result, (Cancelled, KeyboardInterrupt)):
+                raise result
+            log.warning("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, result)
+            run = {}   # locally the run recorded its own failure; a Ray worker's registry is gone
+            run_id = _record_failure(registry, kind, spec, result, loaded.source) if ray else None
+        else:
+            run, mats = result
+            run_id = copy_run(registry, run, mats) if ray else int(run["id"])
+        rows[i] = _table_row(kind, spec, run, run_id)
+        report(progress, sum(r is not None for r in rows), len(jobs), "sweep runs")
+
+    if ray:
+        _sweep_on_ray(connect(ray), jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
+    else:
+        _sweep_on_devices(parse_devices(devices), jobs, inputs, registry, finished)
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def _sweep_on_ray(ray, jobs: list, inputs: dict, finished: Callable, cancel: object) -> None:
+    gpus = _gpus(ray) if all(s.device != "cpu" for _, s in jobs) else 0
+    task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
+                      retry_exceptions=True)(_run_task)
+    shared = ray.put(inputs)
+    refs = [task.remote(kind, spec, shared) for kind, spec in jobs]
+    for i, result in _gather(ray, refs, cancel=cancel):
+        finished(i, result)
+
+
+def _sweep_on_devices(devices: list[str], jobs: list, inputs: dict, registry: Registry,
+                      finished: Callable) -> None:
+    def run(job: tuple[str, PruneSpec], device: str) -> tuple[dict, pd.DataFrame]:
+        kind, spec = job   # a failure is recorded by the run itself (registry.record)
+        return registry.get(_run_one(kind, replace(spec, device=device), inputs, registry)), pd.DataFrame()
+
+    for i, result in map_on_devices(run, jobs, devices):
+        finished(i, result)
+
+
+# --- epsilon tuning --------------------------------------------------------------------------
+
+def _tune_task(base: PruneSpec, epsilon: float, holdout_windows: int | None, metrics: pd.DataFrame,
+               loaded: LoadedModel | None) -> EpsilonTuning:
+    if base.device == "auto":
+        base = replace(base, device="cuda" if torch.cuda.is_available() else "cpu")
+    return tune_epsilon(base, epsilons=[epsilon], holdout_windows=holdout_windows, metrics=metrics,
+                        loaded=_worker_model(base, loaded))
+
+
+def tune_epsilon_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, holdout_windows: int | None = 16,
+                        ray: str | bool = True, loaded: LoadedModel | None = None, ship_model: bool | None = None,
+                        metrics: pd.DataFrame | None = None, progress: Progress = None,
+                        cancel: object = None) -> EpsilonTuning:
+    """``core.sweeps.tune_epsilon`` with one Ray task per epsilon (each task draws the same
+    seeded calibration and held-out text); the same table and choice as one process."""
+    epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
+    ship_model = loaded is not None if ship_model is None else ship_model
+    driver = loaded if loaded is not None else load_for(base, progress)
+    metrics = alpha_metrics(base, driver, metrics, progress)
+    ray = connect(ray)
+    gpus = _gpus(ray) if base.device != "cpu" else 0
+    task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
+                      retry_exceptions=True)(_tune_task)
+    model_ref = ray.put(driver if ship_model else None)
+    refs = [task.remote(base, e, holdout_windows, metrics, model_ref) for e in epsilons]
+    parts: list[EpsilonTuning | None] = [None] * len(refs)
+    for i, result in _gather(ray, refs, cancel=cancel):
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"epsilon {epsilons[i]:g}: {_error_text(result)}") from result
+        parts[i] = result
+        report(progress, sum(p is not None for p in parts), len(parts), "epsilons (Ray)")
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
+    return replace(parts[0], best=best, table=table)

@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.py runs end to end with scaled-down shapes on the CPU and prints its table."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_small_on_cpu_prints_the_table(tmp_path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--small", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert lines[0] == "| check | result | goal |"
+    assert all(line.count("|") == 4 for line in lines)                  # three cells in every row
+    checks = [line.split("|")[1].strip() for line in lines[2:]]
+    assert checks[0] == "CUDA tests (pytest -m cuda)" and "skipped (no CUDA device)" in lines[2]
+    assert "analysis: 28 matrices (spectra + fits + metrics)" in checks
+    assert any(c.startswith("wanda, one block, 1024 calibration tokens") for c in checks)
+    assert any(c.startswith("sparsegpt, one block") for c in checks)
+    res = json.loads(out.read_text())
+    assert res["analysis"]["matrices"] == 28 and res["analysis"]["fitted"] > 0
+    assert res["analysis"]["max_rel_eig_error"] < 1e-12                 # float64 on both sides here
+    for m in ("wanda", "sparsegpt"):
+        assert abs(res[m]["achieved"] - 0.5) < 0.01 and res[m]["tokens"] == 8 * 128
+    assert set(res["per_matrix_ms"]) == {"256x256", "256x688", "688x256"}
