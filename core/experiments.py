@@ -366,7 +366,8 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
     ppl = perplexity(loaded, dataset=e.dataset, seqlen=e.seqlen, max_windows=e.max_windows, device=spec.device,
                      progress=progress, cancel=cancel, bos=e.bos)
     registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
-                    eval_bos=ppl.bos, eval_bos_prepended=ppl.bos_prepended, perplexity=ppl.perplexity, tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
+                    eval_bos=ppl.bos, eval_bos_prepended=ppl.bos_prepended, perplexity=ppl.perplexity,
+                    tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
     return ppl
 
 

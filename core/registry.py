@@ -108,7 +108,9 @@ def _bos(mode: object, prepended: object) -> str:
 
 
 def _value(value: object) -> str:
-    return "?" if _missing(value) else str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    if _missing(value):
+        return "?"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _short(dataset: object) -> str:

@@ -14,7 +14,7 @@ from core.cli import main
 from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec, eval_run, prune_and_eval
 from core.models import REPORT_NAME, wrap_model
 from core.registry import SCHEMA_VERSION, Registry, run_key
-from test_bos import WORDS, make_tokenizer
+from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
 # the schema of version 1, written out: a database made by Spectrascope before BOS modes
 V1_SCHEMA = """
@@ -133,26 +133,15 @@ def test_baseline_is_the_run_of_the_same_key(tmp_path):
 
 # --- BOS end to end ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import torch
-
-    gen = torch.Generator().manual_seed(5)
-    words = torch.randint(3, len(WORDS), (1500,), generator=gen).tolist()
-    path = tmp_path_factory.mktemp("evalkey") / "text.txt"
-    path.write_text(" ".join(WORDS[i] for i in words), encoding="utf-8")
-    return str(path)
-
-
 @pytest.mark.parametrize("adds_bos", [True, False])
 def test_prune_and_eval_record_the_bos_mode(tmp_path, text_file, adds_bos):
     loaded = wrap_model(tiny_model("llama"), make_tokenizer(adds_bos))
     reg = Registry(tmp_path / "runs.sqlite")
-    ev = EvaluationSpec(True, text_file, 32, 4)            # the default mode: auto
+    ev = EvaluationSpec(True, text_file[0], 32, 4)            # the default mode: auto
     runs = {}
     for bos in ("auto", "none"):
         spec = PruneSpec(method="wanda", sparsity=0.5, device="cpu", calibration=CalibrationSpec(
-            text_file, 4, 32, 0, bos), evaluation=EvaluationSpec(True, text_file, 32, 4, bos),
+            text_file[0], 4, 32, 0, bos), evaluation=EvaluationSpec(True, text_file[0], 32, 4, bos),
             save=tmp_path / f"out-{bos}")
         runs[bos] = prune_and_eval(spec, loaded, registry=reg)
         row = reg.get(runs[bos].run_id)
@@ -185,15 +174,15 @@ def test_cli_bos_option_reaches_the_registry(tmp_path, text_file, monkeypatch, c
     make_tokenizer(True).save_pretrained(src)
     out = {}
     for bos in ("auto", "paper", "none"):
-        assert main(["eval", "--model", str(src), "--dataset", text_file, "--seqlen", "32", "--max-windows", "2",
+        assert main(["eval", "--model", str(src), "--dataset", text_file[0], "--seqlen", "32", "--max-windows", "2",
                      "--device", "cpu", "--bos", bos, "--json", "--quiet"]) == 0
         out[bos] = json.loads(capsys.readouterr().out)
     assert [out[b]["bos_prepended"] for b in ("auto", "paper", "none")] == [True, True, False]
     assert len({out[b]["key"] for b in out}) == 3 and out["none"]["settings"].endswith("BOS none")
     rows = Registry(tmp_path / "home" / "runs.sqlite").query()
     assert rows["eval_bos"].tolist() == ["auto", "paper", "none"]
-    assert main(["prune", "--model", str(src), "--method", "wanda", "--calib", text_file, "--nsamples", "2",
-                 "--seqlen", "32", "--bos", "none", "--eval-bos", "auto", "--eval", "--dataset", text_file,
+    assert main(["prune", "--model", str(src), "--method", "wanda", "--calib", text_file[0], "--nsamples", "2",
+                 "--seqlen", "32", "--bos", "none", "--eval-bos", "auto", "--eval", "--dataset", text_file[0],
                  "--max-windows", "2", "--device", "cpu", "--json", "--quiet"]) == 0
     run = json.loads(capsys.readouterr().out)
     assert run["calibration"]["bos"] == "none" and run["perplexity"]["bos"] == "auto"

@@ -310,7 +310,8 @@ def test_sweep_gives_each_method_its_own_epsilon(demo, tmp_path):
     dense_key = table["key"].iloc[0]
     assert all(k.startswith(dense_key + "|calib=") for k in table["key"].iloc[1:])
     assert set(table.loc[table.method == "magnitude", "key"]) == {dense_key + "|calib=none"}
-    assert set(table.loc[table.method == "wanda", "settings"]) == {"wiki · 3×64 · BOS none · calib given 1×64 seed ?"}
+    wanda = set(table.loc[table.method == "wanda", "settings"])
+    assert wanda == {"wiki · 3×64 · BOS none · calib given 1×64 seed ?"}
     report = sweep_report(table, base, model="tiny", calibration=None, seconds=6.0)
     assert "Comparison keys" in report and "BOS auto" in report
     assert all(f"- {s} (key `{k}`)" in report for s, k in zip(table["settings"], table["key"]))

@@ -21,7 +21,7 @@ from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import wrap_model
 from core.sweeps import TUNE_COLUMNS, refit, tune
 from core.texts import load_text
-from test_bos import WORDS, make_tokenizer
+from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
 
 @pytest.fixture
@@ -105,18 +105,10 @@ def test_tune_refuses_bad_grids(tmp_path, text_file):
         tune(base, xmins=["peak"], metric_columns=["kind"], loaded=loaded)
     with pytest.raises(ValueError, match="holdout=0.7"):
         tune(base, holdout=0.7, loaded=loaded)
-    same = replace(base, calibration=CalibrationSpec(text_file, 2, 32), evaluation=EvaluationSpec(dataset=text_file))
+    path = text_file[0]
+    same = replace(base, calibration=CalibrationSpec(path, 2, 32), evaluation=EvaluationSpec(dataset=path))
     with pytest.raises(ValueError, match="held-out text would be evaluation text"):
         tune(same, xmins=["peak"], loaded=loaded)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    gen = torch.Generator().manual_seed(9)
-    words = torch.randint(3, len(WORDS), (1500,), generator=gen).tolist()
-    path = tmp_path_factory.mktemp("tune") / "text.txt"
-    path.write_text(" ".join(WORDS[i] for i in words), encoding="utf-8")
-    return str(path)
 
 
 def test_tune_command_and_its_alias_with_a_bos_tokenizer(tmp_path, text_file, monkeypatch, capsys):
@@ -126,7 +118,7 @@ def test_tune_command_and_its_alias_with_a_bos_tokenizer(tmp_path, text_file, mo
     make_tokenizer(True).save_pretrained(src)
     assert COMMANDS["tune-epsilon"].run is COMMANDS["tune"].run
     argv = ["--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--epsilons", "0,0.3", "--xmins",
-            "peak,full", "--metrics-cols", "alpha,log_norm", "--calib", text_file, "--nsamples", "2", "--seqlen",
+            "peak,full", "--metrics-cols", "alpha,log_norm", "--calib", text_file[0], "--nsamples", "2", "--seqlen",
             "32", "--holdout-windows", "2", "--device", "cpu", "--json", "--quiet"]
     assert main(["tune", *argv, "--out", str(tmp_path / "grid.csv")]) == 0
     out = json.loads(capsys.readouterr().out)
