@@ -20,15 +20,17 @@ from typing import Callable, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
+from .analysis import Analysis, analyze
 from .checkpoints import open_checkpoint
 from .devices import map_on_devices, parse_devices, plan_devices
+from .fit import XMIN_METHODS
 from .experiments import PruneSpec, alpha_metrics, calibration_for, eval_run, load_for, prune_and_eval
 from .models import LoadedModel, MatrixInfo, Source, iter_weights, load_model
 from .progress import Cancelled, Progress, is_cancelled, report
 from .pruning import owl_scores as compute_owl_scores
 from .registry import Registry
 from .spectra import Spectrum, compute_spectra
-from .sweeps import DEFAULT_EPSILONS, SWEEP_COLUMNS, EpsilonTuning, sweep_specs, tune_epsilon
+from .sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, SWEEP_COLUMNS, Tuning, sweep_specs, tune
 
 log = logging.getLogger(__name__)
 
@@ -312,36 +314,39 @@ def _sweep_on_devices(devices: list[str], jobs: list, inputs: dict, registry: Re
 
 # --- epsilon tuning --------------------------------------------------------------------------
 
-def _tune_task(base: PruneSpec, epsilon: float, holdout_windows: int | None, metrics: pd.DataFrame,
-               loaded: LoadedModel | None) -> EpsilonTuning:
+def _tune_task(base: PruneSpec, epsilon: float, grid: dict, analysis: Analysis | None,
+               loaded: LoadedModel | None) -> Tuning:
     if base.device == "auto":
         base = replace(base, device="cuda" if torch.cuda.is_available() else "cpu")
-    return tune_epsilon(base, epsilons=[epsilon], holdout_windows=holdout_windows, metrics=metrics,
-                        loaded=_worker_model(base, loaded))
+    return tune(base, epsilons=[epsilon], analysis=analysis, loaded=_worker_model(base, loaded), **grid)
 
 
-def tune_epsilon_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, holdout_windows: int | None = 16,
-                        ray: str | bool = True, loaded: LoadedModel | None = None, ship_model: bool | None = None,
-                        metrics: pd.DataFrame | None = None, progress: Progress = None,
-                        cancel: object = None) -> EpsilonTuning:
-    """``core.sweeps.tune_epsilon`` with one Ray task per epsilon (each task draws the same
-    seeded calibration and held-out text); the same table and choice as one process."""
+def tune_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, xmins: list[str] | None = None,
+                metric_columns: Sequence[str] = DEFAULT_METRIC_COLUMNS, holdout: float = 0.1,
+                holdout_windows: int | None = 16, ray: str | bool = True, loaded: LoadedModel | None = None,
+                ship_model: bool | None = None, progress: Progress = None, cancel: object = None) -> Tuning:
+    """``core.sweeps.tune`` with one Ray task per epsilon (each task draws the same seeded
+    calibration and held-out text, and refits the driver's one analysis); the same table, in
+    the same order, and the same choice as one process."""
     epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
     ship_model = loaded is not None if ship_model is None else ship_model
     driver = loaded if loaded is not None else load_for(base, progress)
-    metrics = alpha_metrics(base, driver, metrics, progress)
+    analysis = None if base.metrics_file is not None else analyze(
+        driver, xmin=(xmins or XMIN_METHODS)[0], device=base.device, progress=progress)
+    grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
     ray = connect(ray)
     gpus = _gpus(ray) if base.device != "cpu" else 0
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
                       retry_exceptions=True)(_tune_task)
-    model_ref = ray.put(driver if ship_model else None)
-    refs = [task.remote(base, e, holdout_windows, metrics, model_ref) for e in epsilons]
-    parts: list[EpsilonTuning | None] = [None] * len(refs)
+    model_ref, analysis_ref = ray.put(driver if ship_model else None), ray.put(analysis)
+    refs = [task.remote(base, e, grid, analysis_ref, model_ref) for e in epsilons]
+    parts: list[Tuning | None] = [None] * len(refs)
     for i, result in _gather(ray, refs, cancel=cancel):
         if isinstance(result, BaseException):
             raise RuntimeError(f"epsilon {epsilons[i]:g}: {_error_text(result)}") from result
         parts[i] = result
         report(progress, sum(p is not None for p in parts), len(parts), "epsilons (Ray)")
-    table = pd.concat([p.table for p in parts], ignore_index=True)
-    best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
-    return replace(parts[0], best=best, table=table)
+    table = pd.concat([p.table.assign(_eps=i) for i, p in enumerate(parts)], ignore_index=True)
+    table["_row"] = table.groupby("_eps").cumcount()           # one process: xmin, metric, then epsilon
+    table = table.sort_values(["_row", "_eps"], kind="stable").drop(columns=["_row", "_eps"]).reset_index(drop=True)
+    return replace(parts[0], table=table, best=table.loc[table["perplexity"].idxmin()].to_dict())

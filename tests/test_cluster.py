@@ -16,12 +16,12 @@ psutil = pytest.importorskip("psutil")
 
 from conftest import tiny_config, tiny_model  # noqa: E402
 from core.analysis import analyze  # noqa: E402
-from core.cluster import spectra_on_ray, sweep_parallel, tune_epsilon_on_ray  # noqa: E402
+from core.cluster import spectra_on_ray, sweep_parallel, tune_on_ray  # noqa: E402
 from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
 from core.models import iter_weights, load_model, resolve_source, wrap_model  # noqa: E402
 from core.registry import Registry  # noqa: E402
 from core.spectra import compute_spectra  # noqa: E402
-from core.sweeps import sweep, tune_epsilon  # noqa: E402
+from core.sweeps import sweep, tune  # noqa: E402
 
 pytestmark = pytest.mark.slow
 COMPARED = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexity"]
@@ -136,11 +136,12 @@ def test_a_task_failing_twice_is_recorded_as_failed_with_its_error(local_ray, ti
     assert sorted(runs["sparsity"]) == [0.5, 0.6]
 
 
-def test_tune_epsilon_on_ray_equals_one_process(local_ray, tiny_folder):
+def test_tune_on_ray_equals_one_process(local_ray, tiny_folder):
     base = PruneSpec(model=str(tiny_folder), method="wanda", sparsity=0.6, allocation="alpha", device="cpu",
                      calibration=CalibrationSpec(nsamples=2, seqlen=64))
-    one = tune_epsilon(base, epsilons=[0.0, 0.4], holdout_windows=2)
-    got = tune_epsilon_on_ray(base, epsilons=[0.0, 0.4], holdout_windows=2, ray=True)
+    grid = dict(epsilons=[0.0, 0.4], xmins=["peak", "mid"], metric_columns=["alpha", "alpha_hat"], holdout_windows=2)
+    one = tune(base, **grid)
+    got = tune_on_ray(base, ray=True, **grid)
     pd.testing.assert_frame_equal(got.table, one.table)
     assert got.best == one.best and got.calibration == one.calibration
     assert got.holdout_tokens == one.holdout_tokens
