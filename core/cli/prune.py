@@ -166,6 +166,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
+    opts_zeroshot(p)
     add_parallel(p)
 
 
