@@ -39,6 +39,7 @@ COLUMNS = ["name", "block", "kind", "rows", "cols", "params", "n_evals", "alpha"
            "entropy", "lambda_plus", "num_spikes", "mp_softrank", "rank", "w_var", "status", "n_zero", "quant"]
 
 #: eigenvalues <= ZERO_RTOL * lambda_max count as zeros (n_zero): excluded from the fit and the metrics
+#: (the smallest genuine one of the dense demo model is 1.7e-12 lambda_max)
 ZERO_RTOL = 1e-12   # sigma <= 1e-6 sigma_max: below what float32 weights resolve
 
 
@@ -204,6 +205,17 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
                            quant=quant_types(folder_of_weights), store=True, replace=not use_cache,
                            budget_bytes=(256 << 20) if streaming else (1 << 30), progress=progress)
+
+
+def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, *, xmin: str = "peak",
+                 device: str = "auto", progress: Progress = None) -> Analysis:
+    """The analysis of a changed copy of a model (a pruned one): of its ``saved`` folder (cached
+    under that folder's identity), else of the weights in memory, cached under ``tag`` and the
+    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do)."""
+    if saved is not None:
+        return analyze(saved, xmin=xmin, device=device, progress=progress)
+    return analyze_weights(iter_weights(model), model.matrices, label=f"{model.source} ({tag})", xmin=xmin,
+                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, progress=progress)
 
 
 def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,

@@ -19,11 +19,11 @@ import pandas as pd
 from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation, allocate, matrix_table,
                          ratios_from_file)
 from .allocation import METHODS as ALLOCATION_METHODS
-from .analysis import analyze, analyze_weights
+from .analysis import analyze, analyze_copy
 from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
 from .config import DTYPES
 from .evaluation import Perplexity, perplexity
-from .models import LoadedModel, iter_weights, load_model, save_model
+from .models import LoadedModel, load_model, save_model
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
@@ -389,24 +389,11 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
                       "model_identity": loaded.identity, "allocation_params": params, "versions": software_versions(),
                       "spec": spec.to_argv(), "matrices": result.matrices.to_dict(orient="records")}
             out.output_dir = save_model(result.model, spec.save, report)
-        if spec.analyze_output:
-            _analyze_output(spec, result.model, out, registry, run_id, params, progress)
+        if spec.analyze_output:   # the pruned model's spectra, cached; the run records where
+            a = analyze_copy(result.model, out.output_dir, f"run{run_id}", device=spec.device, progress=progress)
+            registry.update(run_id, allocation_params={**params, "analysis": {"identity": a.identity, "xmin": a.xmin}})
         del result
     return out
-
-
-def _analyze_output(spec: PruneSpec, pruned: LoadedModel, out: RunResult, registry: Registry, run_id: int,
-                    params: dict, progress: Progress) -> None:
-    """Analyse the pruned model into the disk cache: under its saved folder's identity, or (not
-    saved) under one made of the dense model's identity and the run; recorded in the run's params."""
-    if out.output_dir is not None:
-        analysis = analyze(out.output_dir, device=spec.device, progress=progress)
-    else:
-        identity = f"pruned:{run_id}-{pruned.identity.replace(':', '-')}"
-        analysis = analyze_weights(iter_weights(pruned), pruned.matrices, label=f"{pruned.source} (run {run_id})",
-                                   identity=identity, device=spec.device, progress=progress)
-    registry.update(run_id, allocation_params={**params, "analysis": {"identity": analysis.identity,
-                                                                      "xmin": analysis.xmin}})
 
 
 def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: int, progress: Progress,

@@ -33,7 +33,7 @@ def test_compare_page_overlays_and_deltas_of_two_analyses():
     at.selectbox(key="cmp_metric").set_value("log_spectral_norm").run()
     heat = figures(at)[1]
     assert heat["data"][0]["zmid"] == 0 and "Δ log_spectral_norm" in heat["layout"]["title"]["text"]
-    z = arr(heat["data"][0]["z"])                      # kinds x blocks
+    z = arr(heat["data"][0]["z"]).copy()               # kinds x blocks
     kinds = list(heat["data"][0]["y"])
     assert np.isclose(z[kinds.index("q"), 1], np.log10(9.0))
     z[kinds.index("q"), 1] = 0
