@@ -114,7 +114,7 @@ def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "c
             m = spectral_metrics(eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
         rows.append({"name": i.name, "block": i.block, "kind": i.kind, "rows": i.rows, "cols": i.cols,
                      "params": i.params, "n_evals": int(s.eigs.size), "w_var": s.w_var, **m, "n_zero": n_zero,
-                     "quant": (quant or {}).get(i.name)})
+                     "quant": (quant or {}).get(i.name, np.nan)})   # NaN (not None): a CSV round trip keeps it
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 

@@ -61,7 +61,10 @@ def analysis_of_run(run_id: int, *, registry: Registry | None = None, xmin: str 
 def run_label(run: dict) -> str:
     """``run 3: wanda alpha S=0.70`` (what a run is called in a comparison)."""
     s = run.get("sparsity")
-    sparsity = f" S={s:.2f}" if isinstance(s, (int, float)) and np.isfinite(s) else (f" {run['nm']}" if run.get("nm") else "")
+    if isinstance(s, (int, float)) and np.isfinite(s):
+        sparsity = f" S={s:.2f}"
+    else:
+        sparsity = f" {run['nm']}" if run.get("nm") else ""
     return f"run {run['id']}: {run.get('method')} {run.get('allocation')}{sparsity}"
 
 
@@ -137,10 +140,11 @@ def cached_analyses() -> pd.DataFrame:
         except (OSError, ValueError):
             continue
         created = str(meta.get("created", ""))
+        when = created.replace("T", " ")
         rows.append({"folder": str(meta_file.parent), "model": meta.get("model", "?"),
                      "identity": meta.get("identity", ""), "xmin": meta.get("xmin", "?"),
                      "engine": str(meta.get("engine", "1")), "created": created,
-                     "label": f"{meta.get('model', '?')} · xmin {meta.get('xmin', '?')} · {created.replace('T', ' ')}"})
+                     "label": f"{meta.get('model', '?')} · xmin {meta.get('xmin', '?')} · {when}"})
     cols = ["folder", "model", "identity", "xmin", "engine", "created", "label"]
     return pd.DataFrame(rows, columns=cols).sort_values("created", ascending=False).reset_index(drop=True)
 

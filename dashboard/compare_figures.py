@@ -90,7 +90,8 @@ def series_figure(long: pd.DataFrame, metric: str) -> go.Figure:
     fig = go.Figure()
     for i, kind in enumerate(kind_order(t)):
         s = t[t["kind"] == kind]
-        fig.add_trace(go.Scatter(x=s["step"], y=s[metric], mode="lines+markers", name=kind, line=dict(color=palette(i))))
+        fig.add_trace(go.Scatter(x=s["step"], y=s[metric], mode="lines+markers", name=kind,
+                                 line=dict(color=palette(i))))
     fig.update_layout(**LAYOUT, title=f"mean {metric} per kind against training step", xaxis_title="step",
                       yaxis_title=metric)
     return fig

@@ -137,16 +137,7 @@ for e in entries:
     note = quant_alpha_message(e.table, "alpha")
     if note:
         st.warning(f"{e.label}: {note}", icon=":material/warning:")
-zeros = long.groupby("source", sort=False)["n_zero"].sum() if "n_zero" in long else pd.Series(dtype=float)
-if zeros.fillna(0).gt(0).any():
-    st.info("Zero eigenvalues: " + ", ".join(f"{s} {int(n)}" for s, n in zeros.items() if n > 0)
-            + f". Eigenvalues at or below {ZERO_RTOL:g} × λmax of their matrix (the null space a pruned or "
-              "low-rank matrix gains) are counted in `n_zero`, left out of the power-law fit and the metrics, "
-              "and not drawn in the ESD.", icon=":material/info:")
 
-st.subheader("Summary per kind")
-st.dataframe(result.by_kind(metric), hide_index=True, width="stretch",
-             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("mean", "change")})
 
 
 def picked(event) -> str | None:
@@ -175,7 +166,7 @@ ev = st.plotly_chart(delta_heatmap_figure(deltas, target, metric, labels[0]), wi
                      on_select="rerun", selection_mode="points")
 follow(ev, "delta")
 st.caption("Click a point or a cell to open that matrix below. Red: the metric grew against the reference; "
-           "blue: it fell; grey cells: the matrix is missing from one of the two.")
+           "blue: it fell; blank cells: the matrix is missing from one of the two.")
 
 st.subheader("One matrix across sources")
 keys = list(dict.fromkeys(long["key"]))
@@ -184,13 +175,18 @@ if ss.get(MATRIX) not in keys:
 c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
 c1.selectbox("Matrix", keys, key=MATRIX)
 c2.toggle("Power-law fit", key=FIT)
-items = [{"label": r["source"], "row": r, "eigs": next(e for e in entries if e.label == r["source"]).eigs[r["name"]]}
-         for r in long[long["key"] == ss[MATRIX]].to_dict("records")
-         if r["name"] in next(e for e in entries if e.label == r["source"]).eigs]
+eigs_of = {e.label: e.eigs for e in entries}
+items = [{"label": r["source"], "row": r, "eigs": eigs_of[r["source"]][r["name"]]}
+         for r in long[long["key"] == ss[MATRIX]].to_dict("records") if r["name"] in eigs_of[r["source"]]]
 if items:
     st.plotly_chart(esd_overlay_figure(items, show_fit=ss[FIT]), width="stretch", key="cmp_esd")
 else:
     st.info("No eigenvalues for this matrix in these sources (saved tables carry only the metrics).")
+zeros = long.groupby("source", sort=False)["n_zero"].sum(min_count=1)
+counts = ", ".join(f"{s} {int(n) if pd.notna(n) else '?'}" for s, n in zeros.items())
+st.caption(f"Zero eigenvalues: those at or below {ZERO_RTOL:g} × λmax of their matrix (the null space a pruned "
+           "or low-rank matrix gains) are counted in `n_zero`, left out of the power-law fit and the metrics, and "
+           f"not drawn. In these sources: {counts}.")
 if c3.button("Open in Spectra", icon=":material/ssid_chart:"):
     row = long[long["key"] == ss[MATRIX]].iloc[0]
     ss[State.sp_blocks], ss[State.sp_kinds] = [int(row["block"])], [row["kind"]]
@@ -198,6 +194,10 @@ if c3.button("Open in Spectra", icon=":material/ssid_chart:"):
 cols = ["source", "name", "alpha", "xmin", "D", "n_tail", "n_zero", "rank", "log_spectral_norm", "status", "quant"]
 st.dataframe(long.loc[long["key"] == ss[MATRIX], [c for c in cols if c in long.columns]], hide_index=True,
              width="stretch")
+
+st.subheader("Summary per kind")
+st.dataframe(result.by_kind(metric), hide_index=True, width="stretch",
+             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("mean", "change")})
 
 st.subheader("Distributions")
 st.plotly_chart(distribution_figure(long, metric, labels), width="stretch", key="cmp_dist")
