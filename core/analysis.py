@@ -4,9 +4,10 @@
 the columns of ``COLUMNS`` (documented in the README) and whose ``eigs`` maps each
 matrix name to its eigenvalues (ascending, float64). Eigenvalues at or below ``ZERO_RTOL``
 times the largest (the null space of a pruned or low-rank matrix) are counted as ``n_zero``
-and left out of the fit and the metrics; ``quant`` is a GGUF source's quantization type. Results are cached under
-``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights' identity, the xmin method
-and the engine version: a second analysis of the same model returns at once.
+and left out of the fit and the metrics; ``quant`` is a GGUF source's quantization type.
+Results are cached under ``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights'
+identity, the xmin method and the engine version: a second analysis of the same model
+returns at once.
 """
 from __future__ import annotations
 
