@@ -2,9 +2,12 @@
 
 ``analyze(source)`` returns an ``Analysis`` whose ``table`` has one row per matrix with
 the columns of ``COLUMNS`` (documented in the README) and whose ``eigs`` maps each
-matrix name to its eigenvalues (ascending, float64). Results are cached under
-``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights' identity, the xmin method
-and the engine version: a second analysis of the same model returns at once.
+matrix name to its eigenvalues (ascending, float64). Eigenvalues at or below ``ZERO_RTOL``
+times the largest (the null space of a pruned or low-rank matrix) are counted as ``n_zero``
+and left out of the fit and the metrics; ``quant`` is a GGUF source's quantization type.
+Results are cached under ``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights'
+identity, the xmin method and the engine version: a second analysis of the same model
+returns at once.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -23,17 +27,22 @@ from .devices import check_devices, spectra_on_devices
 from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import no_fit_status, spectral_metrics
-from .models import LoadedModel, iter_weights, load_model, resolve_source
+from .models import LoadedModel, MatrixInfo, iter_weights, load_model, resolve_source
+from .quant import quant_types
 from .spectra import Spectrum, compute_spectra
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "1"   # bump when a change alters any number in the table
+ENGINE_VERSION = "2"   # bump when a change alters any number in the table
 
 #: Columns of ``Analysis.table``, in order.
 COLUMNS = ["name", "block", "kind", "rows", "cols", "params", "n_evals", "alpha", "xmin", "D", "sigma",
            "n_tail", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
-           "entropy", "lambda_plus", "num_spikes", "mp_softrank", "rank", "w_var", "status"]
+           "entropy", "lambda_plus", "num_spikes", "mp_softrank", "rank", "w_var", "status", "n_zero", "quant"]
+
+#: eigenvalues <= ZERO_RTOL * lambda_max count as zeros (n_zero): excluded from the fit and the metrics
+#: (the smallest genuine one of the dense demo model is 1.7e-12 lambda_max)
+ZERO_RTOL = 1e-12   # sigma <= 1e-6 sigma_max: below what float32 weights resolve
 
 
 @dataclass
@@ -83,23 +92,36 @@ class Analysis:
         return "\n".join(lines)
 
 
-def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "cpu") -> pd.DataFrame:
+def split_zeros(eigs: np.ndarray) -> tuple[np.ndarray, int]:
+    """``eigs`` with every value <= ``ZERO_RTOL * max`` set to 0, and how many that are."""
+    eigs = np.asarray(eigs, dtype=np.float64)
+    if eigs.size == 0 or not np.all(np.isfinite(eigs)):
+        return eigs, 0
+    zero = eigs <= ZERO_RTOL * max(float(eigs.max()), 0.0)
+    return np.where(zero, 0.0, eigs), int(zero.sum())
+
+
+def build_table(spectra: list[Spectrum], *, xmin: str = "peak", device: str = "cpu",
+                quant: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Fit and measure every spectrum; one row per matrix with the columns ``COLUMNS``."""
-    fits = fit_power_laws([s.eigs for s in spectra], xmin=xmin, device=device)
+    cleaned = [split_zeros(s.eigs) for s in spectra]
+    fits = fit_power_laws([e for e, _ in cleaned], xmin=xmin, device=device)
     rows = []
-    for s, f in zip(spectra, fits):
+    for s, (eigs, n_zero), f in zip(spectra, cleaned, fits):
         i = s.info
         if s.reason:      # unusable matrix: every metric nan, the status says why
             m = spectral_metrics(np.full_like(s.eigs, np.nan), f, rows=i.rows, cols=i.cols, w_var=0.0)
             m.update({k: np.nan for k, v in m.items() if isinstance(v, float)}, status=no_fit_status(s.reason))
         else:
-            m = spectral_metrics(s.eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
+            m = spectral_metrics(eigs, f, rows=i.rows, cols=i.cols, w_var=s.w_var)
         rows.append({"name": i.name, "block": i.block, "kind": i.kind, "rows": i.rows, "cols": i.cols,
-                     "params": i.params, "n_evals": int(s.eigs.size), "w_var": s.w_var, **m})
+                     "params": i.params, "n_evals": int(s.eigs.size), "w_var": s.w_var, **m, "n_zero": n_zero,
+                     "quant": (quant or {}).get(i.name, np.nan)})   # NaN (not None): a CSV round trip keeps it
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 
-def _cache_dir(identity: str, xmin: str) -> Path:
+def cache_folder(identity: str, xmin: str) -> Path:
+    """Where the analysis of the weights ``identity`` with ``xmin`` is cached (this engine version)."""
     key = f"{identity.replace(':', '-')}-{xmin}-v{ENGINE_VERSION}"
     return home() / "analyses" / key
 
@@ -170,37 +192,70 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
         if streaming and src.kind != "folder":
             raise ValueError(f"--streaming reads safetensors checkpoints; {src.label!r} is a {src.kind} source")
         label, identity = src.label, src.identity()
-    folder = _cache_dir(identity, xmin)
+    folder = cache_folder(identity, xmin)
     if use_cache:
         cached = _load_cached(folder)
         if cached is not None:
             log.info("analysis of %s from cache %s", label, folder)
             return cached
 
-    start = time.perf_counter()
-    if ray:
+    if ray:   # the spectra as Ray tasks (core.cluster); the table and cache as below
         from .cluster import spectra_on_ray
 
-        spectra = spectra_on_ray(source if isinstance(source, LoadedModel) else src, address=ray, device=device,
-                                 trust_remote_code=trust_remote_code, progress=progress)
-    else:
-        if streaming:
-            from .checkpoints import open_checkpoint
+        loaded = source if isinstance(source, LoadedModel) else None
+        spectra = spectra_on_ray(loaded or src, address=ray, device=device, trust_remote_code=trust_remote_code,
+                                 progress=progress)
+        return analyze_weights((), [s.info for s in spectra], label=label, identity=identity, xmin=xmin,
+                               device=dev, quant=quant_types(loaded.path if loaded else None), store=True,
+                               replace=not use_cache, spectra=spectra, progress=progress)
+    if streaming:
+        from .checkpoints import open_checkpoint
 
-            ckpt = open_checkpoint(src.path)
-            items, infos = ckpt.iter_weights(), ckpt.matrices
-        else:
-            loaded = source if isinstance(source, LoadedModel) else load_model(
-                source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
-            items, infos = iter_weights(loaded), loaded.matrices
-        if devices and len(devices) > 1:
-            spectra = spectra_on_devices(items, devices, compute=compute_spectra)
-        else:   # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
-            spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress,
-                                      budget_bytes=(256 << 20) if streaming else (1 << 30))
-    report(progress, len(spectra), len(spectra), "fits and metrics")
-    table = build_table(spectra, xmin=xmin, device=dev)
+        ckpt = open_checkpoint(src.path)
+        items, infos, folder_of_weights = ckpt.iter_weights(), ckpt.matrices, src.path
+    else:
+        loaded = source if isinstance(source, LoadedModel) else load_model(
+            source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
+        items, infos, folder_of_weights = iter_weights(loaded), loaded.matrices, loaded.path
+    # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
+    return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
+                           quant=quant_types(folder_of_weights), store=True, replace=not use_cache,
+                           budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, progress=progress)
+
+
+def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, *, xmin: str = "peak",
+                 device: str = "auto", progress: Progress = None) -> Analysis:
+    """The analysis of a changed copy of a model (a pruned one): of its ``saved`` folder (cached
+    under that folder's identity), else of the weights in memory, cached under ``tag`` and the
+    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do)."""
+    if saved is not None:
+        return analyze(saved, xmin=xmin, device=device, progress=progress)
+    return analyze_weights(iter_weights(model), model.matrices, label=f"{model.source} ({tag})", xmin=xmin,
+                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, progress=progress)
+
+
+def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,
+                    identity: str, xmin: str = "peak", device: str = "auto", quant: Mapping[str, str] | None = None,
+                    store: bool = True, replace: bool = False, budget_bytes: int = 1 << 30,
+                    devices: list[str] | None = None, spectra: list[Spectrum] | None = None,
+                    progress: Progress = None) -> Analysis:
+    """The analysis of any ``(info, weight)`` pairs (a model's, an adapter's updates, ...) named
+    ``label``, cached under ``identity`` when ``store`` (and read from that cache unless ``replace``).
+    ``devices``: several devices share the spectra; ``spectra``: already computed (Ray)."""
+    if store and not replace:
+        cached = _load_cached(cache_folder(identity, xmin))
+        if cached is not None:
+            return cached
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    if spectra is None and devices and len(devices) > 1:
+        spectra = spectra_on_devices(items, devices, compute=compute_spectra)
+    elif spectra is None:
+        spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress, budget_bytes=budget_bytes)
+    report(progress, len(infos), len(infos), "fits and metrics")
+    table = build_table(spectra, xmin=xmin, device=dev, quant=quant)
     result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),
                       time.perf_counter() - start)
-    _store(folder, result, keep_existing=use_cache)   # no-cache: the fresh result replaces the entry
+    if store:
+        _store(cache_folder(identity, xmin), result, keep_existing=not replace)
     return result

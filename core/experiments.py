@@ -20,7 +20,7 @@ import pandas as pd
 from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation, allocate, matrix_table,
                          ratios_from_file)
 from .allocation import METHODS as ALLOCATION_METHODS
-from .analysis import analyze
+from .analysis import analyze, analyze_copy
 from .calibration import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
 from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
 from .checks import path as _path, text as _text, whole as _whole
@@ -119,6 +119,7 @@ class PruneSpec:
     dtype: str = "float32"
     save: Path | None = None
     trust_remote_code: bool = False
+    analyze_output: bool = False        # analyse the pruned model (disk cache; recorded in the run's params)
 
     def __post_init__(self) -> None:
         put = object.__setattr__   # frozen: normalised values are set once, here
@@ -157,6 +158,7 @@ class PruneSpec:
         _choice("dtype", self.dtype, DTYPES)
         put(self, "save", _path("save", self.save, must_exist=False))
         _flag("trust_remote_code", self.trust_remote_code)
+        _flag("analyze_output", self.analyze_output)
 
     @property
     def needs_calibration(self) -> bool:
@@ -191,6 +193,7 @@ class PruneSpec:
         argv += ["--device", self.device, "--dtype", self.dtype]
         argv += ["--save", str(self.save)] if self.save else []
         argv += ["--trust-remote-code"] if self.trust_remote_code else []
+        argv += ["--analyze-output"] if self.analyze_output else []
         return argv
 
     @classmethod
@@ -216,7 +219,7 @@ class PruneSpec:
                                       get("max_windows", None), get("eval_bos", bos), zeroshot=get("zeroshot", ()),
                                       zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
-            trust_remote_code=get("trust_remote_code", False))
+            trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False))
         return cls(**{**fields, **overrides})
 
 
@@ -362,6 +365,9 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
                       "model_identity": loaded.identity, "allocation_params": params, "versions": software_versions(),
                       "spec": spec.to_argv(), "matrices": result.matrices.to_dict(orient="records")}
             out.output_dir = save_model(result.model, spec.save, report)
+        if spec.analyze_output:   # the pruned model's spectra, cached; the run records where
+            a = analyze_copy(result.model, out.output_dir, f"run{run_id}", device=spec.device, progress=progress)
+            registry.update(run_id, allocation_params={**params, "analysis": {"identity": a.identity, "xmin": a.xmin}})
         del result
     return out
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import atomic_dir, home, resolve_device, resolve_dtype
 from .progress import Progress, report
+from .quant import write_quant_types
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        write_quant_types(gguf, tmp)   # each matrix's ggml type (Q4_K, Q6_K, ...), for the analysis table
 
     report(progress, 2, 3, "saving")
     atomic_dir(dest, write, replace=True, keep=is_converted)

@@ -20,6 +20,7 @@ PAGES = {
     "quality": ("pages/quality.py", "Layer quality", ":material/grid_on:"),
     "allocation": ("pages/allocation.py", "Allocation", ":material/tune:"),
     "prune": ("pages/prune.py", "Prune & compare", ":material/content_cut:"),
+    "compare": ("pages/compare.py", "Compare", ":material/compare:"),
     "learn": ("pages/learn.py", "Learn HT-SR", ":material/school:"),
 }
 

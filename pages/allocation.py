@@ -6,6 +6,7 @@ from core.allocation import CSV_COLUMNS, MAPPINGS, allocate
 from core.calibration import calibration_data
 from core.profiles import list_profiles, load_profile
 from core.pruning import owl_scores
+from core.quant import quant_alpha_message
 from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
 from dashboard.loaders import progress_callback
 from dashboard.state import ALLOCATIONS, METRICS, State, allocation_label, setup
@@ -123,6 +124,8 @@ m3.metric("Ratio range", f"{prunable['ratio'].min():.3f} - {prunable['ratio'].ma
 m4.metric("Weights pruned", fmt_params((ratios["ratio"] * ratios["params"]).sum()))
 for note in notes:
     st.caption(f":material/warning: {note}")
+if quant_note := quant_alpha_message(table, ss[State.a_metric]):
+    st.info(quant_note, icon=":material/warning:")
 
 series = {f"A: {allocation_label(ss[State.a_method])}": by_block(ratios)}
 st.toggle("Compare with a second allocation (B)", key=State.a_compare)

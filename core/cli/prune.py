@@ -117,6 +117,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
     p.add_argument("--eval-bos", choices=BOS_MODES, help="BOS of the evaluation windows (default: --bos)")
     opts_zeroshot(p)
+    p.add_argument("--analyze-output", action="store_true", help="analyse the pruned model too (cached; "
+                   "`spectrascope compare demo run:ID` then compares it with the dense model)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:

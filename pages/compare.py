@@ -1,0 +1,224 @@
+"""Compare: two or more analyses side by side (models, pruned outputs, checkpoints, adapters):
+a metric against depth, per-matrix deltas, the same matrix's ESD across sources, distributions."""
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core.analysis import ZERO_RTOL
+from core.compare import Entry, compare
+from core.compare_sources import analysed_runs, cached_analyses, cache_folder, entries_for, read_cached
+from core.quant import quant_alpha_message
+from core.registry import Registry
+from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
+                                       esd_overlay_figure, report_html, series_figure)
+from dashboard.figures import kind_order
+from dashboard.state import METRICS, PAGES, State, setup
+
+#: this page's session keys (widgets keep their values across pages: re-assigned below)
+SOURCES, METRIC, TARGET, MATRIX, FIT, ADD, EXTRA = ("cmp_sources", "cmp_metric", "cmp_target", "cmp_matrix",
+                                                    "cmp_fit", "cmp_add", "cmp_extra")
+#: run ids to preselect against their dense model (the Prune page may set it; or ?runs=3,4)
+PRESELECT = "cmp_runs"
+
+setup()
+ss = st.session_state
+for key in (SOURCES, METRIC, TARGET, FIT, ADD):
+    if key in ss:
+        ss[key] = ss[key]
+ss.setdefault(EXTRA, {})
+if "cmp_pending" in ss:      # sources added by the button of the previous run
+    ss[SOURCES] = ss.pop("cmp_pending")
+st.title("Compare")
+st.caption("Several analyses side by side: a model against its pruned outputs, a fine-tune against its base, "
+           "a training run's checkpoints. Matrices are matched by name (by block and kind across families); "
+           "a matrix missing from a source is listed, never dropped.")
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def load_cached(folder: str):
+    return read_cached(folder)
+
+
+# --- what can be compared ----------------------------------------------------------------
+cache = cached_analyses()
+runs = analysed_runs()
+run_ids = set(runs["identity"])
+options: dict[str, tuple[str, object]] = {}
+for row in cache.itertuples():
+    if row.identity not in run_ids:
+        options[row.label] = ("cache", row.folder)
+for row in runs.itertuples():
+    folder = cache_folder(row.identity, row.xmin)
+    if folder.is_dir():
+        options[row.label] = ("cache", str(folder))
+for label in ss[EXTRA]:
+    options[label] = ("extra", label)
+
+
+def preselect(ids: list[int]) -> list[str]:
+    """Each run's analysed output with its dense model's newest analysis (same xmin) first."""
+    chosen: list[str] = []
+    for rid in ids:
+        row = runs[runs["id"] == rid]
+        if row.empty:
+            st.warning(f"run {rid} has no analysed output (prune with --analyze-output).")
+            continue
+        r = row.iloc[0]
+        dense = cache[(cache["identity"] == r["model_identity"]) & (cache["xmin"] == r["xmin"])]
+        chosen += ([dense.iloc[0]["label"]] if not dense.empty else []) + [r["label"]]
+    return list(dict.fromkeys(chosen))
+
+
+wanted = ss.pop(PRESELECT, None) or [int(x) for x in st.query_params.get("runs", "").split(",") if x.strip().isdigit()]
+if wanted:
+    ss[SOURCES] = preselect(wanted)
+ss[SOURCES] = [s for s in ss.get(SOURCES, []) if s in options]
+
+with st.container(border=True):
+    st.multiselect("Analyses to compare (the first is the reference)", list(options), key=SOURCES,
+                   help="every analysis in the disk cache (model · xmin · date) and the prune runs whose output "
+                        "was analysed (`spectrascope prune ... --analyze-output`)")
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    c1.text_input("Add a source", key=ADD, placeholder="a model folder, .gguf, metrics table, run:ID, "
+                  "checkpoints folder, LoRA adapter folder, or LABEL=SOURCE")
+    if c2.button("Analyse and add", icon=":material/add:") and ss.get(ADD, "").strip():
+        try:
+            with st.spinner("analysing (cached after the first time)"):
+                new = entries_for([ss[ADD].strip()], device=ss[State.device], xmin=ss[State.xmin])
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            st.error(f"Could not add {ss[ADD]!r}: {exc}", icon=":material/error:")
+        else:
+            for e in new:
+                ss[EXTRA][e.label] = e
+            ss["cmp_pending"] = list(dict.fromkeys(ss[SOURCES] + [e.label for e in new]))
+            st.rerun()
+
+chosen = ss[SOURCES]
+if len(chosen) < 2:
+    st.info("Pick two or more analyses above. Analyse models on **Home / model**, or prune with "
+            "`--analyze-output` to compare a model before and after pruning.", icon=":material/info:")
+    st.stop()
+
+
+def entry(label: str) -> Entry:
+    kind, ref = options[label]
+    if kind == "extra":
+        return ss[EXTRA][label]
+    a = load_cached(ref)
+    if a is None:
+        st.error(f"The cached analysis {label!r} is damaged; analyse it again.")
+        st.stop()
+    short = label.split(" · ")[0] if not label.startswith("run ") else label
+    return Entry(short, a.table, a.eigs, label, "run" if label.startswith("run ") else "model", a.identity, a.xmin)
+
+
+entries = [entry(label) for label in chosen]
+seen: dict[str, int] = {}
+for e in entries:   # two analyses of one model (other xmin or date): keep the labels apart
+    seen[e.label] = seen.get(e.label, 0) + 1
+    if seen[e.label] > 1:
+        e.label = f"{e.label} ({seen[e.label]})"
+result = compare(entries)
+long, deltas = result.long, result.deltas
+labels = result.labels
+
+metrics = [m for m in METRICS + ["n_zero"] if m in long.columns and long[m].notna().any()]
+if ss.get(METRIC) not in metrics:
+    ss[METRIC] = metrics[0]
+if ss.get(TARGET) not in labels[1:]:
+    ss[TARGET] = labels[1]
+ss.setdefault(FIT, True)
+c1, c2 = st.columns(2)
+metric = c1.selectbox("Metric", metrics, key=METRIC)
+target = c2.selectbox("Deltas of", labels[1:], key=TARGET, help=f"minus the reference {labels[0]}")
+
+for e in entries:
+    note = quant_alpha_message(e.table, "alpha")
+    if note:
+        st.warning(f"{e.label}: {note}", icon=":material/warning:")
+
+
+
+def picked(event) -> str | None:
+    """The matrix key of a clicked point or cell, if any."""
+    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else \
+        getattr(getattr(event, "selection", None), "points", []) or []
+    for p in points:
+        data = p.get("customdata")
+        if data is not None:
+            return data[0] if isinstance(data, (list, tuple)) else str(data)
+    return None
+
+
+def follow(event, chart: str) -> None:
+    """Open the clicked matrix (only when the click is new: a chart keeps its selection)."""
+    key = picked(event)
+    if key and key != ss.get(f"_pick_{chart}"):
+        ss[MATRIX] = key
+    ss[f"_pick_{chart}"] = key
+
+
+ev = st.plotly_chart(depth_overlay_figure(long, metric, labels), width="stretch", key="cmp_depth",
+                     on_select="rerun", selection_mode="points")
+follow(ev, "depth")
+ev = st.plotly_chart(delta_heatmap_figure(deltas, target, metric, labels[0]), width="stretch", key="cmp_delta",
+                     on_select="rerun", selection_mode="points")
+follow(ev, "delta")
+st.caption("Click a point or a cell to open that matrix below. Red: the metric grew against the reference; "
+           "blue: it fell; blank cells: the matrix is missing from one of the two.")
+
+st.subheader("One matrix across sources")
+keys = list(dict.fromkeys(long["key"]))
+if ss.get(MATRIX) not in keys:
+    ss[MATRIX] = keys[0]
+c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+c1.selectbox("Matrix", keys, key=MATRIX)
+c2.toggle("Power-law fit", key=FIT)
+eigs_of = {e.label: e.eigs for e in entries}
+items = [{"label": r["source"], "row": r, "eigs": eigs_of[r["source"]][r["name"]]}
+         for r in long[long["key"] == ss[MATRIX]].to_dict("records") if r["name"] in eigs_of[r["source"]]]
+if items:
+    st.plotly_chart(esd_overlay_figure(items, show_fit=ss[FIT]), width="stretch", key="cmp_esd")
+else:
+    st.info("No eigenvalues for this matrix in these sources (saved tables carry only the metrics).")
+zeros = long.groupby("source", sort=False)["n_zero"].sum(min_count=1)
+counts = ", ".join(f"{s} {int(n) if pd.notna(n) else '?'}" for s, n in zeros.items())
+st.caption(f"Zero eigenvalues: those at or below {ZERO_RTOL:g} × λmax of their matrix (the null space a pruned "
+           "or low-rank matrix gains) are counted in `n_zero`, left out of the power-law fit and the metrics, and "
+           f"not drawn. In these sources: {counts}.")
+if c3.button("Open in Spectra", icon=":material/ssid_chart:"):
+    row = long[long["key"] == ss[MATRIX]].iloc[0]
+    ss[State.sp_blocks], ss[State.sp_kinds] = [int(row["block"])], [row["kind"]]
+    st.switch_page(PAGES["spectra"][0])
+cols = ["source", "name", "alpha", "xmin", "D", "n_tail", "n_zero", "rank", "log_spectral_norm", "status", "quant"]
+st.dataframe(long.loc[long["key"] == ss[MATRIX], [c for c in cols if c in long.columns]], hide_index=True,
+             width="stretch")
+
+st.subheader("Summary per kind")
+st.dataframe(result.by_kind(metric), hide_index=True, width="stretch",
+             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("mean", "change")})
+
+st.subheader("Distributions")
+st.plotly_chart(distribution_figure(long, metric, labels), width="stretch", key="cmp_dist")
+if long["step"].notna().any() and long["step"].nunique() > 1:
+    st.plotly_chart(series_figure(long, metric), width="stretch", key="cmp_series")
+
+st.subheader("Missing matrices")
+if result.missing.empty:
+    st.caption("Every matrix is in every source.")
+else:
+    st.dataframe(result.missing, hide_index=True, width="stretch")
+
+st.subheader("Export")
+stem = "comparison-" + "-vs-".join(Path(str(x)).name.replace(" ", "_")[:20] for x in labels[:3])
+c1, c2, c3, c4 = st.columns(4)
+c1.download_button("Long table (CSV)", long.to_csv(index=False).encode(), f"{stem}-long.csv", "text/csv",
+                   icon=":material/download:")
+c2.download_button("Deltas (CSV)", deltas.to_csv(index=False).encode(), f"{stem}-deltas.csv", "text/csv",
+                   icon=":material/download:")
+c3.download_button("Deltas (Parquet)", deltas.to_parquet(index=False), f"{stem}-deltas.parquet",
+                   "application/octet-stream", icon=":material/download:")
+c4.download_button("HTML report (offline)", report_html(result, metric).encode(), f"{stem}.html", "text/html",
+                   icon=":material/description:")
+st.caption("Figures: the camera icon of each chart saves a PNG.")
