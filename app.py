@@ -6,7 +6,7 @@ from dashboard.state import ASSETS, PAGES, setup
 st.set_page_config(page_title="Spectrascope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
 st.logo(str(ASSETS / "logo.svg"))
 st.markdown(f"<style>{(ASSETS / 'style.css').read_text()}</style>", unsafe_allow_html=True)
-setup()
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=key == "home", url_path=key)
                      for key, (path, title, icon) in PAGES.items()])
+setup(nav.url_path or "home")
 nav.run()

@@ -4,6 +4,7 @@ the page list, and the guards a page calls first. Nothing here computes HT-SR qu
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import streamlit as st
@@ -12,6 +13,7 @@ from core import allocation
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
+log = logging.getLogger(__name__)
 
 #: Page files relative to ``app.py``, in menu order (``app.py`` builds the navigation from this).
 PAGES = {
@@ -100,18 +102,44 @@ class State:
         p_job: None, owl: {},
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
     }
+    #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
+    KEPT = "_kept_widget_values"
+    PAGE = "_page"               # url path of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
     OBJECTS = {loaded, analysis, load_error, p_job, owl}
 
 
-def setup() -> None:
-    """Call first on every page: defaults, and widget values kept across page switches."""
+def setup(page: str | None = None) -> None:
+    """Call first on every page (``app.py`` calls it with the page's url path before running
+    the page): defaults, and widget values kept across page switches and reruns.
+
+    Streamlit forgets or resurrects the widgets of pages that are not shown: while the job
+    panel's fragment refreshes (every second while a job runs), a page switch brings back a
+    widget's *first* value (S on Allocation returned to 0.70). So every widget's value is
+    also kept in ``State.KEPT`` (a plain session key that Streamlit never touches): on the
+    first run of a newly shown page the kept values win (a page switch changes no widget);
+    on the other runs the widgets' values win and are kept."""
     ss = st.session_state
-    for key, value in State.DEFAULTS.items():
-        if key not in ss:
-            ss[key] = copy.copy(value)
-        elif key not in State.OBJECTS:
-            ss[key] = ss[key]
+    kept = ss.setdefault(State.KEPT, {})
+    switched = page is not None and ss.get(State.PAGE) not in (None, page)
+    if page is not None:
+        ss[State.PAGE] = page
+    changed = []
+    for key, default in State.DEFAULTS.items():
+        if key in State.OBJECTS:
+            if key not in ss:
+                ss[key] = copy.copy(default)
+            continue
+        if key in kept and (switched or key not in ss):
+            value = kept[key]
+            if key in ss and ss[key] != value:
+                changed.append(key)
+        else:
+            value = ss[key] if key in ss else copy.copy(default)
+        ss[key] = value          # re-assigned: Streamlit keeps a key set this run
+        kept[key] = copy.copy(value)
+    if changed:
+        log.info("widget values restored after a page switch: %s", ", ".join(changed))
 
 
 def require_analysis():
