@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import allocation
+from core.models import resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -49,6 +50,7 @@ class State:
     xmin = "xmin"
     loaded = "loaded"            # core.models.LoadedModel (from the shared resource cache)
     analysis = "analysis"        # core.analysis.Analysis
+    sources = "sources"          # {weights identity: the model text that loaded them}
     load_error = "load_error"
     # Spectra
     sp_blocks = "sp_blocks"
@@ -74,7 +76,7 @@ class State:
     b_method = "b_method"
     b_mapping = "b_mapping"
     b_epsilon = "b_epsilon"
-    owl = "owl"                  # {identity: {block: D_l}} OWL outlier statistics
+    owl = "owl"                  # {OWL cache file: id of the job computing it}
     # Prune
     p_method = "p_method"
     p_nm = "p_nm"
@@ -92,7 +94,7 @@ class State:
     l_seed = "l_seed"
 
     DEFAULTS = {
-        source: "demo", device: "auto", xmin: "peak", loaded: None, analysis: None, load_error: None,
+        source: "demo", device: "auto", xmin: "peak", loaded: None, sources: {}, analysis: None, load_error: None,
         sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True, sp_scan: False,
         q_metric: "alpha", q_block: 0, q_kind: "q",
         a_source: "loaded model", a_method: "alpha", a_metric: "alpha", a_mapping: "block",
@@ -106,7 +108,7 @@ class State:
     KEPT = "_kept_widget_values"
     PAGE = "_page"               # url path of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, load_error, p_job, owl}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl}
 
 
 def setup(page: str | None = None) -> None:
@@ -140,6 +142,41 @@ def setup(page: str | None = None) -> None:
         kept[key] = copy.copy(value)
     if changed:
         log.info("widget values restored after a page switch: %s", ", ".join(changed))
+    _remember_source(ss)
+
+
+def _remember_source(ss) -> None:
+    """Note which model text loaded ``State.loaded`` (the Home text box while it names those
+    weights), so later edits of the box do not change the model the other pages use."""
+    loaded = ss[State.loaded]
+    if loaded is None or loaded.identity in ss[State.sources]:
+        return
+    text = (ss[State.source] or "demo").strip() or "demo"
+    try:
+        if resolve_source(text).identity() == loaded.identity:
+            ss[State.sources][loaded.identity] = text
+    except (ValueError, OSError):
+        pass
+
+
+def loaded_source() -> str | None:
+    """The model text (for the CLI's ``--model``) that loads the session's loaded model, or
+    None when no model is loaded or its text is not known (a GGUF file typed and replaced at once)."""
+    ss = st.session_state
+    loaded = ss.get(State.loaded)
+    if loaded is None:
+        return None
+    kind = loaded.identity.split(":", 1)[0]
+    known = ss.get(State.sources, {}).get(loaded.identity)
+    if known is not None:
+        return known
+    if kind == "demo":
+        return "demo"
+    if kind == "hub":
+        return loaded.source
+    if kind == "folder" and loaded.path is not None:
+        return str(loaded.path)
+    return None
 
 
 def require_analysis():

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..progress import Progress
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
+from .owl import add_owl_scores, run_owl_scores
 from .prune import add_eval, add_prune, add_sweep, add_tune_epsilon, run_eval, run_prune, run_sweep, run_tune_epsilon
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
 
@@ -52,6 +53,8 @@ COMMANDS: dict[str, Command] = {
                      "(CSV and Markdown)", add_sweep, run_sweep),
     "tune-epsilon": Command("pick AlphaPruning's epsilon by perplexity on held-out calibration text (never the "
                             "evaluation text)", add_tune_epsilon, run_tune_epsilon),
+    "owl-scores": Command("OWL's per-block outlier scores on calibration text, cached on disk", add_owl_scores,
+                          run_owl_scores),
 }
 
 
