@@ -129,8 +129,7 @@ def test_small_controls(demo_analysis_full):
     mean = next(m for m in at.metric if m.label == "Parameter-weighted mean")
     assert not mean.delta or "e-16" not in mean.delta
     assert any(link.proto.page.endswith("prune.py") or "prune" in link.proto.page for link in at.get("page_link"))
-    name = at.get("download_button")[0].proto.file_name if hasattr(at.get("download_button")[0].proto, "file_name") \
-        else ""
+    name = at.get("download_button")[0].proto.help          # "saves <file name>"
     assert "SmolLM2" in name and "S0.70" in name and "AlphaPruning" in name, name
 
 
