@@ -9,5 +9,5 @@ st.logo(str(ASSETS / "logo.svg"))
 st.markdown(f"<style>{(ASSETS / 'style.css').read_text()}</style>", unsafe_allow_html=True)
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=key == "home", url_path=key)
                      for key, (path, title, icon) in PAGES.items()])
-setup(nav.url_path or "home")
+setup()   # after st.navigation: the run knows its page
 nav.run()

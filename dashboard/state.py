@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core import allocation
 from core.models import resolve_source
@@ -106,14 +107,14 @@ class State:
     }
     #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
     KEPT = "_kept_widget_values"
-    PAGE = "_page"               # url path of the page shown by the last run
+    PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
     OBJECTS = {loaded, analysis, sources, load_error, p_job, owl}
 
 
-def setup(page: str | None = None) -> None:
-    """Call first on every page (``app.py`` calls it with the page's url path before running
-    the page): defaults, and widget values kept across page switches and reruns.
+def setup() -> None:
+    """Call first on every page (``app.py`` calls it too): defaults, and widget values kept
+    across page switches and reruns.
 
     Streamlit forgets or resurrects the widgets of pages that are not shown: while the job
     panel's fragment refreshes (every second while a job runs), a page switch brings back a
@@ -123,6 +124,8 @@ def setup(page: str | None = None) -> None:
     on the other runs the widgets' values win and are kept."""
     ss = st.session_state
     kept = ss.setdefault(State.KEPT, {})
+    ctx = get_script_run_ctx()
+    page = ctx.page_script_hash if ctx is not None else None
     switched = page is not None and ss.get(State.PAGE) not in (None, page)
     if page is not None:
         ss[State.PAGE] = page
