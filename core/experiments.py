@@ -20,15 +20,18 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation, a
                          ratios_from_file)
 from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import analyze
-from .calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
+from .calibration import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
+from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
+from .checks import path as _path, text as _text, whole as _whole
 from .config import DTYPES
 from .evaluation import Perplexity, perplexity
+from .fit import XMIN_METHODS
 from .models import LoadedModel, load_model, save_model
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
 from .pruning import prune
-from .registry import Registry, software_versions
+from .registry import Registry, RunKey, run_key, software_versions
 from .texts import EMBEDDED
 
 log = logging.getLogger(__name__)
@@ -39,90 +42,44 @@ _NM = re.compile(r"(\d+):(\d+)")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-# --- validation helpers ------------------------------------------------------------------
-
-def _fail(name: str, value: object, hint: str) -> None:
-    raise ValueError(f"{name}={value!r}: {hint}")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(name, value, f"unknown; use one of {', '.join(choices)}")
-
-
-def _fraction(name: str, value: object, *, low_open: bool = False, optional: bool = False) -> float | None:
-    """``value`` as a float in [0, 1) (``(0, 1)`` with ``low_open``); ``None`` if ``optional``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(name, value, "give a number, e.g. 0.5")
-    value = float(value)
-    if not ((0.0 < value) if low_open else (0.0 <= value)) or not value < 1.0:
-        _fail(name, value, f"give a fraction in {'(0' if low_open else '[0'}, 1)")
-    return value
-
-
-def _whole(name: str, value: object, low: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(name, value, f"give a whole number >= {low}")
-
-
-def _flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        _fail(name, value, "give True or False")
-
-
-def _text(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value.strip():
-        _fail(name, value, "give a non-empty name")
-
-
-def _path(name: str, value: object, *, must_exist: bool) -> Path | None:
-    """``value`` as an absolute path; an input file must exist, an output must not."""
-    if value is None:
-        return None
-    path = Path(value).expanduser().resolve()
-    if must_exist and not path.is_file():
-        raise FileNotFoundError(f"{name}={str(value)!r}: no such file")
-    if not must_exist and path.exists():
-        _fail(name, str(value), "already exists; choose a new folder (nothing is overwritten)")
-    return path
-
-
 # --- the spec ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Calibration windows: ``nsamples`` windows of ``seqlen`` tokens of ``dataset`` (seeded)."""
+    """Calibration windows: ``nsamples`` windows of ``seqlen`` tokens of ``dataset`` (seeded),
+    BOS by ``bos`` (``core.calibration.BOS_MODES``)."""
 
     dataset: str = EMBEDDED
     nsamples: int = DEFAULT_NSAMPLES
     seqlen: int = DEFAULT_SEQLEN
     seed: int = DEFAULT_SEED
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         _text("calibration.dataset", self.dataset)
         _whole("calibration.nsamples", self.nsamples, 1)
         _whole("calibration.seqlen", self.seqlen, 2)
         _whole("calibration.seed", self.seed, 0)
+        _choice("calibration.bos", self.bos, BOS_MODES)
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``."""
+    """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``,
+    BOS by ``bos`` (``core.calibration.BOS_MODES``)."""
 
     evaluate: bool = False
     dataset: str = EMBEDDED
     seqlen: int = DEFAULT_SEQLEN
     max_windows: int | None = None
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         _flag("evaluation.evaluate", self.evaluate)
         _text("evaluation.dataset", self.dataset)
         _whole("evaluation.seqlen", self.seqlen, 2)
         _whole("evaluation.max_windows", self.max_windows, 1, optional=True)
+        _choice("evaluation.bos", self.bos, BOS_MODES)
 
 
 @dataclass(frozen=True)
@@ -137,6 +94,7 @@ class PruneSpec:
     sparsity: float = 0.5
     epsilon: float | None = None
     metric: str = "alpha"
+    xmin: str = "peak"
     mapping: str = "block"
     r_max: float | None = None
     dense_kinds: tuple[str, ...] = ()
@@ -160,6 +118,7 @@ class PruneSpec:
         put(self, "sparsity", _fraction("sparsity", self.sparsity))
         put(self, "epsilon", _fraction("epsilon", self.epsilon, optional=True))
         _text("metric", self.metric)
+        _choice("xmin", self.xmin, XMIN_METHODS)
         _choice("mapping", self.mapping, MAPPINGS)
         put(self, "r_max", _fraction("r_max", self.r_max, low_open=True, optional=True))
         if self.r_max is not None and self.sparsity > self.r_max:
@@ -204,12 +163,14 @@ class PruneSpec:
         argv += ["--ratios", str(self.ratios_file)] if self.ratios_file else ["--allocation", self.allocation]
         argv += ["--sparsity", repr(self.sparsity), "--metric", self.metric, "--mapping", self.mapping]
         argv += ["--epsilon", repr(self.epsilon)] if self.epsilon is not None else []
+        argv += ["--xmin", self.xmin] if self.xmin != "peak" else []
         argv += ["--r-max", repr(self.r_max)] if self.r_max is not None else []
         argv += ["--dense-kinds", ",".join(self.dense_kinds)] if self.dense_kinds else []
         argv += ["--reverse"] if self.reverse else []
         argv += ["--metrics", str(self.metrics_file)] if self.metrics_file else []
         argv += ["--nm", self.nm] if self.nm else []
         argv += ["--calib", c.dataset, "--nsamples", str(c.nsamples), "--seqlen", str(c.seqlen), "--seed", str(c.seed)]
+        argv += ["--bos", c.bos] + (["--eval-bos", e.bos] if e.bos != c.bos else [])
         argv += ["--eval"] if e.evaluate else []
         argv += ["--dataset", e.dataset, "--eval-seqlen", str(e.seqlen)]
         argv += ["--max-windows", str(e.max_windows)] if e.max_windows is not None else []
@@ -226,18 +187,19 @@ class PruneSpec:
             value = getattr(args, name, None)
             return default if value is None else value
 
-        seqlen = get("seqlen", DEFAULT_SEQLEN)
+        seqlen, bos = get("seqlen", DEFAULT_SEQLEN), get("bos", "auto")
         ratios = get("ratios", None)
         fields = dict(
             model=get("model", cls.model), method=get("method", cls.method),
             allocation=get("allocation", "file" if ratios else cls.allocation), sparsity=get("sparsity", cls.sparsity),
-            epsilon=get("epsilon", None), metric=get("metric", cls.metric), mapping=get("mapping", cls.mapping),
+            epsilon=get("epsilon", None), metric=get("metric", cls.metric), xmin=get("xmin", cls.xmin),
+            mapping=get("mapping", cls.mapping),
             r_max=get("r_max", None), dense_kinds=get("dense_kinds", ()), reverse=get("reverse", False),
             ratios_file=ratios, metrics_file=get("metrics", None), nm=get("nm", None),
             calibration=CalibrationSpec(get("calib", EMBEDDED), get("nsamples", DEFAULT_NSAMPLES), seqlen,
-                                        get("seed", DEFAULT_SEED)),
+                                        get("seed", DEFAULT_SEED), bos),
             evaluation=EvaluationSpec(get("eval", False), get("dataset", EMBEDDED), get("eval_seqlen", seqlen),
-                                      get("max_windows", None)),
+                                      get("max_windows", None), get("eval_bos", bos)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
             trust_remote_code=get("trust_remote_code", False))
         return cls(**{**fields, **overrides})
@@ -261,6 +223,7 @@ class RunResult:
     perplexity: Perplexity | None = None
     output_dir: Path | None = None
     calibration: dict = field(default_factory=dict)
+    key: RunKey | None = None           # the registry's comparison key of this run
 
     def to_dict(self) -> dict:
         ppl = self.perplexity
@@ -268,7 +231,8 @@ class RunResult:
                 "sparsity": self.sparsity, "epsilon": self.epsilon, "nm": self.nm,
                 "achieved_sparsity": self.achieved, "prune_seconds": self.prune_seconds,
                 "calibration": self.calibration, "output_dir": str(self.output_dir) if self.output_dir else None,
-                "perplexity": ppl.to_dict() if ppl is not None else None}
+                "perplexity": ppl.to_dict() if ppl is not None else None,
+                **(self.key._asdict() if self.key is not None else {})}
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -282,7 +246,7 @@ def load_for(spec: PruneSpec, progress: Progress = None) -> LoadedModel:
 def calibration_for(spec: PruneSpec, loaded: LoadedModel) -> Calibration:
     c = spec.calibration
     return calibration_data(loaded.tokenizer, dataset=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen,
-                            seed=c.seed, model=loaded.model)
+                            seed=c.seed, model=loaded.model, bos=c.bos)
 
 
 def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
@@ -296,12 +260,12 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
 def alpha_metrics(spec: PruneSpec, loaded: LoadedModel, metrics: pd.DataFrame | None = None,
                   progress: Progress = None) -> pd.DataFrame:
     """The analysis table AlphaPruning scores: ``metrics`` if given, else the spec's
-    ``metrics_file``, else ``analyze`` now (cached by the model's identity)."""
+    ``metrics_file``, else ``analyze`` now with the spec's ``xmin`` (cached by the model's identity)."""
     if metrics is not None:
         return metrics
     if spec.metrics_file is not None:
         return read_metrics(spec.metrics_file)
-    return analyze(loaded, device=spec.device, progress=progress).table
+    return analyze(loaded, xmin=spec.xmin, device=spec.device, progress=progress).table
 
 
 def _calibration_settings(calibration: object) -> dict:
@@ -361,7 +325,10 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
     fields = {"model": loaded.source, "model_identity": loaded.identity, "method": spec.method,
               "allocation": spec.recorded_allocation, "sparsity": None if spec.nm else spec.sparsity,
               "epsilon": epsilon, "mapping": spec.mapping, "nm": spec.nm,
-              "calibration": calib if calibration is not None else None, "device": spec.device,
+              "calibration": calib if calibration is not None else None,
+              "calib_bos": calib.get("bos") if calibration is not None else None,
+              "calib_bos_prepended": calib.get("bos_prepended") if calibration is not None else None,
+              "device": spec.device,
               "dtype": loaded.dtype_name, "output_dir": str(spec.save) if spec.save else None}
     with registry.record("prune", **fields) as run_id:
         ratios, params, sparsity = None, {}, spec.sparsity
@@ -369,6 +336,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
             alloc = choose_allocation(spec, loaded, metrics=metrics, owl_scores=owl_scores, calibration=calibration,
                                       progress=progress, cancel=cancel)
             ratios, params, sparsity = alloc.ratio_by_name(), alloc.params(), float(alloc.sparsity)
+            if alpha and metrics is None and spec.metrics_file is None:
+                params["xmin"] = spec.xmin     # the fit that produced the scored metric
             if spec.allocation == "file":   # the file's weighted mean; its path and hash are in params
                 registry.update(run_id, sparsity=sparsity)
         registry.update(run_id, allocation_params=params)
@@ -380,7 +349,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         if spec.evaluation.evaluate:
             ppl = _evaluate(spec, result.model, registry, run_id, progress, cancel)
         out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else sparsity,
-                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib)
+                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib,
+                        run_key(registry.get(run_id)))
         if spec.save:
             report = {**out.to_dict(), "output_dir": str(spec.save), "model": loaded.source,
                       "model_identity": loaded.identity, "allocation_params": params, "versions": software_versions(),
@@ -394,9 +364,10 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
               cancel: object) -> Perplexity:
     e = spec.evaluation
     ppl = perplexity(loaded, dataset=e.dataset, seqlen=e.seqlen, max_windows=e.max_windows, device=spec.device,
-                     progress=progress, cancel=cancel)
+                     progress=progress, cancel=cancel, bos=e.bos)
     registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
-                    perplexity=ppl.perplexity, tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
+                    eval_bos=ppl.bos, eval_bos_prepended=ppl.bos_prepended, perplexity=ppl.perplexity,
+                    tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
     return ppl
 
 

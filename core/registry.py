@@ -4,8 +4,14 @@ eval run and one row per pruned matrix; nothing here loads or prunes a model.
 ``runs``: kind prune or eval; model identity, method, allocation and its parameters,
 calibration settings, perplexity, timings, software versions, status
 running/done/failed/cancelled with the error. ``matrices``: requested ratio and achieved
-sparsity per matrix. The schema is versioned (``schema_version``); WAL mode and a busy
-timeout make two processes writing at once safe; every write is one short transaction.
+sparsity per matrix. The schema is versioned (``schema_version``; an older database is
+migrated in place by ``MIGRATIONS``); WAL mode and a busy timeout make two processes writing
+at once safe; every write is one short transaction.
+
+A run's comparison key (``run_key``): model identity, evaluation text, seqlen, windows and
+BOS, and for prune runs the calibration text, windows, seqlen, seed and BOS. Perplexities
+are comparable only within one key; ``Registry.compare`` adds it, ``Registry.baseline``
+finds the dense or uniform run of the same key.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy
 import pandas as pd
@@ -27,7 +33,7 @@ import transformers
 from .config import home
 from .progress import Cancelled
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("running", "done", "failed", "cancelled")
 
 _SCHEMA = """
@@ -40,9 +46,10 @@ CREATE TABLE IF NOT EXISTS runs (
     model TEXT, model_identity TEXT,
     method TEXT, allocation TEXT, sparsity REAL, epsilon REAL, mapping TEXT, nm TEXT,
     allocation_params TEXT,            -- JSON
-    calibration TEXT,                  -- JSON: dataset, nsamples, seqlen, seed
+    calibration TEXT,                  -- JSON: dataset, nsamples, seqlen, seed, bos, bos_prepended
+    calib_bos TEXT, calib_bos_prepended INTEGER,   -- requested BOS mode, whether BOS was prepended
     achieved_sparsity REAL,
-    eval_dataset TEXT, eval_seqlen INTEGER, eval_windows INTEGER,
+    eval_dataset TEXT, eval_seqlen INTEGER, eval_windows INTEGER, eval_bos TEXT, eval_bos_prepended INTEGER,
     perplexity REAL, tokens_per_second REAL,
     prune_seconds REAL, eval_seconds REAL,
     device TEXT, dtype TEXT, output_dir TEXT,
@@ -57,14 +64,81 @@ CREATE TABLE IF NOT EXISTS matrices (
 CREATE INDEX IF NOT EXISTS runs_model ON runs(model_identity, kind, status);
 """
 
+#: Statements that bring a database of version ``v - 1`` to version ``v``.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE runs ADD COLUMN calib_bos TEXT", "ALTER TABLE runs ADD COLUMN calib_bos_prepended INTEGER",
+        "ALTER TABLE runs ADD COLUMN eval_bos TEXT", "ALTER TABLE runs ADD COLUMN eval_bos_prepended INTEGER",
+        # version 1 tokenized without special tokens: its windows never started with BOS
+        "UPDATE runs SET eval_bos = 'none', eval_bos_prepended = 0 WHERE eval_seqlen IS NOT NULL",
+        "UPDATE runs SET calib_bos = 'none', calib_bos_prepended = 0 WHERE calibration IS NOT NULL"),
+}
+
 _RUN_COLUMNS = ("kind", "status", "error", "model", "model_identity", "method", "allocation", "sparsity", "epsilon",
-                "mapping", "nm", "allocation_params", "calibration", "achieved_sparsity", "eval_dataset",
-                "eval_seqlen", "eval_windows", "perplexity", "tokens_per_second", "prune_seconds", "eval_seconds",
+                "mapping", "nm", "allocation_params", "calibration", "calib_bos", "calib_bos_prepended",
+                "achieved_sparsity", "eval_dataset", "eval_seqlen", "eval_windows", "eval_bos",
+                "eval_bos_prepended", "perplexity", "tokens_per_second", "prune_seconds", "eval_seconds",
                 "device", "dtype", "output_dir", "versions", "started_at", "finished_at")
 _JSON_COLUMNS = ("allocation_params", "calibration", "versions")
 COMPARE_COLUMNS = ("id", "kind", "model", "model_identity", "method", "allocation", "sparsity", "epsilon", "nm",
                    "achieved_sparsity", "eval_dataset", "eval_seqlen", "eval_windows", "perplexity",
-                   "prune_seconds", "eval_seconds", "output_dir")
+                   "prune_seconds", "eval_seconds", "output_dir", "eval_key", "key", "settings")
+_BOOL_COLUMNS = ("calib_bos_prepended", "eval_bos_prepended")
+BASELINES = ("dense", "uniform")
+
+
+class RunKey(NamedTuple):
+    """A run's comparison key: ``eval_key`` (model and evaluation), ``key`` (with the
+    calibration for prune runs; equal to ``eval_key`` for eval runs) and ``settings``, a
+    short label such as "wiki · 24×256 · BOS none · calib wiki 16×256 seed 0"."""
+
+    eval_key: str
+    key: str
+    settings: str
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _bos(mode: object, prepended: object) -> str:
+    """The protocol a run used: ``auto``/``paper`` when BOS was prepended, else ``none``."""
+    if _missing(mode):
+        return "?"
+    return str(mode) if not _missing(prepended) and bool(prepended) else "none"
+
+
+def _value(value: object) -> str:
+    if _missing(value):
+        return "?"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _short(dataset: object) -> str:
+    text = _value(dataset)
+    return Path(text).name if ("/" in text or os.sep in text) else text
+
+
+def run_key(row: Mapping[str, object]) -> RunKey:
+    """The comparison key of a run (a registry row, or a mapping with its columns)."""
+    seqlen, windows = _value(row.get("eval_seqlen")), _value(row.get("eval_windows"))
+    bos = _bos(row.get("eval_bos"), row.get("eval_bos_prepended"))
+    eval_key = "|".join([_value(row.get("model_identity")), f"eval={_value(row.get('eval_dataset'))}",
+                         f"seqlen={seqlen}", f"windows={windows}", f"bos={bos}"])
+    settings = f"{_short(row.get('eval_dataset'))} · {windows}×{seqlen} · BOS {bos}"
+    if row.get("kind") != "prune":
+        return RunKey(eval_key, eval_key, settings)
+    calib = row.get("calibration")
+    if not isinstance(calib, Mapping) or not calib:
+        return RunKey(eval_key, f"{eval_key}|calib=none", f"{settings} · no calibration")
+    mode, prepended = row.get("calib_bos"), row.get("calib_bos_prepended")
+    if _missing(mode):      # a row written without the columns: the calibration's own record
+        mode, prepended = calib.get("bos"), calib.get("bos_prepended")
+    cbos = _bos(mode, prepended)
+    dataset = _value(calib.get("dataset", "given"))   # token ids passed in: no text recorded
+    n, L, seed = (_value(calib.get(k)) for k in ("nsamples", "seqlen", "seed"))
+    key = f"{eval_key}|calib={dataset}|nsamples={n}|calib_seqlen={L}|seed={seed}|calib_bos={cbos}"
+    label = f"calib {_short(dataset)} {n}×{L} seed {seed}" + (f" BOS {cbos}" if cbos not in (bos, "?") else "")
+    return RunKey(eval_key, key, f"{settings} · {label}")
 
 
 def software_versions() -> dict:
@@ -90,13 +164,18 @@ class Registry:
             con.executescript(_SCHEMA)   # IF NOT EXISTS: safe when two processes open at once
         finally:
             con.close()
-        with self._connect() as con:
+        with self._connect() as con:   # one transaction: two processes never migrate twice
             row = con.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 con.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 raise ValueError(f"{self.path} has schema version {row[0]}, newer than this Spectrascope "
                                  f"({SCHEMA_VERSION}); upgrade Spectrascope or use another SPECTRASCOPE_HOME")
+            elif row[0] < SCHEMA_VERSION:
+                for version in range(row[0] + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[version]:
+                        con.execute(statement)
+                con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -208,11 +287,45 @@ class Registry:
             con.close()
         for col in _JSON_COLUMNS:
             table[col] = table[col].map(lambda v: json.loads(v) if isinstance(v, str) else v)
+        for col in _BOOL_COLUMNS:
+            table[col] = table[col].map(lambda v: None if _missing(v) else bool(v)).astype(object)
         return table
 
     def compare(self, *, model_identity: str | None = None) -> pd.DataFrame:
         """Finished prune and eval runs with a perplexity, oldest first: the rows of a comparison
-        table (``COMPARE_COLUMNS``; the dashboard's results table and plot read this)."""
+        table (``COMPARE_COLUMNS``, with each run's ``run_key``; the dashboard's results table and
+        plot read this). Compare perplexities only between rows of one ``key``."""
         t = self.query(status="done", model_identity=model_identity)
-        t = t[t["perplexity"].notna()]
-        return t.loc[:, list(COMPARE_COLUMNS)].reset_index(drop=True)
+        t = t[t["perplexity"].notna()].reset_index(drop=True)
+        keys = [run_key(row) for row in t.to_dict(orient="records")]
+        for i, name in enumerate(RunKey._fields):
+            t[name] = [k[i] for k in keys]
+        return t.loc[:, list(COMPARE_COLUMNS)]
+
+    def baseline(self, row_or_key: Mapping[str, object] | str, kind: str = "dense", *, method: str | None = None,
+                 sparsity: float | None = None) -> dict | None:
+        """The newest finished run to compare ``row_or_key`` (a row of ``compare``/``query``/``get``
+        or a ``key``) with, under the same key, or ``None``: ``dense``, the eval run of its
+        evaluation key; ``uniform``, the uniform-allocation prune run of its key with the same
+        ``method`` and ``sparsity`` (from the row unless given; any when neither is known)."""
+        if kind not in BASELINES:
+            raise ValueError(f"kind={kind!r}: use one of {', '.join(BASELINES)}")
+        if isinstance(row_or_key, str):
+            key, row = row_or_key, {}
+        else:
+            row = dict(row_or_key)
+            key = str(row["key"]) if isinstance(row.get("key"), str) else run_key(row).key
+        method = method if method is not None else row.get("method")
+        sparsity = sparsity if sparsity is not None else row.get("sparsity")
+        identity = key.split("|", 1)[0]
+        table = self.compare(model_identity=None if identity == "?" else identity)
+        if kind == "dense":
+            eval_key = key.split("|calib=", 1)[0]
+            hits = table[(table["kind"] == "eval") & (table["eval_key"] == eval_key)]
+        else:
+            hits = table[(table["kind"] == "prune") & (table["allocation"] == "uniform") & (table["key"] == key)]
+            if not _missing(method):
+                hits = hits[hits["method"] == method]
+            if not _missing(sparsity):
+                hits = hits[(hits["sparsity"] - float(sparsity)).abs() < 1e-9]
+        return hits.iloc[-1].to_dict() if len(hits) else None

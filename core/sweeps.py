@@ -1,33 +1,44 @@
 """Many runs from one base ``PruneSpec``: a sweep over methods x allocations x sparsities
-(x epsilons) into one comparison table with its Markdown report, and the choice of
-AlphaPruning's epsilon on held-out calibration text.
+(x epsilons) into one comparison table with its Markdown report, and ``tune``: AlphaPruning's
+allocation (epsilon x xmin method x metric) chosen on held-out calibration text.
+
+Every table carries the comparison key of its runs (``core.registry.run_key``). ``tune``
+fits the power laws of every xmin method to one computation of the eigenvalues (``refit``).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+import torch
 
 from .allocation import METHODS as ALLOCATION_METHODS
-from .calibration import Calibration, cap_seqlen, sample_windows, tokenize
+from .analysis import Analysis, analyze, build_table
+from .calibration import Calibration, bos_plan, cap_seqlen, sample_windows, tokenize
 from .evaluation import perplexity
 from .experiments import PruneSpec, alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, \
-    prune_and_eval
-from .models import LoadedModel
+    prune_and_eval, read_metrics
+from .fit import XMIN_METHODS
+from .models import LoadedModel, MatrixInfo
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
 from .pruning import prune
-from .registry import Registry
+from .registry import Registry, RunKey, run_key
+from .spectra import Spectrum
 from .texts import load_text
 
 log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexity", "prune_seconds",
-                 "eval_seconds", "run_id"]
+                 "eval_seconds", "run_id", "key", "settings"]
 DEFAULT_EPSILONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_METRIC_COLUMNS = ("alpha", "alpha_hat")
+TUNE_COLUMNS = ["epsilon", "xmin", "metric", "perplexity", "achieved"]
 
 
 def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
@@ -59,9 +70,10 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     rows = []
     if dense:
         run_id, ppl = eval_run(base, loaded, registry=registry, progress=progress, cancel=cancel)
+        key = run_key(registry.get(run_id))
         rows.append({"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
                      "perplexity": ppl.perplexity, "prune_seconds": 0.0, "eval_seconds": ppl.seconds,
-                     "run_id": run_id})
+                     "run_id": run_id, "key": key.key, "settings": key.settings})
     owl = compute_owl_scores(loaded, calibration, device=base.device, progress=progress, cancel=cancel) \
         if "owl" in allocations else None
     if "alpha" in allocations:
@@ -73,7 +85,7 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
         rows.append({"method": spec.method, "allocation": spec.allocation, "sparsity": spec.sparsity,
                      "epsilon": run.epsilon, "achieved": run.achieved, "perplexity": run.perplexity.perplexity,
                      "prune_seconds": run.prune_seconds, "eval_seconds": run.perplexity.seconds,
-                     "run_id": run.run_id})
+                     "run_id": run.run_id, "key": run.key.key, "settings": run.key.settings})
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
 
@@ -112,70 +124,145 @@ def pivot(table: pd.DataFrame) -> pd.DataFrame:
 
 def sweep_report(table: pd.DataFrame, base: PruneSpec, *, model: str, calibration: Calibration | None,
                  seconds: float) -> str:
-    """The Markdown report of a sweep: its settings, the perplexity pivot and every run."""
+    """The Markdown report of a sweep: its settings and comparison keys, the perplexity pivot
+    and every run (perplexities compare only within one key)."""
     e = base.evaluation
     calib_text = (f"calibration {calibration.nsamples} x {calibration.seqlen} tokens of {calibration.dataset} "
-                  f"(seed {calibration.seed})" if calibration is not None else "no calibration")
+                  f"(seed {calibration.seed}, BOS {calibration.bos}{' prepended' if calibration.bos_prepended else ''})"
+                  if calibration is not None else "no calibration")
     header = (f"Model {model}; evaluation {e.dataset}, windows of {e.seqlen} tokens"
-              + (f" (first {e.max_windows})" if e.max_windows else "") + f"; {calib_text}; "
+              + (f" (first {e.max_windows})" if e.max_windows else "") + f", BOS {e.bos}; {calib_text}; "
               f"device {base.device}; total {seconds / 60:.1f} min.")
-    return f"{header}\n\nPerplexity:\n\n{to_markdown(pivot(table))}\n\nAll runs:\n\n{to_markdown(table)}\n"
+    keys = table.drop_duplicates("key")
+    lines = [f"- {r.settings} (key `{r.key}`)" for r in keys.itertuples()]
+    runs = to_markdown(table.drop(columns=["key"]))
+    return (f"{header}\n\nComparison keys (compare perplexities within one key):\n\n" + "\n".join(lines)
+            + f"\n\nPerplexity:\n\n{to_markdown(pivot(table))}\n\nAll runs:\n\n{runs}\n")
 
 
-# --- epsilon tuning --------------------------------------------------------------------------
+# --- tuning the allocation ----------------------------------------------------------------
+
+def refit(analysis: Analysis, xmin: str, *, device: str = "cpu") -> pd.DataFrame:
+    """``analysis.table`` with every power law fit again by the ``xmin`` method, from the
+    analysis's eigenvalues (the spectra do not depend on the fit: nothing is recomputed)."""
+    if xmin == analysis.xmin:
+        return analysis.table
+    spectra = []
+    for r in analysis.table.itertuples(index=False):
+        eigs = analysis.eigs[r.name]
+        reason = "" if np.isfinite(eigs).all() else str(r.status).removeprefix("no fit: ")
+        spectra.append(Spectrum(MatrixInfo(r.name, int(r.block), str(r.kind), int(r.rows), int(r.cols)), eigs,
+                                float(r.w_var), reason))
+    return build_table(spectra, xmin=xmin, device=device)
+
+
+def xmin_tables(base: PruneSpec, loaded: LoadedModel, xmins: Sequence[str] | None = None, *,
+                analysis: Analysis | None = None, progress: Progress = None) -> dict[str, pd.DataFrame]:
+    """The metrics table per xmin method (default all of ``XMIN_METHODS``) from one analysis
+    (``analysis``, or ``analyze`` once); ``{"file": table}`` when ``base`` names a metrics file."""
+    if base.metrics_file is not None:
+        return {"file": read_metrics(base.metrics_file)}
+    xmins = list(dict.fromkeys(xmins)) if xmins else list(XMIN_METHODS)
+    for x in xmins:
+        if x not in XMIN_METHODS:
+            raise ValueError(f"xmins: {x!r} is unknown; use {', '.join(XMIN_METHODS)}")
+    if analysis is None:
+        analysis = analyze(loaded, xmin=xmins[0], device=base.device, progress=progress)
+    return {x: refit(analysis, x, device=base.device) for x in xmins}
+
+
+def holdout_split(base: PruneSpec, loaded: LoadedModel, holdout: float) -> tuple[Calibration, torch.Tensor]:
+    """The calibration text of ``base`` tokenized (by its BOS mode) and cut in two: calibration
+    windows drawn from the first ``1 - holdout`` of the tokens, and the held-out rest."""
+    c = base.calibration
+    if c.dataset == base.evaluation.dataset and Path(c.dataset).expanduser().is_file():
+        raise ValueError(f"calibration.dataset={c.dataset!r}: a text file is used whole for calibration and "
+                         "evaluation, so held-out text would be evaluation text; calibrate on another text")
+    plan = bos_plan(loaded.tokenizer, c.bos)
+    seqlen = cap_seqlen(c.seqlen, loaded.model)
+    ids = tokenize(loaded.tokenizer, load_text(c.dataset, split="calib"), defaults=plan.defaults)
+    cut = int(ids.numel() * (1 - holdout))
+    windows = sample_windows(ids[:cut], nsamples=c.nsamples, seqlen=seqlen, seed=c.seed, bos_id=plan.token_id)
+    return Calibration(windows, c.dataset, c.seed, cut, c.bos, plan.prepended), ids[cut:]
+
 
 @dataclass
-class EpsilonTuning:
-    """``best`` epsilon by held-out calibration perplexity; ``table``: epsilon, perplexity."""
+class Tuning:
+    """The scores of ``tune``: ``table`` (``TUNE_COLUMNS``, one row per epsilon x xmin x metric)
+    by perplexity on held-out calibration text, ``best`` its lowest row, ``key`` the comparison
+    key of the held-out scoring."""
 
-    best: float
     table: pd.DataFrame
+    best: dict
     method: str
     sparsity: float
     calibration: dict
     holdout_tokens: int
+    key: RunKey
+
+    def spec(self, base: PruneSpec) -> PruneSpec:
+        """``base`` with the winning allocation (alpha, epsilon, metric and xmin)."""
+        xmin = self.best["xmin"] if self.best["xmin"] in XMIN_METHODS else base.xmin
+        return replace(base, allocation="alpha", epsilon=float(self.best["epsilon"]), metric=self.best["metric"],
+                       xmin=xmin, nm=None, ratios_file=None)
+
+    def to_dict(self) -> dict:
+        return {"best": self.best, "rows": self.table.to_dict(orient="records"), "method": self.method,
+                "sparsity": self.sparsity, "calibration": self.calibration, "holdout_tokens": self.holdout_tokens,
+                **self.key._asdict()}
 
     def summary(self) -> str:
-        lines = [f"epsilon for {self.method} at sparsity {self.sparsity:g}: {self.best:g} "
-                 f"(held-out calibration text, {self.holdout_tokens} tokens; never the evaluation text)"]
-        lines += [f"  eps {r.epsilon:<5g} perplexity {r.perplexity:.3f}" for r in self.table.itertuples()]
-        return "\n".join(lines)
+        b = self.best
+        lines = [f"{self.method} at sparsity {self.sparsity:g}: best epsilon {b['epsilon']:g}, xmin {b['xmin']}, "
+                 f"metric {b['metric']} (perplexity {b['perplexity']:.3f} on held-out calibration text, "
+                 f"{self.holdout_tokens} tokens; never the evaluation text)", f"settings: {self.key.settings}", ""]
+        return "\n".join(lines) + to_markdown(self.table)
 
 
-def tune_epsilon(base: PruneSpec, *, epsilons: list[float] | None = None, holdout: float = 0.1,
-                 holdout_windows: int | None = 16, loaded: LoadedModel | None = None,
-                 metrics: pd.DataFrame | None = None, progress: Progress = None,
-                 cancel: object = None) -> EpsilonTuning:
-    """Pick AlphaPruning's epsilon from ``epsilons`` by perplexity on held-out calibration text,
-    pruning ``base`` (its method, sparsity and alpha settings) once per epsilon.
-
-    The calibration split of ``base.calibration.dataset`` is tokenized and cut in two:
-    calibration windows are drawn from the first ``1 - holdout`` of the tokens, the
-    perplexity is measured on the last ``holdout`` (at most ``holdout_windows`` windows).
-    The evaluation split is never read."""
+def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Sequence[str] | None = None,
+         metric_columns: Sequence[str] = DEFAULT_METRIC_COLUMNS, holdout: float = 0.1,
+         holdout_windows: int | None = 16, loaded: LoadedModel | None = None, analysis: Analysis | None = None,
+         progress: Progress = None, cancel: object = None) -> Tuning:
+    """Choose AlphaPruning's allocation for ``base`` (its method, sparsity, mapping, ...): every
+    epsilon x xmin method x metric column, pruned and scored by perplexity on held-out
+    calibration text (``holdout_split``; at most ``holdout_windows`` windows). The evaluation
+    text is never read. Grid points with equal ratios (e.g. every epsilon 0) are pruned once."""
+    epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
+    if not metric_columns:
+        raise ValueError("metric_columns: give at least one column, e.g. alpha,alpha_hat")
     if not (0.0 < holdout < 0.5):
         raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
-    epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
-    specs = [replace(base, allocation="alpha", epsilon=e, nm=None, ratios_file=None, save=None) for e in epsilons]
     loaded = loaded if loaded is not None else load_for(base, progress)
-    c = base.calibration
-    seqlen = cap_seqlen(c.seqlen, loaded.model)
-    ids = tokenize(loaded.tokenizer, load_text(c.dataset, split="calib"))
-    cut = int(ids.numel() * (1 - holdout))
-    calib = Calibration(sample_windows(ids[:cut], nsamples=c.nsamples, seqlen=seqlen, seed=c.seed), c.dataset,
-                        c.seed, cut)
-    held = ids[cut:]
-    metrics = alpha_metrics(base, loaded, metrics, progress)
-    rows = []
-    for spec in specs:
-        ratios = choose_allocation(spec, loaded, metrics=metrics).ratio_by_name()
-        pruned = prune(loaded, ratios, method=spec.method, calibration=calib if spec.needs_calibration else None,
-                       device=spec.device, copy=True, progress=progress, cancel=cancel)
-        ppl = perplexity(pruned.model, ids=held, seqlen=seqlen, max_windows=holdout_windows, device=spec.device,
-                         progress=progress, cancel=cancel)
-        rows.append({"epsilon": spec.epsilon, "perplexity": ppl.perplexity, "achieved": pruned.sparsity})
-        del pruned
-    table = pd.DataFrame(rows)
-    best = float(table.loc[table["perplexity"].idxmin(), "epsilon"])
-    return EpsilonTuning(best, table, base.method, base.sparsity, calib.settings(),
-                         min(held.numel(), (holdout_windows or 10**9) * seqlen))
+    tables = xmin_tables(base, loaded, xmins, analysis=analysis, progress=progress)
+    for col in metric_columns:
+        for x, t in tables.items():
+            if col not in t.columns or not pd.api.types.is_numeric_dtype(t[col]):
+                raise ValueError(f"metric_columns: {col!r} is not a numeric column of the {x} metrics table; "
+                                 "use alpha, alpha_hat, log_norm, ...")
+    calib, held = holdout_split(base, loaded, holdout)
+    scores: dict[tuple, tuple[float, float]] = {}
+    rows, ppl = [], None
+    for xmin, table in tables.items():
+        for metric in metric_columns:
+            for eps in epsilons:
+                spec = replace(base, allocation="alpha", epsilon=eps, metric=metric, nm=None, ratios_file=None,
+                               save=None)
+                ratios = choose_allocation(spec, loaded, metrics=table).ratio_by_name()
+                same = tuple(sorted((k, round(v, 12)) for k, v in ratios.items()))
+                if same not in scores:
+                    log.info("tune: eps %g xmin %s metric %s", eps, xmin, metric)
+                    pruned = prune(loaded, ratios, method=spec.method, device=spec.device, copy=True,
+                                   calibration=calib if spec.needs_calibration else None, progress=progress,
+                                   cancel=cancel)
+                    ppl = perplexity(pruned.model, ids=held, seqlen=calib.seqlen, max_windows=holdout_windows,
+                                     device=spec.device, bos=calib.bos, progress=progress, cancel=cancel)
+                    scores[same] = (ppl.perplexity, pruned.sparsity)
+                    del pruned
+                rows.append({"epsilon": float(eps), "xmin": xmin, "metric": metric, "perplexity": scores[same][0],
+                             "achieved": scores[same][1]})
+    table = pd.DataFrame(rows, columns=TUNE_COLUMNS)
+    best = table.loc[table["perplexity"].idxmin()].to_dict()
+    key = run_key({"kind": "prune", "model_identity": loaded.identity, "eval_dataset": f"{calib.dataset} "
+                   f"(held-out {holdout:g} of calib)", "eval_seqlen": ppl.seqlen, "eval_windows": ppl.windows,
+                   "eval_bos": ppl.bos, "eval_bos_prepended": ppl.bos_prepended, "calibration": calib.settings()})
+    return Tuning(table, best, base.method, base.sparsity, calib.settings(), ppl.windows * ppl.seqlen, key)

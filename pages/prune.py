@@ -12,7 +12,7 @@ from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME, resolve_source
 from core.registry import Registry
 from dashboard import jobs
-from dashboard.results import comparison_keys, file_name, results_figure, with_baselines
+from dashboard.results import file_name, results_figure, with_baselines
 from dashboard.state import PAGES, State, allocation_label, loaded_source, setup
 
 setup()
@@ -96,10 +96,11 @@ def prune_spec() -> PruneSpec:
                      device=ss[State.device], save=save_folder(method, nm or allocation) if ss[State.p_save] else None)
 
 
-def start_eval(dataset: str, seqlen: int, windows: int) -> None:
+def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> None:
     # `spectrascope eval` has no spec of its own in core: its options are written here
     ss[State.p_job] = jobs.start(["eval", "--model", source, "--device", ss[State.device], "--dataset", dataset,
-                                  "--seqlen", str(seqlen), "--max-windows", str(windows)], "dense baseline").id
+                                  "--seqlen", str(seqlen), "--max-windows", str(windows), "--bos", bos],
+                                 "dense baseline").id
 
 
 if start:
@@ -169,27 +170,33 @@ job_panel()
 
 # --- results from the registry, like with like -------------------------------------------------
 st.subheader("Results")
-runs = Registry().query(status="done", model_identity=identity)
-runs = runs[runs["perplexity"].notna()].reset_index(drop=True)
+registry = Registry()
+runs = registry.compare(model_identity=identity)
 if runs.empty:
     st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")
     st.stop()
-runs = with_baselines(comparison_keys(runs))
+runs = with_baselines(runs, registry)
 st.caption("Runs are compared only with runs of the same settings: the same evaluation text, window length and "
            "number of windows (and, for pruned runs, the same calibration). \"vs dense\" and \"vs uniform\" use "
            "the baseline of the same settings.")
 
 
+def bos_of(mode: object) -> str:
+    return mode if isinstance(mode, str) and mode else "auto"
+
+
 def uniform_spec(row: pd.Series) -> PruneSpec:
     """The uniform run that completes the comparison of ``row`` (same method, sparsity and settings)."""
-    calib = row["calibration"] if isinstance(row["calibration"], dict) else {}
+    run = registry.get(int(row["id"]))
+    calib = run["calibration"] if isinstance(run["calibration"], dict) else {}
     return PruneSpec(model=source, method=row["method"], allocation="uniform", sparsity=float(row["sparsity"]),
                      calibration=CalibrationSpec(dataset=calib.get("dataset", "wiki"),
                                                  nsamples=int(calib.get("nsamples", ss[State.p_calib_n])),
                                                  seqlen=int(calib.get("seqlen", row["eval_seqlen"])),
-                                                 seed=int(calib.get("seed", 0))),
+                                                 seed=int(calib.get("seed", 0)), bos=bos_of(run.get("calib_bos"))),
                      evaluation=EvaluationSpec(evaluate=True, dataset=row["eval_dataset"],
-                                               seqlen=int(row["eval_seqlen"]), max_windows=int(row["eval_windows"])),
+                                               seqlen=int(row["eval_seqlen"]), max_windows=int(row["eval_windows"]),
+                                               bos=bos_of(run.get("eval_bos"))),
                      device=ss[State.device])
 
 
@@ -209,7 +216,8 @@ for i, key in enumerate(groups):
         if not group_pruned.empty and (members["kind"] == "eval").sum() == 0:
             last = group_pruned.iloc[-1]
             if st.button("Evaluate the dense baseline with these settings", key=f"dense_{i}", icon=":material/speed:"):
-                start_eval(last["eval_dataset"], int(last["eval_seqlen"]), int(last["eval_windows"]))
+                start_eval(last["eval_dataset"], int(last["eval_seqlen"]), int(last["eval_windows"]),
+                           bos_of(registry.get(int(last["id"])).get("eval_bos")))
                 st.rerun()
         missing = group_pruned[(group_pruned["allocation"] != "uniform") & group_pruned["vs uniform %"].isna()
                                & group_pruned["sparsity"].notna() & group_pruned["nm"].isna()]

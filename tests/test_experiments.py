@@ -19,7 +19,7 @@ from core.models import REPORT_NAME, load_model, save_model, wrap_model
 from core.progress import Cancelled
 from core.pruning import prune
 from core.registry import Registry
-from core.sweeps import pivot, sweep
+from core.sweeps import pivot, sweep, sweep_report
 
 
 def _ids(n=3, seqlen=32, seed=0):
@@ -45,6 +45,7 @@ def _ids(n=3, seqlen=32, seed=0):
     ({"device": "gpu"}, r"^device='gpu': use auto, cpu, cuda, cuda:N or mps$"),
     ({"reverse": "yes"}, r"^reverse='yes': give True or False$"),
     ({"model": ""}, r"^model='': give a non-empty name$"),
+    ({"xmin": "max"}, r"^xmin='max': unknown; use one of full, peak, peak-compat, mid$"),
 ])
 def test_spec_refuses_bad_fields_in_one_line_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -58,6 +59,10 @@ def test_nested_specs_and_paths_are_checked(tmp_path):
         EvaluationSpec(max_windows=0)
     with pytest.raises(ValueError, match=r"^evaluation.evaluate=1: give True or False$"):
         EvaluationSpec(evaluate=1)
+    with pytest.raises(ValueError, match=r"^calibration.bos='always': unknown; use one of auto, paper, none$"):
+        CalibrationSpec(bos="always")
+    with pytest.raises(ValueError, match=r"^evaluation.bos='first': unknown; use one of auto, paper, none$"):
+        EvaluationSpec(bos="first")
     with pytest.raises(FileNotFoundError, match="ratios_file='.*missing.csv': no such file"):
         PruneSpec(allocation="file", ratios_file=tmp_path / "missing.csv")
     with pytest.raises(FileNotFoundError, match="metrics_file="):
@@ -79,12 +84,13 @@ def _specs(tmp_path):
     return [
         PruneSpec(),
         PruneSpec(model=str(tmp_path / "model"), method="sparsegpt", allocation="alpha", sparsity=0.7, epsilon=0.25,
-                  metric="alpha_hat", mapping="matrix", r_max=0.95, dense_kinds=("k", "v"), reverse=True,
+                  metric="alpha_hat", xmin="mid", mapping="matrix", r_max=0.95, dense_kinds=("k", "v"), reverse=True,
                   metrics_file=tmp_path / "m.csv",
-                  calibration=CalibrationSpec("c4", 16, 512, 7),
-                  evaluation=EvaluationSpec(True, "wikitext2", 1024, 8),
+                  calibration=CalibrationSpec("c4", 16, 512, 7, "paper"),
+                  evaluation=EvaluationSpec(True, "wikitext2", 1024, 8, "none"),
                   device="cuda:1", dtype="bfloat16", save=tmp_path / "out" / "pruned", trust_remote_code=True),
-        PruneSpec(method="magnitude", allocation="file", ratios_file=tmp_path / "r.csv", device="cpu"),
+        PruneSpec(method="magnitude", allocation="file", ratios_file=tmp_path / "r.csv", device="cpu",
+                  calibration=CalibrationSpec(bos="none"), evaluation=EvaluationSpec(bos="none")),
         PruneSpec(method="wanda", allocation="alpha", nm="2:4", sparsity=0.0, dtype="float16"),
         PruneSpec(method="wanda", sparsity=0.1 + 0.2, epsilon=0.0,     # floats that print long
                   evaluation=EvaluationSpec(True, str(tmp_path / "text.txt"), 64)),
@@ -107,6 +113,12 @@ def test_spec_from_hand_written_arguments(tmp_path):
     assert spec.allocation == "file" and spec.ratios_file == (tmp_path / "r.csv").resolve()
     assert spec.calibration == CalibrationSpec("wiki", 128, 256, 0)
     assert spec.evaluation == EvaluationSpec(True, "wiki", 256, None)      # the window follows --seqlen
+    assert spec.calibration.bos == spec.evaluation.bos == "auto" and spec.xmin == "peak"
+    paper = PruneSpec.from_args(parse(["prune", "--method", "wanda", "--bos", "paper"]))
+    assert paper.calibration.bos == paper.evaluation.bos == "paper"           # --bos sets both
+    assert parse(["prune", "--method", "wanda", "--bos", "none"]).bos == "none"
+    with pytest.raises(SystemExit):
+        parse(["eval", "--bos", "first"])
     assert spec.dense_kinds == ("k", "v") and spec.epsilon is None and spec.model == "demo"
     with pytest.raises(ValueError, match="allocation='alpha': a ratios file and allocation 'file' go together"):
         PruneSpec.from_args(parse(["prune", "--method", "wanda", "--allocation", "alpha", "--ratios",
@@ -294,21 +306,12 @@ def test_sweep_gives_each_method_its_own_epsilon(demo, tmp_path):
         run = reg.get(int(row.run_id))
         assert run["status"] == "done" and run["perplexity"] == pytest.approx(row.perplexity)
     assert "magnitude alpha (eps 0.2)" in pivot(table)["setting"].tolist()
-
-
-def test_tune_epsilon_scores_each_epsilon_on_held_out_calibration_text(demo):
-    from transformers import AutoModelForCausalLM
-
-    from core.sweeps import tune_epsilon
-
-    cfg = tiny_config("llama")
-    cfg.vocab_size = len(demo.tokenizer)
-    torch.manual_seed(0)
-    loaded = wrap_model(AutoModelForCausalLM.from_config(cfg).eval(), demo.tokenizer)
-    base = PruneSpec(method="wanda", sparsity=0.6, device="cpu", calibration=CalibrationSpec(nsamples=2, seqlen=64))
-    result = tune_epsilon(base, epsilons=[0.0, 0.4], holdout_windows=2, loaded=loaded)
-    assert result.table["epsilon"].tolist() == [0.0, 0.4]
-    assert result.best == result.table.loc[result.table["perplexity"].idxmin(), "epsilon"]
-    assert (result.table["achieved"] - 0.6).abs().max() < 0.01
-    assert result.calibration == {"dataset": "wiki", "nsamples": 2, "seqlen": 64, "seed": 0}
-    assert result.holdout_tokens == 2 * 64 and result.method == "wanda"
+    # the comparison keys: dense = its evaluation key; magnitude runs use no calibration, wanda the given ids
+    dense_key = table["key"].iloc[0]
+    assert all(k.startswith(dense_key + "|calib=") for k in table["key"].iloc[1:])
+    assert set(table.loc[table.method == "magnitude", "key"]) == {dense_key + "|calib=none"}
+    wanda = set(table.loc[table.method == "wanda", "settings"])
+    assert wanda == {"wiki · 3×64 · BOS none · calib given 1×64 seed ?"}
+    report = sweep_report(table, base, model="tiny", calibration=None, seconds=6.0)
+    assert "Comparison keys" in report and "BOS auto" in report
+    assert all(f"- {s} (key `{k}`)" in report for s, k in zip(table["settings"], table["key"]))

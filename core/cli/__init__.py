@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..progress import Progress
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
 from .owl import add_owl_scores, run_owl_scores
-from .prune import add_eval, add_prune, add_sweep, add_tune_epsilon, run_eval, run_prune, run_sweep, run_tune_epsilon
+from .prune import add_eval, add_prune, add_sweep, add_tune, run_eval, run_prune, run_sweep, run_tune
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
 
 EPILOG = """machine-readable progress (for the dashboard and scripts):
@@ -51,8 +51,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("perplexity of a model (WikiText-2 protocol) on the evaluation text", add_eval, run_eval),
     "sweep": Command("a grid of methods x allocations x sparsities x epsilons into one perplexity table "
                      "(CSV and Markdown)", add_sweep, run_sweep),
-    "tune-epsilon": Command("pick AlphaPruning's epsilon by perplexity on held-out calibration text (never the "
-                            "evaluation text)", add_tune_epsilon, run_tune_epsilon),
+    "tune": Command("pick AlphaPruning's allocation (epsilon x xmin method x metric) by perplexity on held-out "
+                    "calibration text (never the evaluation text)", add_tune, run_tune),
+    "tune-epsilon": Command("alias of tune (the grid includes epsilon)", add_tune, run_tune),
     "owl-scores": Command("OWL's per-block outlier scores on calibration text, cached on disk", add_owl_scores,
                           run_owl_scores),
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..calibration import BOS_MODES
 from ..experiments import PruneSpec, load_for
 from ..owlcache import OwlSettings, owl_scores_cached
 from ..progress import Progress
@@ -16,16 +15,13 @@ from .prune import _opts_calib, _opts_model
 def add_owl_scores(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     _opts_calib(p)
-    if "--bos" not in p._option_string_actions:   # shared calibration options may already offer it
-        p.add_argument("--bos", default="auto", choices=BOS_MODES, help="beginning-of-sequence token in the "
-                       "calibration windows (default auto: when the tokenizer adds one)")
     p.add_argument("--m", type=float, default=OWL_M, help=f"outlier threshold multiple (default {OWL_M:g}, OWL's M)")
 
 
 def run_owl_scores(args: argparse.Namespace, progress: Progress) -> str:
     spec = PruneSpec.from_args(args, method="wanda", allocation="owl")   # validates model, calibration, device
     c = spec.calibration
-    settings = OwlSettings(dataset=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, bos=args.bos,
+    settings = OwlSettings(dataset=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, bos=c.bos,
                            m=args.m)
     if not settings.m > 0:
         raise ValueError(f"--m {args.m!r}: the outlier threshold multiple must be positive (OWL uses 5)")

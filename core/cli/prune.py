@@ -1,4 +1,4 @@
-"""The ``prune``, ``eval``, ``sweep`` and ``tune-epsilon`` sub-commands: recorded pruning and
+"""The ``prune``, ``eval``, ``sweep`` and ``tune`` (alias ``tune-epsilon``) sub-commands: recorded pruning and
 perplexity runs, described by a ``PruneSpec`` built from the parsed options."""
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 from ..allocation import MAPPINGS
+from ..calibration import BOS_MODES
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..config import DTYPES
+from ..fit import XMIN_METHODS
 from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
-from ..sweeps import DEFAULT_EPSILONS, sweep, sweep_report, tune_epsilon
+from ..registry import Registry, run_key
+from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 
 
 # --- shared options ------------------------------------------------------------------------
@@ -23,6 +26,9 @@ def _opts_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
+    p.add_argument("--bos", default="auto", choices=BOS_MODES, help="beginning-of-sequence token of every "
+                   "calibration and evaluation window: auto (default; when the tokenizer adds one), paper (only "
+                   "the start of the text, the published scripts' protocol) or none")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -42,8 +48,11 @@ def _opts_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, help="evaluate only the first K windows (quick looks)")
 
 
-def _opts_alpha(p: argparse.ArgumentParser) -> None:
+def _opts_alpha(p: argparse.ArgumentParser, *, xmin: bool = True) -> None:
     p.add_argument("--mapping", default="block", choices=MAPPINGS, help="AlphaPruning mapping (default block)")
+    if xmin:
+        p.add_argument("--xmin", default="peak", choices=XMIN_METHODS, help="how the power-law fits behind the "
+                       "metric choose xmin (default peak; see tune)")
     p.add_argument("--metrics", metavar="FILE", help="alpha from a table of `spectrascope analyze --out` "
                    "instead of analysing now")
 
@@ -79,7 +88,7 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=ALLOCATIONS, help="layer-wise ratios: uniform (default), alpha "
                    "(AlphaPruning) or owl; file with --ratios (the default then)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target parameter-weighted sparsity (default 0.5)")
-    p.add_argument("--epsilon", type=float, help="AlphaPruning's tau range (default 0.3; see tune-epsilon)")
+    p.add_argument("--epsilon", type=float, help="AlphaPruning's tau range (default 0.3; see tune)")
     _opts_alpha(p)
     p.add_argument("--metric", default="alpha", help="AlphaPruning's score column (default alpha)")
     p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
@@ -94,6 +103,7 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="measure perplexity of the pruned model")
     _opts_eval(p)
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
+    p.add_argument("--eval-bos", choices=BOS_MODES, help="BOS of the evaluation windows (default: --bos)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
@@ -121,8 +131,11 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:
-    run_id, ppl = eval_run(PruneSpec.from_args(args), progress=progress)
-    return json.dumps({"run_id": run_id, **ppl.to_dict()}) if args.json else f"run {run_id}: {ppl.summary()}"
+    registry = Registry()
+    run_id, ppl = eval_run(PruneSpec.from_args(args), registry=registry, progress=progress)
+    if args.json:
+        return json.dumps({"run_id": run_id, **ppl.to_dict(), **run_key(registry.get(run_id))._asdict()})
+    return f"run {run_id}: {ppl.summary()}"
 
 
 # --- sweep ---------------------------------------------------------------------------------
@@ -161,23 +174,31 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
             f"{table.iloc[0]['perplexity']:.3f})")
 
 
-# --- tune-epsilon --------------------------------------------------------------------------
+# --- tune ----------------------------------------------------------------------------------
 
-def add_tune_epsilon(p: argparse.ArgumentParser) -> None:
+def add_tune(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     p.add_argument("--method", default="wanda", choices=PRUNE_METHODS)
     p.add_argument("--sparsity", type=float, default=0.7, help="target sparsity (default 0.7)")
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in DEFAULT_EPSILONS),
                    help="grid (default 0,0.1,...,0.5)")
-    _opts_alpha(p)
+    p.add_argument("--xmins", default=",".join(XMIN_METHODS), help="xmin methods of the power-law fits, "
+                   f"comma-separated (default all: {','.join(XMIN_METHODS)}; the eigenvalues are computed once)")
+    p.add_argument("--metrics-cols", default=",".join(DEFAULT_METRIC_COLUMNS), metavar="COLS",
+                   help="metric columns scored, any numeric column of the analysis table (default alpha,alpha_hat)")
+    _opts_alpha(p, xmin=False)
+    p.add_argument("--holdout", type=float, default=0.1, help="held-out share of the calibration text (default 0.1)")
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows scored (default 16)")
     _opts_calib(p)
+    p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
 
 
-def run_tune_epsilon(args: argparse.Namespace, progress: Progress) -> str:
-    result = tune_epsilon(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
-                          holdout_windows=args.holdout_windows, progress=progress)
+def run_tune(args: argparse.Namespace, progress: Progress) -> str:
+    result = tune(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
+                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
+                  holdout_windows=args.holdout_windows, progress=progress)
+    if args.out:
+        result.table.to_csv(args.out, index=False)
     if args.json:
-        return json.dumps({"best": result.best, "rows": result.table.to_dict(orient="records"),
-                           "calibration": result.calibration})
-    return result.summary()
+        return json.dumps(result.to_dict(), default=str)
+    return result.summary() + (f"\nwrote {args.out}" if args.out else "")
