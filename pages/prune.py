@@ -204,8 +204,9 @@ pruned = runs[runs["kind"] == "prune"]
 groups = list(dict.fromkeys(pruned["key"].iloc[::-1]))          # newest setting first
 groups += [k for k in dict.fromkeys(runs.loc[runs["kind"] == "eval", "eval_key"].iloc[::-1])
            if k not in set(pruned["eval_key"])]                  # dense runs without pruned runs
+eval_key_of = dict(zip(runs["key"], runs["eval_key"]))
 for i, key in enumerate(groups):
-    members = runs[(runs["key"] == key) | ((runs["kind"] == "eval") & (runs["eval_key"] == key.split("|calib", 1)[0]))]
+    members = runs[(runs["key"] == key) | ((runs["kind"] == "eval") & (runs["eval_key"] == eval_key_of[key]))]
     group_pruned = members[members["kind"] == "prune"]
     settings = (group_pruned if not group_pruned.empty else members)["settings"].iloc[-1]
     with st.container(border=True):
