@@ -244,15 +244,19 @@ def test_dashboard_end_to_end(page, server):
 
     # OWL on Allocation: statistics as a background job, dense kinds honoured
     open_page(page, "Allocation", "sparsity per block")
-    page.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("OWL", exact=True).click()
-    wait_idle(page)
     page.get_by_test_id("stMultiSelect").filter(has_text="Dense kinds").click()
     page.get_by_role("option", name="k", exact=True).click()
     page.keyboard.press("Escape")
+    page.wait_for_timeout(1500)
     wait_idle(page)
-    if page.get_by_role("button", name="Compute OWL statistics").count():
-        page.get_by_role("button", name="Compute OWL statistics").click()
-    page.locator(".js-plotly-plot").filter(has_text="ratio per matrix").first.wait_for(timeout=300_000)
+    page.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("OWL", exact=True).click()
+    compute = page.get_by_role("button", name="Compute OWL statistics")
+    compute.wait_for(timeout=60_000)
+    wait_idle(page)
+    compute.click()
+    page.get_by_text("OWL statistics of").first.wait_for(timeout=400_000)   # the background job's cached scores
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(p => p._fullData"
+                           " && p._fullData.some(t => t.name === 'A: OWL'))", timeout=30_000)
     wait_idle(page)
     k_ratios = page.evaluate("() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
                              ".find(p => p.textContent.includes('ratio per matrix'));"
