@@ -75,7 +75,8 @@ def metrics_file() -> Path | None:
 
 def save_folder(method: str, what: str) -> Path:
     """A new folder ``$SPECTRASCOPE_HOME/pruned/<model>-<method>-<allocation>-S<S>-<time>[-n]``."""
-    stem = file_name(label.split("/")[-1].split(" (")[0], method, what, f"S{S:.2f}", f"{pd.Timestamp.now():%Y%m%d-%H%M%S}", ext="")
+    stem = file_name(label.split("/")[-1].split(" (")[0], method, what, f"S{S:.2f}",
+                     f"{pd.Timestamp.now():%Y%m%d-%H%M%S}", ext="")
     folder, n = home() / "pruned" / stem, 1
     while folder.exists():
         n += 1
