@@ -3,10 +3,11 @@ import streamlit as st
 
 from dashboard.state import ASSETS, PAGES, setup
 
-st.set_page_config(page_title="Spectrascope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
+st.set_page_config(page_title="Spectrascope", page_icon=str(ASSETS / "logo.svg"), layout="wide",
+                   initial_sidebar_state="auto")   # collapsed by default in narrow windows
 st.logo(str(ASSETS / "logo.svg"))
 st.markdown(f"<style>{(ASSETS / 'style.css').read_text()}</style>", unsafe_allow_html=True)
-setup()
 nav = st.navigation([st.Page(path, title=title, icon=icon, default=key == "home", url_path=key)
                      for key, (path, title, icon) in PAGES.items()])
+setup()   # after st.navigation: the run knows its page
 nav.run()

@@ -4,14 +4,18 @@ the page list, and the guards a page calls first. Nothing here computes HT-SR qu
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core import allocation
+from core.models import resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
+log = logging.getLogger(__name__)
 
 #: Page files relative to ``app.py``, in menu order (``app.py`` builds the navigation from this).
 PAGES = {
@@ -48,6 +52,7 @@ class State:
     xmin = "xmin"
     loaded = "loaded"            # core.models.LoadedModel (from the shared resource cache)
     analysis = "analysis"        # core.analysis.Analysis
+    sources = "sources"          # {weights identity: the model text that loaded them}
     load_error = "load_error"
     # Spectra
     sp_blocks = "sp_blocks"
@@ -73,7 +78,7 @@ class State:
     b_method = "b_method"
     b_mapping = "b_mapping"
     b_epsilon = "b_epsilon"
-    owl = "owl"                  # {identity: {block: D_l}} OWL outlier statistics
+    owl = "owl"                  # {OWL cache file: id of the job computing it}
     # Prune
     p_method = "p_method"
     p_nm = "p_nm"
@@ -91,7 +96,7 @@ class State:
     l_seed = "l_seed"
 
     DEFAULTS = {
-        source: "demo", device: "auto", xmin: "peak", loaded: None, analysis: None, load_error: None,
+        source: "demo", device: "auto", xmin: "peak", loaded: None, sources: {}, analysis: None, load_error: None,
         sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True, sp_scan: False,
         q_metric: "alpha", q_block: 0, q_kind: "q",
         a_source: "loaded model", a_method: "alpha", a_metric: "alpha", a_mapping: "block",
@@ -101,18 +106,81 @@ class State:
         p_job: None, owl: {},
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
     }
+    #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
+    KEPT = "_kept_widget_values"
+    PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, load_error, p_job, owl}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl}
 
 
 def setup() -> None:
-    """Call first on every page: defaults, and widget values kept across page switches."""
+    """Call first on every page (``app.py`` calls it too): defaults, and widget values kept
+    across page switches and reruns.
+
+    Streamlit forgets or resurrects the widgets of pages that are not shown: while the job
+    panel's fragment refreshes (every second while a job runs), a page switch brings back a
+    widget's *first* value (S on Allocation returned to 0.70). So every widget's value is
+    also kept in ``State.KEPT`` (a plain session key that Streamlit never touches): on the
+    first run of a newly shown page the kept values win (a page switch changes no widget);
+    on the other runs the widgets' values win and are kept."""
     ss = st.session_state
-    for key, value in State.DEFAULTS.items():
-        if key not in ss:
-            ss[key] = copy.copy(value)
-        elif key not in State.OBJECTS:
-            ss[key] = ss[key]
+    kept = ss.setdefault(State.KEPT, {})
+    ctx = get_script_run_ctx()
+    page = ctx.page_script_hash if ctx is not None else None
+    switched = page is not None and ss.get(State.PAGE) not in (None, page)
+    if page is not None:
+        ss[State.PAGE] = page
+    changed = []
+    for key, default in State.DEFAULTS.items():
+        if key in State.OBJECTS:
+            if key not in ss:
+                ss[key] = copy.copy(default)
+            continue
+        if key in kept and (switched or key not in ss):
+            value = kept[key]
+            if key in ss and ss[key] != value:
+                changed.append(key)
+        else:
+            value = ss[key] if key in ss else copy.copy(default)
+        ss[key] = value          # re-assigned: Streamlit keeps a key set this run
+        kept[key] = copy.copy(value)
+    if changed:
+        log.info("widget values restored after a page switch: %s", ", ".join(changed))
+    _remember_source(ss)
+
+
+def _remember_source(ss) -> None:
+    """Note which model text loaded ``State.loaded`` (the Home text box while it names those
+    weights), so later edits of the box do not change the model the other pages use."""
+    loaded = ss[State.loaded]
+    if loaded is None or loaded.identity in ss[State.sources]:
+        return
+    text = (ss[State.source] or "demo").strip() or "demo"
+    try:
+        if resolve_source(text).identity() == loaded.identity:
+            ss[State.sources][loaded.identity] = text
+    except (ValueError, OSError):
+        pass
+
+
+def loaded_source() -> str | None:
+    """The model text (for the CLI's ``--model``) that loads the session's loaded model, or
+    None when no model is loaded or its text is not known (a GGUF file typed and replaced at once)."""
+    ss = st.session_state
+    loaded = ss.get(State.loaded)
+    if loaded is None:
+        return None
+    kind = loaded.identity.split(":", 1)[0]
+    known = ss.get(State.sources, {}).get(loaded.identity)
+    if known is not None:
+        return known
+    if kind == "demo":
+        return "demo"
+    if kind == "hub":
+        return loaded.source
+    if kind == "folder" and loaded.path is not None:
+        return str(loaded.path)
+    return None
 
 
 def require_analysis():

@@ -3,13 +3,13 @@ import pandas as pd
 import streamlit as st
 
 from core.allocation import CSV_COLUMNS, MAPPINGS, allocate
-from core.calibration import calibration_data
+from core.owlcache import OwlSettings, cache_path, read_owl_scores
 from core.profiles import list_profiles, load_profile
-from core.pruning import owl_scores
 from core.quant import quant_alpha_message
+from dashboard import jobs
 from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
-from dashboard.loaders import progress_callback
-from dashboard.state import ALLOCATIONS, METRICS, State, allocation_label, setup
+from dashboard.results import LEGEND_BELOW, file_name
+from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, setup
 
 setup()
 ss = st.session_state
@@ -62,32 +62,58 @@ with st.container(border=True):
     c2.slider("epsilon (tau range)", 0.0, 0.9, step=0.01, key=State.a_epsilon,
               disabled=ss[State.a_method] != "alpha",
               help="ratios span about S(1 - eps) .. S(1 + eps); the paper tunes 0.2-0.5")
-    c3.slider("r_max", 0.5, 0.999, step=0.001, key=State.a_rmax, help="no matrix is pruned beyond r_max")
+    c3.slider("r_max", 0.5, 0.999, step=0.001, key=State.a_rmax, format="%.3f",
+              help="no matrix is pruned beyond r_max")
     st.multiselect("Dense kinds (kept at 0)", kinds, key=State.a_dense,
                    help="these kinds are not pruned; the others carry the whole budget")
 
 
+def owl_settings() -> OwlSettings:
+    """OWL's calibration: the windows set on Prune & compare, so the prune job computes the same scores."""
+    return OwlSettings(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen])
+
+
+@st.fragment(run_every=1.0)
+def owl_job(job_id: str) -> None:
+    """The OWL statistics job's progress; a full rerun when it has ended (the page then reads the cache)."""
+    job = next((j for j in jobs.list_jobs(20) if j.id == job_id), None)
+    status = job.status() if job is not None else "gone"
+    if status in ("running", "cancelling"):
+        frac, msg = job.progress()
+        st.progress(frac, text=f"OWL statistics: {msg}")
+        st.caption("This runs in a separate process: the other pages stay usable.")
+    elif not ss.get(f"seen_{job_id}"):
+        ss[f"seen_{job_id}"] = True
+        st.rerun()
+
+
 def owl_block_scores():
-    """OWL's outlier share per block from cached statistics, or None with a button to compute them."""
+    """OWL's outlier share per block from the disk cache, or None with a button that computes
+    them in a background job (``spectrascope owl-scores``)."""
     if ss[State.a_source] != "loaded model" or loaded is None:
         st.info("OWL needs the loaded model (its activations on calibration text); pick the loaded model above.")
         return None
-    scores = ss[State.owl].get(identity)
-    if scores is None:
-        st.info("OWL needs calibration statistics: the share of outlier Wanda scores in each block.")
-        if st.button("Compute OWL statistics (16 windows x 128 tokens)", icon=":material/calculate:"):
-            bar = st.progress(0.0, text="OWL statistics")
-            try:
-                calib = calibration_data(loaded.tokenizer, nsamples=16, seqlen=128, model=loaded.model)
-                ss[State.owl][identity] = owl_scores(loaded, calib, device=ss[State.device],
-                                                     progress=progress_callback(bar))
-            except (ValueError, RuntimeError, OSError) as exc:
-                st.error(f"OWL statistics failed: {exc}")
-                return None
-            bar.empty()
-            st.rerun()
+    settings = owl_settings()
+    scores = read_owl_scores(identity, settings)
+    if scores is not None:
+        st.caption(f"OWL statistics of {settings.label()} (the calibration set on Prune & compare).")
+        return scores
+    job_id = ss[State.owl].get(str(cache_path(identity, settings)))
+    job = next((j for j in jobs.list_jobs(20) if j.id == job_id), None) if job_id else None
+    if job is not None and job.status() in ("running", "cancelling"):
+        owl_job(job.id)
         return None
-    return scores
+    if job is not None and job.status() == "failed":
+        st.error(f"OWL statistics failed: {job.error()}", icon=":material/error:")
+    st.info(f"OWL needs calibration statistics: the share of outlier Wanda scores in each block, on "
+            f"{settings.label()} (the calibration set on Prune & compare). They are computed once and kept on disk.")
+    source = loaded_source()
+    if st.button("Compute OWL statistics", icon=":material/calculate:", disabled=source is None):
+        args = ["owl-scores", "--model", source, "--calib", settings.dataset, "--nsamples", str(settings.nsamples),
+                "--seqlen", str(settings.seqlen), "--seed", str(settings.seed), "--device", ss[State.device]]
+        ss[State.owl][str(cache_path(identity, settings))] = jobs.start(args, "OWL statistics").id
+        st.rerun()
+    return None
 
 
 def compute(method: str, mapping: str, epsilon: float):
@@ -118,7 +144,8 @@ ratios, mean, notes = result
 prunable = ratios[~ratios["kind"].isin(ss[State.a_dense])]
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Target S", f"{S:.3f}")
-m2.metric("Parameter-weighted mean", f"{mean:.4f}", delta=f"{mean - S:+.1e}", delta_color="off",
+m2.metric("Parameter-weighted mean", f"{mean:.4f}",
+          delta=f"{mean - S:+.1e}" if abs(mean - S) > 1e-9 else None, delta_color="off",
           help="sum(n_i r_i) / sum(n_i): must equal S")
 m3.metric("Ratio range", f"{prunable['ratio'].min():.3f} - {prunable['ratio'].max():.3f}")
 m4.metric("Weights pruned", fmt_params((ratios["ratio"] * ratios["params"]).sum()))
@@ -136,22 +163,30 @@ if ss[State.a_compare]:
         c1.radio("B method", [m for m in ALLOCATIONS if m != "owl"], key=State.b_method, horizontal=True,
                  format_func=allocation_label)
         c2.radio("B mapping", MAPPINGS, key=State.b_mapping, horizontal=True)
-        c3.slider("B epsilon", 0.0, 0.9, step=0.01, key=State.b_epsilon)
+        c3.slider("B epsilon", 0.0, 0.9, step=0.01, key=State.b_epsilon, disabled=ss[State.b_method] != "alpha",
+                  help="AlphaPruning's epsilon of B (uniform has none)")
         other = compute(ss[State.b_method], ss[State.b_mapping], ss[State.b_epsilon])
         if other is not None:
             series[f"B: {allocation_label(ss[State.b_method])}"] = by_block(other[0])
 
-st.plotly_chart(block_ratios_figure(series, S), width="stretch", key="blocks")
-if other is not None:
-    left, right = st.columns(2)
-    left.plotly_chart(ratios_figure(ratios, S, kinds, "A: ratio per matrix"), width="stretch", key="ra")
-    right.plotly_chart(ratios_figure(other[0], S, kinds, "B: ratio per matrix"), width="stretch", key="rb")
-else:
-    st.plotly_chart(ratios_figure(ratios, S, kinds, "ratio per matrix"), width="stretch", key="ra")
+figs = [block_ratios_figure(series, S)]
+figs += [ratios_figure(ratios, S, kinds, "A: ratio per matrix" if other is not None else "ratio per matrix")]
+figs += [ratios_figure(other[0], S, kinds, "B: ratio per matrix")] if other is not None else []
+for fig in figs:
+    fig.update_layout(legend=LEGEND_BELOW)
+st.plotly_chart(figs[0], width="stretch", key="blocks")
+for where, fig, key in zip(st.columns(len(figs) - 1), figs[1:], ("ra", "rb")):
+    where.plotly_chart(fig, width="stretch", key=key)
 
+model = (analysis.model if ss[State.a_source] == "loaded model" else ss[State.a_source].removeprefix("profile: "))
+settings = [allocation_label(ss[State.a_method]), f"S{S:.2f}", f"rmax{ss[State.a_rmax]:g}"]
+settings += [f"{ss[State.a_metric]}", f"eps{ss[State.a_epsilon]:g}", ss[State.a_mapping]] if ss[State.a_method] == "alpha" else []
+settings += ["dense-" + "-".join(ss[State.a_dense])] if ss[State.a_dense] else []
+csv_name = file_name(model.split("/")[-1], "allocation", *settings)
+cols = [c for c in CSV_COLUMNS if c in ratios.columns]
 with st.expander("Ratios table"):
     st.dataframe(ratios, hide_index=True, width="stretch")
-cols = [c for c in CSV_COLUMNS if c in ratios.columns]
-st.download_button("Download allocation A as CSV", ratios[cols].to_csv(index=False).encode(),
-                   file_name=f"allocation-{allocation_label(ss[State.a_method])}-S{S:.2f}.csv", mime="text/csv",
-                   icon=":material/download:")
+c1, c2 = st.columns(2)
+c1.download_button("Download allocation A as CSV", ratios[cols].to_csv(index=False).encode(), file_name=csv_name,
+                   mime="text/csv", icon=":material/download:", on_click="ignore", help=f"saves {csv_name}")
+c2.page_link(PAGES["prune"][0], label="Prune with allocation A", icon=":material/content_cut:")

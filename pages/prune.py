@@ -1,17 +1,19 @@
-"""Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities."""
+"""Prune & compare: start prune + eval jobs (the CLI in a separate process) and compare perplexities
+like with like (runs grouped by their evaluation and calibration settings)."""
+import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import pruning
+from core.config import home
 from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME, resolve_source
 from core.registry import Registry
 from dashboard import jobs
-from dashboard.figures import perplexity_figure
-from dashboard.state import PAGES, State, allocation_label, setup
+from dashboard.results import file_name, results_figure, with_baselines
+from dashboard.state import PAGES, State, allocation_label, loaded_source, setup
 
 setup()
 ss = st.session_state
@@ -19,15 +21,23 @@ st.title("Prune & compare")
 st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it survives page switches and "
            "reloads and never blocks the other pages. Every run is recorded in the runs registry.")
 
+# --- the model: the one loaded on Home (the text box only while nothing is loaded) -----------
 loaded, analysis = ss[State.loaded], ss[State.analysis]
-source = (ss[State.source] or "demo").strip()
-try:
-    src = resolve_source(source)
-    identity = loaded.identity if loaded is not None else src.identity()
-    label = src.label
-except (ValueError, FileNotFoundError) as exc:
-    st.error(f"The model on Home / model is not usable: {exc}")
+source = loaded_source()
+if loaded is not None and source is None:
+    st.error(f"The loaded model {loaded.source} cannot be named for a background job: load it again on "
+             "Home / model.", icon=":material/error:")
     st.stop()
+if loaded is not None:
+    identity, label = loaded.identity, loaded.source
+else:
+    source = (ss[State.source] or "demo").strip() or "demo"
+    try:
+        src = resolve_source(source)
+        identity, label = src.identity(), src.label
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"The model on Home / model is not usable: {exc}")
+        st.stop()
 
 # --- settings ------------------------------------------------------------------------------
 allocation = ss[State.a_method]
@@ -46,7 +56,8 @@ with st.container(border=True):
     c2.select_slider("Tokens per window", [64, 128, 256, 512, 1024, 2048], key=State.p_seqlen,
                      help="also the evaluation window")
     c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows, help="fewer windows: a quicker, rougher perplexity")
-    st.checkbox("Save the pruned model (Hugging Face folder with a report)", key=State.p_save)
+    st.checkbox("Save the pruned model (Hugging Face folder with a report)", key=State.p_save,
+                help=f"into {home() / 'pruned'}, a new folder per run")
     b1, b2 = st.columns(2)
     start = b1.button("Prune and evaluate", type="primary", icon=":material/play_arrow:")
     baseline = b2.button("Evaluate the dense baseline", icon=":material/speed:")
@@ -62,19 +73,35 @@ def metrics_file() -> Path | None:
     return path
 
 
+def save_folder(method: str, what: str) -> Path:
+    """A new folder ``$SPECTRASCOPE_HOME/pruned/<model>-<method>-<allocation>-S<S>-<time>[-n]``."""
+    stem = file_name(label.split("/")[-1].split(" (")[0], method, what, f"S{S:.2f}",
+                     f"{pd.Timestamp.now():%Y%m%d-%H%M%S}", ext="")
+    folder, n = home() / "pruned" / stem, 1
+    while folder.exists():
+        n += 1
+        folder = folder.with_name(f"{stem}-{n}")
+    return folder
+
+
 def prune_spec() -> PruneSpec:
     """The job's spec: the Allocation page's settings (so the job prunes with exactly the previewed
     ratios) and this page's method, N:M, calibration, evaluation and saving."""
     method, nm = ss[State.p_method], (None if ss[State.p_nm] == "none" else ss[State.p_nm])
-    save = (jobs.jobs_dir().parent / "pruned" / f"{method}-{allocation}-S{S:.2f}-{pd.Timestamp.now():%Y%m%d-%H%M%S}"
-            if ss[State.p_save] else None)
     return PruneSpec(model=source, method=method, allocation=allocation, sparsity=S,
                      epsilon=eps if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
                      r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), metrics_file=metrics_file(),
                      nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
                      evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
                                                max_windows=ss[State.p_eval_windows]),
-                     device=ss[State.device], save=save)
+                     device=ss[State.device], save=save_folder(method, nm or allocation) if ss[State.p_save] else None)
+
+
+def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> None:
+    # `spectrascope eval` has no spec of its own in core: its options are written here
+    ss[State.p_job] = jobs.start(["eval", "--model", source, "--device", ss[State.device], "--dataset", dataset,
+                                  "--seqlen", str(seqlen), "--max-windows", str(windows), "--bos", bos],
+                                 "dense baseline").id
 
 
 if start:
@@ -86,15 +113,26 @@ if start:
         what = f"{spec.method} {spec.nm or spec.allocation} S={S:.2f}"
         ss[State.p_job] = jobs.start(spec.to_argv(), what).id
 if baseline:
-    # `spectrascope eval` has no spec of its own in core: its options are written here
-    ss[State.p_job] = jobs.start(["eval", "--model", source, "--device", ss[State.device],
-                                  "--seqlen", str(ss[State.p_seqlen]), "--max-windows", str(ss[State.p_eval_windows])],
-                                 "dense baseline").id
+    start_eval("wiki", ss[State.p_seqlen], ss[State.p_eval_windows])
 
 
 # --- jobs (refreshed every second while one runs) --------------------------------------------
 def any_running() -> bool:
     return any(j.status() in ("running", "cancelling") for j in jobs.list_jobs(5))
+
+
+def saved_model(where, result: dict) -> None:
+    """The saved folder of a finished job and its report."""
+    out = result.get("output_dir")
+    if not out:
+        return
+    where.markdown(f"saved to `{out}`")
+    report = Path(out) / REPORT_NAME
+    with where.expander(f"report `{REPORT_NAME}`", icon=":material/description:"):
+        try:
+            st.json(json.loads(report.read_text()), expanded=1)
+        except (OSError, ValueError) as exc:
+            st.caption(f"cannot read {report}: {exc}")
 
 
 @st.fragment(run_every=1.0 if any_running() else None)
@@ -121,6 +159,7 @@ def job_panel() -> None:
                 p = result.get("perplexity")
                 ppl = p.get("perplexity") if isinstance(p, dict) else p
                 c1.caption(f"run {result.get('run_id')}" + (f" · perplexity {ppl:.2f}" if ppl is not None else ""))
+                saved_model(c1, result)
                 if job.id == ss[State.p_job] and not ss.get(f"seen_{job.id}"):
                     ss[f"seen_{job.id}"] = True
                     finished_now = True
@@ -130,7 +169,8 @@ def job_panel() -> None:
 
 job_panel()
 
-# --- results from the registry --------------------------------------------------------------
+# --- results from the registry, like with like -------------------------------------------------
+st.subheader("Results")
 registry = Registry()
 stopped = registry.query(status="interrupted", model_identity=identity)
 if not stopped.empty:
@@ -138,33 +178,78 @@ if not stopped.empty:
                f"{', '.join(map(str, stopped['id']))}. `spectrascope runs` lists every run; `spectrascope clean` "
                "removes what killed runs left behind.")
 runs = registry.compare(model_identity=identity)
-st.subheader("Results")
 if runs.empty:
     st.info("No finished run with a perplexity for this model yet: start one above (the dense baseline too).")
     st.stop()
-
-dense = runs[runs["kind"] == "eval"]
-pruned = runs[runs["kind"] == "prune"].copy()
-pruned["setting"] = pruned["method"] + " · " + pruned["allocation"]
-fig = perplexity_figure(pruned, float(dense["perplexity"].iloc[-1]) if not dense.empty else None)
-st.plotly_chart(fig, width="stretch", key="ppl")
+runs = with_baselines(runs, registry)
+st.caption("Runs are compared only with runs of the same settings: the same evaluation text, window length and "
+           "number of windows (and, for pruned runs, the same calibration). \"vs dense\" and \"vs uniform\" use "
+           "the baseline of the same settings.")
 
 
-def vs_uniform(row: pd.Series) -> float:
-    base = pruned[(pruned["method"] == row["method"]) & (pruned["allocation"] == "uniform")
-                  & np.isclose(pruned["sparsity"].fillna(-1), row["sparsity"] if pd.notna(row["sparsity"]) else -2)
-                  & (pruned["eval_dataset"] == row["eval_dataset"])]
-    if row["allocation"] == "uniform" or base.empty:
-        return np.nan
-    return 100.0 * (row["perplexity"] / base["perplexity"].iloc[-1] - 1.0)
+def bos_of(mode: object) -> str:
+    return mode if isinstance(mode, str) and mode else "auto"
 
 
-table = pd.concat([dense.assign(method="dense", allocation="-"), pruned], ignore_index=True)
-table["vs uniform %"] = table.apply(vs_uniform, axis=1) if not pruned.empty else np.nan
+def uniform_spec(row: pd.Series) -> PruneSpec:
+    """The uniform run that completes the comparison of ``row`` (same method, sparsity and settings)."""
+    run = registry.get(int(row["id"]))
+    calib = run["calibration"] if isinstance(run["calibration"], dict) else {}
+    return PruneSpec(model=source, method=row["method"], allocation="uniform", sparsity=float(row["sparsity"]),
+                     calibration=CalibrationSpec(dataset=calib.get("dataset", "wiki"),
+                                                 nsamples=int(calib.get("nsamples", ss[State.p_calib_n])),
+                                                 seqlen=int(calib.get("seqlen", row["eval_seqlen"])),
+                                                 seed=int(calib.get("seed", 0)), bos=bos_of(run.get("calib_bos"))),
+                     evaluation=EvaluationSpec(evaluate=True, dataset=row["eval_dataset"],
+                                               seqlen=int(row["eval_seqlen"]), max_windows=int(row["eval_windows"]),
+                                               bos=bos_of(run.get("eval_bos"))),
+                     device=ss[State.device])
+
+
+pruned = runs[runs["kind"] == "prune"]
+groups = list(dict.fromkeys(pruned["key"].iloc[::-1]))          # newest setting first
+groups += [k for k in dict.fromkeys(runs.loc[runs["kind"] == "eval", "eval_key"].iloc[::-1])
+           if k not in set(pruned["eval_key"])]                  # dense runs without pruned runs
+eval_key_of = dict(zip(runs["key"], runs["eval_key"]))
+for i, key in enumerate(groups):
+    members = runs[(runs["key"] == key) | ((runs["kind"] == "eval") & (runs["eval_key"] == eval_key_of[key]))]
+    group_pruned = members[members["kind"] == "prune"]
+    settings = (group_pruned if not group_pruned.empty else members)["settings"].iloc[-1]
+    with st.container(border=True):
+        st.markdown(f"**{settings}**" + (" · latest settings" if i == 0 else ""))
+        if not group_pruned.empty:
+            fig = results_figure(members, title=f"perplexity against sparsity · {settings}")
+            st.plotly_chart(fig, width="stretch", key=f"ppl_{i}")
+        if not group_pruned.empty and (members["kind"] == "eval").sum() == 0:
+            last = group_pruned.iloc[-1]
+            if st.button("Evaluate the dense baseline with these settings", key=f"dense_{i}", icon=":material/speed:"):
+                start_eval(last["eval_dataset"], int(last["eval_seqlen"]), int(last["eval_windows"]),
+                           bos_of(registry.get(int(last["id"])).get("eval_bos")))
+                st.rerun()
+        missing = group_pruned[(group_pruned["allocation"] != "uniform") & group_pruned["vs uniform %"].isna()
+                               & group_pruned["sparsity"].notna() & group_pruned["nm"].isna()]
+        if not missing.empty:
+            last = missing.iloc[-1]
+            what = f"{last['method']} uniform S={last['sparsity']:.2f}"
+            if st.button(f"Run the uniform baseline ({what}) with these settings", key=f"uniform_{i}",
+                         icon=":material/play_arrow:"):
+                try:
+                    ss[State.p_job] = jobs.start(uniform_spec(last).to_argv(), what).id
+                except (ValueError, FileNotFoundError) as exc:
+                    st.error(f"The uniform baseline cannot be started: {exc}", icon=":material/error:")
+                else:
+                    st.rerun()
+
+table = runs.assign(method=runs["method"].where(runs["kind"] == "prune", "dense"),
+                    allocation=runs["allocation"].where(runs["kind"] == "prune", "-"))
 table["report"] = table["output_dir"].map(lambda d: f"{d}/{REPORT_NAME}" if isinstance(d, str) and d else "")
-st.dataframe(table[["id", "method", "allocation", "sparsity", "epsilon", "nm", "achieved_sparsity", "perplexity",
-                    "vs uniform %", "eval_dataset", "eval_windows", "prune_seconds", "output_dir", "report"]],
-             hide_index=True, width="stretch", key="runs",
+columns = ["id", "method", "allocation", "sparsity", "epsilon", "nm", "achieved_sparsity", "perplexity", "vs dense %",
+           "vs uniform %", "settings", "prune_seconds", "output_dir", "report"]
+st.dataframe(table[columns], hide_index=True, width="stretch", key="runs",
              column_config={"perplexity": st.column_config.NumberColumn(format="%.2f"),
+                            "vs dense %": st.column_config.NumberColumn(format="%+.1f %%"),
                             "vs uniform %": st.column_config.NumberColumn(format="%+.1f %%"),
                             "achieved_sparsity": st.column_config.NumberColumn("achieved", format="%.3f")})
+st.download_button("Download the runs as CSV", table[columns + ["key"]].to_csv(index=False).encode(),
+                   file_name=file_name(label.split("/")[-1], "runs", f"{len(groups)}-settings"), mime="text/csv",
+                   icon=":material/download:", on_click="ignore")

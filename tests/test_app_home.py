@@ -42,9 +42,9 @@ def test_load_and_analyse_demo_shows_summary(demo, demo_analysis_full):
 def test_a_fresh_analysis_reports_its_time_and_a_failed_load_keeps_the_old_model_labelled(demo):
     import shutil
 
-    from core.analysis import _cache_dir
+    from core.analysis import cache_folder
 
-    shutil.rmtree(_cache_dir(demo.identity, "mid"), ignore_errors=True)   # nothing cached: computed now
+    shutil.rmtree(cache_folder(demo.identity, "mid"), ignore_errors=True)   # nothing cached: computed now
     at = new_app(timeout=300)
     at.selectbox(key="device").set_value("cpu")
     at.selectbox(key="xmin").set_value("mid")

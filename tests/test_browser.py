@@ -116,6 +116,14 @@ def open_page(page, title: str, figure_title: str) -> float:
     return seconds
 
 
+def slider_value(page, label: str) -> str:
+    return page.get_by_test_id("stSlider").filter(has_text=label).get_by_test_id("stSliderThumbValue").inner_text()
+
+
+def home_dir() -> str:
+    return os.environ["SPECTRASCOPE_HOME"]
+
+
 def plot_y(page, index: int = 0) -> list:
     return page.evaluate(f"() => Array.from(document.querySelectorAll('.js-plotly-plot')[{index}]._fullData[0].y)")
 
@@ -173,9 +181,25 @@ def test_dashboard_end_to_end(page, server):
 
     registry = Registry()   # the server's registry: same SPECTRASCOPE_HOME
     known = set(registry.query(kind="prune")["id"])
+    pruned_root = Path(home_dir()) / "pruned"
+    shutil.rmtree(pruned_root, ignore_errors=True)      # saving must create it
+    page.get_by_text("Save the pruned model").click()
+    wait_idle(page)
+    calib = slider_value(page, "Calibration windows")
     page.get_by_role("button", name="Prune and evaluate").click()
     page.get_by_text("Jobs").first.wait_for()
     shot(page, "prune-running")
+    # settings kept across page switches while the job runs (its card refreshes every second)
+    page.wait_for_timeout(2500)
+    open_page(page, "Allocation", "sparsity per block")
+    assert slider_value(page, "Mean sparsity S") == f"{new_mean:.2f}"
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name="Prune & compare").click()
+    page.get_by_role("heading", name="Prune & compare").wait_for()
+    page.wait_for_timeout(2500)
+    wait_idle(page)
+    assert slider_value(page, "Calibration windows") == calib
+    assert page.get_by_test_id("stCheckbox").filter(has_text="Save the pruned model").get_by_role(
+        "checkbox").is_checked()
     deadline = time.time() + 240
     while True:
         runs = registry.query(kind="prune")
@@ -187,12 +211,75 @@ def test_dashboard_end_to_end(page, server):
     run = new.iloc[-1]
     assert run["status"] == "done", run["error"]
     assert run["method"] == "magnitude" and run["perplexity"] > 1
+    saved = Path(run["output_dir"])
+    assert saved.parent == pruned_root and (saved / "spectrascope_report.json").is_file()
     # the job card turns to done by itself (1 s fragment) and the comparison shows the run
     page.get_by_test_id("stMarkdownContainer").filter(
         has_text=re.compile(rf"magnitude alpha S={new_mean:.2f} · done")).first.wait_for()
     page.get_by_text("perplexity against sparsity").first.wait_for()   # a rerun may briefly show two
     wait_idle(page)
+    page.get_by_text(f"saved to {saved}").first.wait_for()
+
+    # the dense baseline of the same settings, drawn at its perplexity
+    known = set(registry.query(kind="eval")["id"])
+    page.get_by_role("button", name="Evaluate the dense baseline with these settings").click()
+    deadline = time.time() + 240
+    while True:
+        runs = registry.query(kind="eval")
+        new = runs[~runs["id"].isin(known)]
+        if not new.empty and new["status"].iloc[-1] != "running":
+            break
+        assert time.time() < deadline, "the dense evaluation did not finish in 240 s"
+        time.sleep(1.0)
+    assert new["status"].iloc[-1] == "done", new["error"].iloc[-1]
+    dense = float(new["perplexity"].iloc[-1])
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                           ".some(p => p._fullData && p._fullData.some(t => t.name.startsWith('dense')))",
+                           timeout=30_000)
+    wait_idle(page)
+    ys = page.evaluate("() => Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(p => p._fullData"
+                       ".filter(t => t.name.startsWith('dense')).map(t => Array.from(t.y)))")
+    assert ys and all(abs(y - dense) < 1e-9 for y in ys[0]), (ys, dense)
     shot(page, "prune")
+
+    # OWL on Allocation: statistics as a background job, dense kinds honoured
+    open_page(page, "Allocation", "sparsity per block")
+    page.get_by_test_id("stMultiSelect").filter(has_text="Dense kinds").click()
+    page.get_by_role("option", name="k", exact=True).click()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(1500)
+    wait_idle(page)
+    page.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("OWL", exact=True).click()
+    compute = page.get_by_role("button", name="Compute OWL statistics")
+    compute.wait_for(timeout=60_000)
+    wait_idle(page)
+    compute.click()
+    page.get_by_text("OWL statistics of").first.wait_for(timeout=400_000)   # the background job's cached scores
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot')).some(p => p._fullData"
+                           " && p._fullData.some(t => t.name === 'A: OWL'))", timeout=30_000)
+    wait_idle(page)
+    k_ratios = page.evaluate("() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                             ".find(p => p.textContent.includes('ratio per matrix'));"
+                             " return Array.from(p._fullData.find(t => t.name === 'k').y); }")
+    assert k_ratios and max(k_ratios) == 0.0
+    shot(page, "allocation-owl")
+
+    # 800 px: wrapping cards, legends below charts; a fresh visit shows whether the sidebar starts collapsed
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.wait_for_timeout(800)
+    shot(page, "allocation-800")
+    nav = page.get_by_test_id("stSidebarNav").get_by_role("link", name="Prune & compare")
+    if nav.is_visible():
+        nav.click()
+        page.get_by_role("heading", name="Prune & compare").wait_for()
+        wait_idle(page)
+        shot(page, "prune-800")
+    page.goto(server)
+    page.get_by_role("button", name="Load and analyse").wait_for()
+    wait_idle(page)
+    shot(page, "home-800")
+    timings["sidebar_expanded_at_800px"] = page.get_by_test_id("stSidebar").get_attribute("aria-expanded")
+    page.set_viewport_size({"width": 1400, "height": 1300})
 
     timings["first_paint_max_s"] = max(timings["first_paint_s"].values())
     timings["cpu_count"] = os.cpu_count()

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import tiny_model
 from core import housekeeping
-from core.analysis import _cache_dir, analyze
+from core.analysis import cache_folder, analyze
 from core.cli import main as cli
 from core.config import NoSpaceLeft, atomic_dir, atomic_file
 from core.models import is_converted, wrap_model
@@ -363,7 +363,7 @@ def test_read_only_stale_folder_in_the_model_cache_is_replaced(tmp_path):
 def test_damaged_analysis_cache_is_recomputed_and_rewritten(home, caplog, damage, use_cache):
     loaded = wrap_model(tiny_model("llama", seed=3), label="tiny")
     first = analyze(loaded, device="cpu")
-    folder = _cache_dir(loaded.identity, "peak")
+    folder = cache_folder(loaded.identity, "peak")
     if damage.startswith("meta"):
         (folder / "meta.json").write_text(damage[5:])
     else:

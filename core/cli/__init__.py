@@ -30,6 +30,7 @@ from ..config import home
 from ..progress import Progress, install_sigterm_handler
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
 from .compare import add_compare, run_compare
+from .owl import add_owl_scores, run_owl_scores
 from .prune import add_eval, add_prune, add_sweep, add_tune, run_eval, run_prune, run_sweep, run_tune
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
 from .zeroshot import add_zeroshot, run_zeroshot
@@ -70,6 +71,8 @@ COMMANDS: dict[str, Command] = {
     "clean": Command("remove the temporaries of killed runs, listing what it frees", add_clean, run_clean),
     "compare": Command("several analyses side by side: models, saved tables, pruned runs, checkpoints, adapters",
                        add_compare, run_compare),
+    "owl-scores": Command("OWL's per-block outlier scores on calibration text, cached on disk", add_owl_scores,
+                          run_owl_scores),
 }
 
 
