@@ -149,6 +149,13 @@ def setup() -> None:
     _remember_source(ss)
 
 
+def assign(key: str, value: object) -> None:
+    """Set a widget's value from code (e.g. before ``st.switch_page``): kept too, so the next
+    page's first run shows it instead of restoring the previous value."""
+    st.session_state[key] = value
+    st.session_state.setdefault(State.KEPT, {})[key] = copy.copy(value)
+
+
 def _remember_source(ss) -> None:
     """Note which model text loaded ``State.loaded`` (the Home text box while it names those
     weights), so later edits of the box do not change the model the other pages use."""

@@ -13,7 +13,7 @@ from core.registry import Registry
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
 from dashboard.figures import kind_order
-from dashboard.state import METRICS, PAGES, State, setup
+from dashboard.state import METRICS, PAGES, State, assign, setup
 
 #: this page's session keys (widgets keep their values across pages: re-assigned below)
 SOURCES, METRIC, TARGET, MATRIX, FIT, ADD, EXTRA = ("cmp_sources", "cmp_metric", "cmp_target", "cmp_matrix",
@@ -189,7 +189,8 @@ st.caption(f"Zero eigenvalues: those at or below {ZERO_RTOL:g} × λmax of their
            f"not drawn. In these sources: {counts}.")
 if c3.button("Open in Spectra", icon=":material/ssid_chart:"):
     row = long[long["key"] == ss[MATRIX]].iloc[0]
-    ss[State.sp_blocks], ss[State.sp_kinds] = [int(row["block"])], [row["kind"]]
+    assign(State.sp_blocks, [int(row["block"])])
+    assign(State.sp_kinds, [row["kind"]])
     st.switch_page(PAGES["spectra"][0])
 cols = ["source", "name", "alpha", "xmin", "D", "n_tail", "n_zero", "rank", "log_spectral_norm", "status", "quant"]
 st.dataframe(long.loc[long["key"] == ss[MATRIX], [c for c in cols if c in long.columns]], hide_index=True,

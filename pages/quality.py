@@ -3,7 +3,7 @@ import streamlit as st
 
 from dashboard.figures import (csv_button, depth_figure, distribution_figure, export_format_control, heatmap_figure,
                                kind_order, show)
-from dashboard.state import METRICS, PAGES, State, analysis_page
+from dashboard.state import METRICS, PAGES, State, analysis_page, assign
 
 #: a matrix a click asked to open, (block, kind); set by a selection callback, used once below
 OPEN = "q_open"
@@ -22,7 +22,8 @@ metric = st.selectbox("Metric", metrics, key=State.q_metric,
 
 
 def open_in_spectra(block: int, kind: str) -> None:
-    ss[State.sp_blocks], ss[State.sp_kinds] = [int(block)], [kind]
+    assign(State.sp_blocks, [int(block)])
+    assign(State.sp_kinds, [kind])
     st.switch_page(PAGES["spectra"][0])
 
 
