@@ -33,7 +33,8 @@ from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
 from .pruning import prune
-from .registry import Registry, RunKey, run_key, software_versions
+from .registry import Registry, software_versions
+from .runkey import RunKey, run_key
 from .texts import EMBEDDED
 from .zeroshot import ZeroShot, record_zeroshot, task_folder, task_names
 

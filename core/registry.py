@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple
+from typing import Iterator, Mapping
 
 import numpy
 import pandas as pd
@@ -39,19 +39,14 @@ import torch
 import transformers
 
 from .config import home
-from .housekeeping import owner_alive, owner_tag
+from .liveness import HEARTBEAT_S, gone, this_process
 from .progress import Cancelled
+from .runkey import RunKey, missing, run_key
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
-#: Seconds between two heartbeats of a running run.
-HEARTBEAT_S = 30.0
-#: A running run of another host whose heartbeat is older than this counts as interrupted.
-STALE_S = 20 * HEARTBEAT_S
-#: A running run recorded before liveness columns existed counts as interrupted after this long.
-LEGACY_STALE_S = 24 * 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -112,61 +107,6 @@ _BOOL_COLUMNS = ("calib_bos_prepended", "eval_bos_prepended")
 BASELINES = ("dense", "uniform")
 
 
-class RunKey(NamedTuple):
-    """A run's comparison key: ``eval_key`` (model and evaluation), ``key`` (with the
-    calibration for prune runs; equal to ``eval_key`` for eval runs) and ``settings``, a
-    short label such as "wiki · 24×256 · BOS none · calib wiki 16×256 seed 0"."""
-
-    eval_key: str
-    key: str
-    settings: str
-
-
-def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
-
-
-def _bos(mode: object, prepended: object) -> str:
-    """The protocol a run used: ``auto``/``paper`` when BOS was prepended, else ``none``."""
-    if _missing(mode):
-        return "?"
-    return str(mode) if not _missing(prepended) and bool(prepended) else "none"
-
-
-def _value(value: object) -> str:
-    if _missing(value):
-        return "?"
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def _short(dataset: object) -> str:
-    text = _value(dataset)
-    return Path(text).name if ("/" in text or os.sep in text) else text
-
-
-def run_key(row: Mapping[str, object]) -> RunKey:
-    """The comparison key of a run (a registry row, or a mapping with its columns)."""
-    seqlen, windows = _value(row.get("eval_seqlen")), _value(row.get("eval_windows"))
-    bos = _bos(row.get("eval_bos"), row.get("eval_bos_prepended"))
-    eval_key = "|".join([_value(row.get("model_identity")), f"eval={_value(row.get('eval_dataset'))}",
-                         f"seqlen={seqlen}", f"windows={windows}", f"bos={bos}"])
-    settings = f"{_short(row.get('eval_dataset'))} · {windows}×{seqlen} · BOS {bos}"
-    if row.get("kind") != "prune":
-        return RunKey(eval_key, eval_key, settings)
-    calib = row.get("calibration")
-    if not isinstance(calib, Mapping) or not calib:
-        return RunKey(eval_key, f"{eval_key}|calib=none", f"{settings} · no calibration")
-    mode, prepended = row.get("calib_bos"), row.get("calib_bos_prepended")
-    if _missing(mode):      # a row written without the columns: the calibration's own record
-        mode, prepended = calib.get("bos"), calib.get("bos_prepended")
-    cbos = _bos(mode, prepended)
-    dataset = _value(calib.get("dataset", "given"))   # token ids passed in: no text recorded
-    n, L, seed = (_value(calib.get(k)) for k in ("nsamples", "seqlen", "seed"))
-    key = f"{eval_key}|calib={dataset}|nsamples={n}|calib_seqlen={L}|seed={seed}|calib_bos={cbos}"
-    label = f"calib {_short(dataset)} {n}×{L} seed {seed}" + (f" BOS {cbos}" if cbos not in (bos, "?") else "")
-    return RunKey(eval_key, key, f"{settings} · {label}")
-
-
 def software_versions() -> dict:
     """Versions of Spectrascope and the libraries whose behaviour a run's numbers depend on."""
     try:
@@ -198,23 +138,6 @@ def _add_missing_columns(con: sqlite3.Connection) -> None:
         for name, sql_type in columns.items():
             if name not in have:
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
-
-
-def _this_process() -> dict:
-    host, pid, start = owner_tag().split("~")
-    return {"host": host, "pid": int(pid), "process_start": start, "heartbeat_at": time.time()}
-
-
-def _gone(run: Mapping[str, object], now: float) -> bool:
-    """True if the process of a ``running`` run is certainly gone: on this host, its pid is dead
-    or reused; elsewhere, its heartbeat is older than ``STALE_S``; without liveness columns
-    (older versions), it started more than ``LEGACY_STALE_S`` ago."""
-    pid, beat = run.get("pid"), run.get("heartbeat_at")
-    if pid is None or pid != pid:      # None or NaN: recorded by an older version
-        return now - float(run["started_at"]) > LEGACY_STALE_S
-    if run.get("host") == _this_process()["host"]:
-        return not owner_alive(str(run["host"]), int(pid), str(run["process_start"]))
-    return beat is not None and beat == beat and now - float(beat) > STALE_S
 
 
 class Registry:
@@ -281,7 +204,7 @@ class Registry:
         if kind not in ("prune", "eval"):
             raise ValueError(f"kind={kind!r}: use 'prune' or 'eval'")
         row = self._encode({"versions": software_versions(), **fields, "kind": kind, "status": "running",
-                            "started_at": time.time(), **_this_process()})
+                            "started_at": time.time(), **this_process()})
         with self._connect() as con:
             cur = con.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                               tuple(row.values()))
@@ -365,7 +288,7 @@ class Registry:
         for col in _JSON_COLUMNS:
             table[col] = table[col].map(lambda v: json.loads(v) if isinstance(v, str) else v)
         for col in _BOOL_COLUMNS:
-            table[col] = table[col].map(lambda v: None if _missing(v) else bool(v)).astype(object)
+            table[col] = table[col].map(lambda v: None if missing(v) else bool(v)).astype(object)
         return table
 
     def compare(self, *, model_identity: str | None = None) -> pd.DataFrame:
@@ -401,9 +324,9 @@ class Registry:
             hits = table[(table["kind"] == "eval") & (table["eval_key"] == eval_key)]
         else:
             hits = table[(table["kind"] == "prune") & (table["allocation"] == "uniform") & (table["key"] == key)]
-            if not _missing(method):
+            if not missing(method):
                 hits = hits[hits["method"] == method]
-            if not _missing(sparsity):
+            if not missing(sparsity):
                 hits = hits[(hits["sparsity"] - float(sparsity)).abs() < 1e-9]
         return hits.iloc[-1].to_dict() if len(hits) else None
 
@@ -453,13 +376,13 @@ class Registry:
         finally:
             con.close()
         now = time.time()
-        gone = [r for r in running if _gone(r, now)]
-        if gone:
+        ended = [r for r in running if gone(r, now)]
+        if ended:
             with self._connect() as con:
-                for r in gone:
+                for r in ended:
                     who = f"pid {r['pid']} on {r['host']}" if r.get("pid") is not None else "its process"
                     con.execute("UPDATE runs SET status = 'interrupted', error = ?, finished_at = ? "
                                 "WHERE id = ? AND status = 'running'",
                                 (f"interrupted: {who} ended without finishing the run (killed?)",
                                  r.get("heartbeat_at") or r["started_at"], r["id"]))
-        return [int(r["id"]) for r in gone]
+        return [int(r["id"]) for r in ended]

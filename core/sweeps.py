@@ -29,7 +29,8 @@ from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
 from .pruning import prune
-from .registry import Registry, RunKey, run_key
+from .registry import Registry
+from .runkey import RunKey, run_key
 from .spectra import Spectrum
 from .texts import load_text
 

@@ -9,10 +9,8 @@ from core.analysis import ZERO_RTOL
 from core.compare import Entry, compare
 from core.compare_sources import analysed_runs, cached_analyses, cache_folder, entries_for, read_cached
 from core.quant import quant_alpha_message
-from core.registry import Registry
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
-from dashboard.figures import kind_order
 from dashboard.state import METRICS, PAGES, State, assign, setup
 
 #: this page's session keys (widgets keep their values across pages: re-assigned below)

@@ -13,7 +13,8 @@ from conftest import tiny_model
 from core.cli import main
 from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec, eval_run, prune_and_eval
 from core.models import REPORT_NAME, wrap_model
-from core.registry import SCHEMA_VERSION, Registry, run_key
+from core.registry import SCHEMA_VERSION, Registry
+from core.runkey import run_key
 from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
 # the schema of version 1, written out: a database made by Spectrascope before BOS modes

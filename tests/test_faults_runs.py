@@ -27,7 +27,8 @@ from conftest import tiny_model
 from core import housekeeping
 from core.cli import main as cli
 from core.models import REPORT_NAME, load_model, save_model, wrap_model
-from core.registry import STALE_S, Registry
+from core.liveness import STALE_S
+from core.registry import Registry
 from test_faults import home, leftovers, spawn, tiny_folder, unprivileged, wait_for  # noqa: F401 (fixtures)
 
 

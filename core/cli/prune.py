@@ -18,7 +18,8 @@ from ..cluster import sweep_parallel, tune_on_ray
 from ..devices import devices_of
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
-from ..registry import Registry, run_key
+from ..registry import Registry
+from ..runkey import run_key
 from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
 from .analyze import add_parallel
