@@ -94,6 +94,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", action="store_true", help="measure perplexity of the pruned model")
     _opts_eval(p)
     p.add_argument("--eval-seqlen", type=int, help="evaluation window (default: --seqlen)")
+    p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
+                   "time from the safetensors shards and write it pruned to --save (required)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
