@@ -76,7 +76,7 @@ def test_streamed_prune_equals_the_fully_loaded_prune(source, tmp_path, method, 
     _assert_same_checkpoint(tmp_path / "full", tmp_path / "streamed")
     assert streamed.matrices.equals(full.matrices)
     assert json.loads((tmp_path / "streamed" / REPORT_NAME).read_text())["sparsity"] == full.sparsity
-    assert is_skeleton(skeleton)                       # the blocks were freed again
+    assert all(p.is_meta for p in skeleton.model.parameters())   # every tensor was freed again
     assert _fingerprint(source) == before              # the source is never touched
     # the output is an ordinary checkpoint: it loads and computes like the pruned model
     ids = _ids(2, 16, seed=1)

@@ -55,11 +55,14 @@ class StopForward(Exception):
 
 
 class BlockSource(Protocol):
-    """Where the blocks' weights are: ``materialised(b, device)`` holds block ``b`` on
-    ``device`` for the duration (then back where it was, or freed); ``done(b)``, called
-    inside, says block ``b`` is final (a streamed source writes it out)."""
+    """Where the weights are: ``materialised(b, device)`` holds block ``b`` on ``device`` for
+    the duration (then back where it was, or freed), ``outside(device)`` the rest of the
+    model that computes before the blocks (embeddings; for the capture only); ``done(b)``,
+    called inside, says block ``b`` is final (a streamed source writes it out)."""
 
     def materialised(self, b: int, device: torch.device) -> ContextManager[nn.Module]: ...
+
+    def outside(self, device: torch.device) -> ContextManager[None]: ...
 
     def done(self, b: int) -> None: ...
 
@@ -79,6 +82,19 @@ class InMemoryBlocks:
             yield blk
         finally:
             blk.to(home)
+
+    @contextmanager
+    def outside(self, device: torch.device) -> Iterator[None]:
+        model = self.loaded.model
+        home = _model_device(model)
+        with _BlocksDetached(self.loaded):
+            move_materialised(model, device)    # embeddings, rotary tables, final norm, head
+        try:
+            yield
+        finally:
+            if home != device:
+                with _BlocksDetached(self.loaded):
+                    move_materialised(model, home)
 
     def done(self, b: int) -> None:
         pass
@@ -149,9 +165,6 @@ def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device,
     """
     model, blocks = loaded.model, loaded.blocks
     source = source or InMemoryBlocks(loaded)
-    home_device = _model_device(model)
-    with _BlocksDetached(loaded):
-        move_materialised(model, device)        # embeddings, rotary tables, final norm, head
     hooks = _CaptureHooks(len(blocks), ids.shape[0], device)
     first = blocks[0]
     handles = [blk.register_forward_pre_hook(functools.partial(hooks.pre_hook, b), with_kwargs=True)
@@ -160,7 +173,7 @@ def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device,
     for blk in blocks[1:]:
         blk.forward = hooks.stand_in            # an instance attribute: hooks still run
     try:
-        with source.materialised(0, device):
+        with source.outside(device), source.materialised(0, device):
             for rows in [slice(0, 1)] + window_batches(ids.shape[0], ids.shape[1], start=1):
                 check_cancel(cancel, "while capturing calibration inputs")
                 hooks.rows = rows
@@ -173,9 +186,6 @@ def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device,
             h.remove()
         for blk in blocks[1:]:
             blk.__dict__.pop("forward", None)
-        if home_device != device:
-            with _BlocksDetached(loaded):
-                move_materialised(model, home_device)
     missing = [b for b, v in enumerate(hooks.per_block) if v is None]
     if missing:
         raise ValueError(f"blocks {missing[:5]} were never called in a forward pass; this architecture is "

@@ -3,8 +3,8 @@ come from its checkpoint's safetensors shards one at a time (``ShardBlocks``: re
 device, written to the output checkpoint when pruned, then freed), and ``CheckpointWriter``
 writes the output as sharded safetensors with its index.
 
-Memory holds one block, the embeddings (for block 0's inputs) and the calibration
-activations; the output head is never loaded.
+Memory holds one block and the calibration activations; the embeddings are loaded only to
+compute block 0's inputs, the output head never.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -54,8 +54,8 @@ class CheckpointWriter:
 class ShardBlocks:
     """The blocks of a skeleton model, materialised one at a time from its checkpoint's shards.
 
-    On creation, every tensor outside the blocks is loaded on the CPU (embeddings, position
-    tables, final norm) except the output head, which the pruning engine never runs. With a
+    ``outside`` loads the tensors outside the blocks but the output head, which the pruning
+    engine never runs (embeddings, position tables, final norm), for the capture. With a
     ``writer``, ``done(b)`` writes block ``b`` (as it is then: pruned) as shard ``b`` and
     ``write_rest`` copies every other tensor of the checkpoint as the last shard.
     """
@@ -76,39 +76,46 @@ class ShardBlocks:
         n = len(loaded.blocks)
         self.block_keys: list[list[str]] = [[] for _ in range(n)]
         head = _module_name(self.model, self.model.get_output_embeddings())
-        self.rest: list[str] = []
+        self.before: list[str] = []                              # checkpoint keys the capture needs
         for key, name in self.name_of.items():
             b = _block_of(name, loaded.family.blocks)
             if b is not None and b < n:
                 self.block_keys[b].append(key)
             elif not (head and name.startswith(head + ".")):
-                self.rest.append(key)
+                self.before.append(key)
         mapped = set(self.name_of.values())
         missing = [name for name in names if _block_of(name, loaded.family.blocks) is not None and name not in mapped]
         if missing:
             raise ValueError(f"{loaded.path}: the checkpoint has no tensor for {missing[0]} ({len(missing)} block "
                              "tensors missing); is it the complete model?")
-        for key in self.rest:
-            if _get(self.model, self.name_of[key]).is_meta:
-                _set(self.model, self.name_of[key], self._read(key, torch.device("cpu")))
 
     def _read(self, key: str, device: torch.device) -> torch.Tensor:
         t = read_tensor(self.index[key])
         return t.to(device, self.dtype) if t.is_floating_point() else t.to(device)
 
     @contextmanager
-    def materialised(self, b: int, device: torch.device) -> Iterator[nn.Module]:
-        blk = self.loaded.blocks[b]
-        for key in self.block_keys[b]:
+    def _loaded(self, module: nn.Module, keys: list[str], device: torch.device) -> Iterator[None]:
+        """The tensors ``keys`` read onto ``device`` (with ``module``'s own buffers, which are
+        not in the checkpoint), then freed."""
+        for key in keys:
             _set(self.model, self.name_of[key], self._read(key, device))
-        move_materialised(blk, device)          # the block's own buffers (not in the checkpoint)
+        move_materialised(module, device)
         try:
-            yield blk
+            yield
         finally:
-            move_materialised(blk, torch.device("cpu"))
-            for key in self.block_keys[b]:
+            move_materialised(module, torch.device("cpu"))
+            for key in keys:
                 name = self.name_of[key]
                 _set(self.model, name, torch.empty_like(_get(self.model, name), device="meta"))
+
+    @contextmanager
+    def materialised(self, b: int, device: torch.device) -> Iterator[nn.Module]:
+        blk = self.loaded.blocks[b]
+        with self._loaded(blk, self.block_keys[b], device):
+            yield blk
+
+    def outside(self, device: torch.device) -> ContextManager[None]:
+        return self._loaded(self.model, self.before, device)    # the blocks are meta: they stay
 
     def done(self, b: int) -> None:
         if self.writer is None:
