@@ -23,12 +23,14 @@ HIDDEN, INTER, LAYERS, SHARDS = 2048, 5632, 11, 4
 
 # VmHWM (this process's own peak resident set, in kB): unlike ru_maxrss it starts afresh at
 # exec, so the parent that wrote the checkpoint does not leak into the figure.
-CHILD = """
-import sys, time
+HWM = """
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
+"""
+CHILD = HWM + """
+import sys, time
 from core.analysis import analyze
 base = hwm()
 t = time.perf_counter()

@@ -25,17 +25,13 @@ import torch
 from safetensors.torch import load_file
 
 from bench_memory import CHILD as CHILD_ANALYSIS
-from bench_memory import HIDDEN, INTER, write_checkpoint
+from bench_memory import HIDDEN, HWM, INTER, write_checkpoint
 
 VOCAB, NSAMPLES, SEQLEN = 32000, 8, 256
 RESULTS = Path(__file__).parent / "results" / "bench_prune_memory.txt"
 
-CHILD_PRUNE = f"""
+CHILD_PRUNE = HWM + f"""
 import sys, time, torch
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
 from core.models import load_skeleton
 from core.pruning import prune_to_folder
 base = hwm()

@@ -115,3 +115,13 @@ def test_streaming_needs_a_save_folder_and_round_trips(tmp_path):
     assert argv[-1] == "--streaming"
     assert PruneSpec.from_args(build_parser().parse_args(argv)) == spec
     assert PruneSpec.from_args(build_parser().parse_args(PruneSpec().to_argv())).streaming is False
+
+
+def test_a_gguf_source_streams_through_its_converted_folder(demo, tmp_path):
+    """The demo (a GGUF file; tied embeddings: the checkpoint has no separate head)."""
+    full = prune(demo, 0.5, method="magnitude", device="cpu", copy=True)
+    save_model(full.model, tmp_path / "full", {})
+    skeleton = load_skeleton("demo")
+    assert skeleton.path == demo.path and skeleton.identity == demo.identity
+    prune_to_folder(skeleton, tmp_path / "streamed", 0.5, method="magnitude", device="cpu")
+    _assert_same_checkpoint(tmp_path / "full", tmp_path / "streamed")
