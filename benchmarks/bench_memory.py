@@ -39,10 +39,12 @@ print(base, hwm(), time.perf_counter() - t, len(res.table), res.table["alpha"].m
 """
 
 
-def write_checkpoint(folder: Path, layers: int = LAYERS, shards: int = SHARDS, vocab: int = 0) -> int:
+def write_checkpoint(folder: Path, layers: int = LAYERS, shards: int = SHARDS, vocab: int = 0,
+                     heavy_tails: bool = True) -> int:
     """A random LLaMA-shaped float32 checkpoint in ``shards`` files (kept if already there);
     its size in bytes. ``vocab > 0``: a complete, loadable model (embeddings, every norm, head,
-    a full config) as pruning needs; else only the blocks' matrices, as analysis reads."""
+    a full config) as pruning needs; else only the blocks' matrices, as analysis reads.
+    ``heavy_tails=False``: Gaussian entries (several times faster to draw)."""
     if (folder / "config.json").is_file():
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ def write_checkpoint(folder: Path, layers: int = LAYERS, shards: int = SHARDS, v
         for b in range(s * per, min(layers, (s + 1) * per)):
             for rel, shape in shapes.items():
                 # heavy-ish tails: Student-t entries
-                t = torch.distributions.StudentT(4.0).sample(shape) * 0.02
+                t = (torch.distributions.StudentT(4.0).sample(shape) if heavy_tails else torch.randn(shape)) * 0.02
                 tensors[f"model.layers.{b}.{rel}.weight"] = t.contiguous()
             for norm in norms:
                 tensors[f"model.layers.{b}.{norm}.weight"] = torch.ones(HIDDEN)

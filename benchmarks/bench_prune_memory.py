@@ -91,26 +91,28 @@ def main() -> None:
     try:
         src = root / "src"
         t = time.perf_counter()
-        size = write_checkpoint(src, layers=args.layers, vocab=VOCAB)
+        size = write_checkpoint(src, layers=args.layers, vocab=VOCAB, heavy_tails=False)
         gib = size / 2**30
-        say(f"checkpoint: {size / 1e9:.2f} GB ({gib:.2f} GiB) float32, {args.layers} blocks of hidden {HIDDEN} / "
+        say(f"checkpoint: {size / 1e9:.2f} GB ({gib:.2f} GiB) float32 Gaussian, {args.layers} blocks of hidden {HIDDEN} / "
             f"intermediate {INTER}, vocabulary {VOCAB}, 4 shards (written in {time.perf_counter() - t:.0f} s)")
         say(f"calibration {NSAMPLES} x {SEQLEN} random token ids, cpu float32, {torch.get_num_threads()} threads")
         say("")
         say(f"{'run':<24}{'peak GiB':>10}{'after imports':>15}{'x checkpoint':>14}{'seconds':>10}")
-        rows = []
-        base, peak, secs, n, _ = child(CHILD_ANALYSIS, str(src))
-        rows.append(("analysis (streaming)", int(base), int(peak), float(secs)))
+        peaks = []
+
+        def row(name: str, base: str, peak: str, secs: str) -> None:
+            peaks.append(int(peak) / 2**20 / gib)
+            say(f"{name:<24}{int(peak) / 2**20:>10.2f}{int(base) / 2**20:>15.2f}{peaks[-1]:>14.2f}{float(secs):>10.0f}")
+
+        row("analysis (streaming)", *child(CHILD_ANALYSIS, str(src))[:3])
         for method in ("wanda", "sparsegpt"):
             out = root / f"out-{method}"
             base, peak, secs, sparsity = child(CHILD_PRUNE, str(src), str(out), method)
-            rows.append((f"{method} 50% (streaming)", int(base), int(peak), float(secs)))
+            row(f"{method} 50% (streaming)", base, peak, secs)
             written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             say(f"  [{method}: achieved sparsity {float(sparsity):.4f}, output {written / 1e9:.2f} GB]")
             shutil.rmtree(out)
-        for name, base, peak, secs in rows:
-            say(f"{name:<24}{peak / 2**20:>10.2f}{base / 2**20:>15.2f}{peak / 2**20 / gib:>14.2f}{secs:>10.0f}")
-        worst = max(r[2] for r in rows[1:]) / 2**20 / gib
+        worst = max(peaks[1:])
         say(f"goal: pruning peak under 1/3 of the checkpoint size: {'met' if worst < 1 / 3 else 'NOT met'} "
             f"(worst {worst:.2f}x)")
         shutil.rmtree(src)

@@ -168,6 +168,7 @@ def write_safetensors(path: Path, items: list[tuple[str, torch.dtype, tuple[int,
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"tensor {key}: got {t.dtype} {tuple(t.shape)}, announced {dtype} {tuple(shape)}")
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t                       # before the next one is made
     return offset
 
 
