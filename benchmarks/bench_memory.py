@@ -23,12 +23,14 @@ HIDDEN, INTER, LAYERS, SHARDS = 2048, 5632, 11, 4
 
 # VmHWM (this process's own peak resident set, in kB): unlike ru_maxrss it starts afresh at
 # exec, so the parent that wrote the checkpoint does not leak into the figure.
-CHILD = """
-import sys, time
+HWM = """
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
+"""
+CHILD = HWM + """
+import sys, time
 from core.analysis import analyze
 base = hwm()
 t = time.perf_counter()
@@ -37,7 +39,12 @@ print(base, hwm(), time.perf_counter() - t, len(res.table), res.table["alpha"].m
 """
 
 
-def write_checkpoint(folder: Path) -> int:
+def write_checkpoint(folder: Path, layers: int = LAYERS, shards: int = SHARDS, vocab: int = 0,
+                     heavy_tails: bool = True) -> int:
+    """A random LLaMA-shaped float32 checkpoint in ``shards`` files (kept if already there);
+    its size in bytes. ``vocab > 0``: a complete, loadable model (embeddings, every norm, head,
+    a full config) as pruning needs; else only the blocks' matrices, as analysis reads.
+    ``heavy_tails=False``: Gaussian entries (several times faster to draw)."""
     if (folder / "config.json").is_file():
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,19 +52,34 @@ def write_checkpoint(folder: Path) -> int:
     shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
               "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
               "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
-    per = LAYERS // SHARDS + (LAYERS % SHARDS > 0)
-    for s in range(SHARDS):
+    norms = ["input_layernorm", "post_attention_layernorm"] if vocab else ["input_layernorm"]
+    per = layers // shards + (layers % shards > 0)
+    weight_map = {}
+    for s in range(shards):
         tensors = {}
-        for b in range(s * per, min(LAYERS, (s + 1) * per)):
+        if vocab and s == 0:
+            tensors["model.embed_tokens.weight"] = torch.randn(vocab, HIDDEN) * 0.02
+        for b in range(s * per, min(layers, (s + 1) * per)):
             for rel, shape in shapes.items():
                 # heavy-ish tails: Student-t entries
-                t = torch.distributions.StudentT(4.0).sample(shape) * 0.02
+                t = (torch.distributions.StudentT(4.0).sample(shape) if heavy_tails else torch.randn(shape)) * 0.02
                 tensors[f"model.layers.{b}.{rel}.weight"] = t.contiguous()
-            tensors[f"model.layers.{b}.input_layernorm.weight"] = torch.ones(HIDDEN)
-        save_file(tensors, str(folder / f"model-{s + 1:05d}-of-{SHARDS:05d}.safetensors"))
+            for norm in norms:
+                tensors[f"model.layers.{b}.{norm}.weight"] = torch.ones(HIDDEN)
+        if vocab and s == shards - 1:
+            tensors["model.norm.weight"] = torch.ones(HIDDEN)
+            tensors["lm_head.weight"] = torch.randn(vocab, HIDDEN) * 0.02
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
         del tensors
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN,
-                                                    "intermediate_size": INTER, "num_hidden_layers": LAYERS}))
+    config = {"model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers}
+    if vocab:
+        config.update(architectures=["LlamaForCausalLM"], vocab_size=vocab, num_attention_heads=HIDDEN // 128,
+                      num_key_value_heads=HIDDEN // 128, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, hidden_act="silu", torch_dtype="float32")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 

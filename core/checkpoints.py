@@ -1,4 +1,5 @@
-"""Read prunable matrices straight from safetensors files, one tensor at a time.
+"""Read prunable matrices straight from safetensors files, one tensor at a time (and write
+safetensors files the same way).
 
 This is the bounded-memory path: the model is never built, and each tensor is read
 with a plain ``readinto`` (no memory map, so pages already analysed do not stay in the
@@ -15,14 +16,20 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .models import FAMILIES, Family, MatrixInfo
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_TORCH_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+#: a safetensors dtype code -> the torch dtype
+TORCH_DTYPES = {code: dtype for dtype, code in _TORCH_CODES.items()}
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)\.weight$")
 
 
@@ -110,21 +117,59 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """The matrix ``out x in`` as a float32/float16/bfloat16 CPU tensor."""
         e = self.entries[name]
-        if e.dtype not in _DTYPES:
+        if e.dtype not in ("F64", "F32", "F16", "BF16"):
             raise ValueError(f"{e.key} in {e.file.name} has dtype {e.dtype}; only F64/F32/F16/BF16 are read")
-        arr = np.empty(e.shape, dtype=_DTYPES[e.dtype])
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            if f.readinto(memoryview(arr).cast("B")) != e.end - e.start:
-                raise ValueError(f"{e.file} is truncated: tensor {e.key} is incomplete")
-        t = torch.from_numpy(arr)
-        if e.dtype == "BF16":
-            t = t.view(torch.bfloat16)
+        t = read_tensor(e)
         return t.t() if self.family.transposed else t
 
     def iter_weights(self) -> Iterator[tuple[MatrixInfo, torch.Tensor]]:
         for info in self.matrices:
             yield info, self.read(info.name)
+
+
+def read_tensor(e: TensorEntry) -> torch.Tensor:
+    """One tensor as stored (a CPU tensor of its dtype), read with a plain ``readinto``."""
+    if e.dtype not in _DTYPES:
+        raise ValueError(f"{e.key} in {e.file.name} has dtype {e.dtype}; only {', '.join(_DTYPES)} are read")
+    arr = np.empty(e.shape, dtype=_DTYPES[e.dtype])
+    with open(e.file, "rb") as f:
+        f.seek(e.start)
+        if f.readinto(memoryview(arr.reshape(-1)).cast("B")) != e.end - e.start:
+            raise ValueError(f"{e.file} is truncated: tensor {e.key} is incomplete")
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if e.dtype == "BF16" else t
+
+
+def tensor_index(folder: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of the ``*.safetensors`` files of ``folder`` by its key (no data read)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no .safetensors files; the streaming path reads safetensors only")
+    return {key: e for file in files for key, e in _header(file).items()}
+
+
+def write_safetensors(path: Path, items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor]) -> int:
+    """Write a safetensors file of ``items`` (key, dtype, shape), asking ``tensor(key)`` for one
+    tensor at a time (it must have that dtype and shape): memory holds one tensor, whatever
+    the file's size. Returns the bytes of tensor data written."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in items:
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _TORCH_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key, dtype, shape in items:
+            t = tensor(key).detach().to("cpu").contiguous()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"tensor {key}: got {t.dtype} {tuple(t.shape)}, announced {dtype} {tuple(shape)}")
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t                       # before the next one is made
+    return offset
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

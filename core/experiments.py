@@ -28,11 +28,11 @@ from .config import DTYPES
 from .evaluation import Perplexity, perplexity
 from .metricsfile import read_metrics
 from .fit import XMIN_METHODS
-from .models import LoadedModel, load_model, save_model
+from .models import LoadedModel, is_skeleton, load_model, load_skeleton, save_model
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
-from .pruning import prune
+from .pruning import PruneResult, prune, prune_to_folder
 from .registry import Registry, software_versions
 from .runkey import RunKey, run_key
 from .texts import EMBEDDED
@@ -121,6 +121,7 @@ class PruneSpec:
     save: Path | None = None
     trust_remote_code: bool = False
     analyze_output: bool = False        # analyse the pruned model (disk cache; recorded in the run's params)
+    streaming: bool = False             # models larger than memory: block by block from the shards
 
     def __post_init__(self) -> None:
         put = object.__setattr__   # frozen: normalised values are set once, here
@@ -160,6 +161,7 @@ class PruneSpec:
         put(self, "save", _path("save", self.save, must_exist=False))
         _flag("trust_remote_code", self.trust_remote_code)
         _flag("analyze_output", self.analyze_output)
+        _flag("streaming", self.streaming)
 
     @property
     def needs_calibration(self) -> bool:
@@ -195,6 +197,7 @@ class PruneSpec:
         argv += ["--save", str(self.save)] if self.save else []
         argv += ["--trust-remote-code"] if self.trust_remote_code else []
         argv += ["--analyze-output"] if self.analyze_output else []
+        argv += ["--streaming"] if self.streaming else []
         return argv
 
     @classmethod
@@ -220,7 +223,8 @@ class PruneSpec:
                                       get("max_windows", None), get("eval_bos", bos), zeroshot=get("zeroshot", ()),
                                       zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
-            trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False))
+            trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False),
+            streaming=get("streaming", False))
         return cls(**{**fields, **overrides})
 
 
@@ -259,7 +263,11 @@ class RunResult:
 # --- building blocks ---------------------------------------------------------------------
 
 def load_for(spec: PruneSpec, progress: Progress = None) -> LoadedModel:
-    """The spec's model, loaded on the CPU in its dtype (stages move what they need)."""
+    """The spec's model, loaded on the CPU in its dtype (stages move what they need); with
+    ``streaming`` without its weights (``load_skeleton``: blocks come from the shards)."""
+    if spec.streaming:
+        return load_skeleton(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                             progress=progress)
     return load_model(spec.model, device="cpu", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
                       progress=progress)
 
@@ -278,6 +286,8 @@ def alpha_metrics(spec: PruneSpec, loaded: LoadedModel, metrics: pd.DataFrame | 
         return metrics
     if spec.metrics_file is not None:
         return read_metrics(spec.metrics_file, spec.metric)
+    if is_skeleton(loaded):         # weights not in memory: read them from the shards
+        return analyze(loaded.path, xmin=spec.xmin, streaming=True, device=spec.device, progress=progress).table
     return analyze(loaded, xmin=spec.xmin, device=spec.device, progress=progress).table
 
 
@@ -326,6 +336,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
     they are computed from the spec."""
     if spec.save is not None and spec.save.exists():
         _fail("save", str(spec.save), "already exists; choose a new folder (nothing is overwritten)")
+    if spec.streaming and spec.save is None:
+        _fail("streaming", True, "a streamed prune writes the pruned model as it goes; give save (--save DIR)")
     registry = registry or Registry()
     loaded = loaded if loaded is not None else load_for(spec, progress)
     if not spec.needs_calibration:
@@ -351,6 +363,9 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
               "calib_bos_prepended": calib.get("bos_prepended") if calibration is not None else None,
               "device": spec.device, "dtype": loaded.dtype_name, "output_dir": str(spec.save) if spec.save else None}
     with registry.record("prune", **fields) as run_id:
+        if spec.streaming:
+            return _prune_streamed(spec, loaded, ratios, calibration, calib, registry, run_id, params, epsilon,
+                                   sparsity, progress, cancel)
         result = prune(loaded, ratios, method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
                        copy=True, progress=progress, cancel=cancel)
         registry.add_matrices(run_id, result.matrices)
@@ -362,10 +377,7 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
                         epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib,
                         _zeroshot(spec, result.model, registry, run_id, progress), run_key(registry.get(run_id)))
         if spec.save:
-            report = {**out.to_dict(), "output_dir": str(spec.save), "model": loaded.source,
-                      "model_identity": loaded.identity, "allocation_params": params, "versions": software_versions(),
-                      "spec": spec.to_argv(), "matrices": result.matrices.to_dict(orient="records")}
-            out.output_dir = save_model(result.model, spec.save, report)
+            out.output_dir = save_model(result.model, spec.save, _report(spec, loaded, out, params, result))
         if spec.analyze_output:   # the pruned model's spectra, cached; the run records where
             a = analyze_copy(result.model, out.output_dir, f"run{run_id}", device=spec.device, progress=progress)
             registry.update(run_id, allocation_params={**params, "analysis": {"identity": a.identity, "xmin": a.xmin}})
@@ -410,3 +422,37 @@ def _zeroshot(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
         return None
     return record_zeroshot(loaded, registry, run_id, e.zeroshot, task_dir=e.task_dir, limit=e.zeroshot_limit,
                            device=spec.device, progress=progress)
+
+
+def _report(spec: PruneSpec, loaded: LoadedModel, out: RunResult, params: dict, result: PruneResult) -> dict:
+    """The JSON report saved beside a pruned model's weights."""
+    return {**out.to_dict(), "output_dir": str(spec.save), "model": loaded.source, "model_identity": loaded.identity,
+            "allocation_params": params, "versions": software_versions(), "spec": spec.to_argv(),
+            "matrices": result.matrices.to_dict(orient="records")}
+
+
+def _prune_streamed(spec: PruneSpec, loaded: LoadedModel, ratios: dict | None, calibration: object, calib: dict,
+                    registry: Registry, run_id: int, params: dict, epsilon: float | None, sparsity: float,
+                    progress: Progress, cancel: object) -> RunResult:
+    """``prune_and_eval``'s prune, evaluation and save for a skeleton: blocks stream from the
+    shards into ``spec.save``; the evaluation loads the complete output (before it is
+    published) normally, so it needs the pruned model's memory."""
+    runs: list[RunResult] = []
+
+    def finish(result: PruneResult, folder: Path) -> dict:
+        registry.add_matrices(run_id, result.matrices)
+        registry.update(run_id, achieved_sparsity=result.sparsity, prune_seconds=result.seconds)
+        ppl = None
+        if spec.evaluation.evaluate:
+            pruned = load_model(folder, device="cpu", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+            ppl = _evaluate(spec, pruned, registry, run_id, progress, cancel)
+            del pruned
+        out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else sparsity,
+                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, spec.save, calib,
+                        key=run_key(registry.get(run_id)))
+        runs.append(out)
+        return _report(spec, loaded, out, params, result)
+
+    prune_to_folder(loaded, spec.save, ratios, method=spec.method, calibration=calibration, nm=spec.nm,
+                    device=spec.device, report=finish, progress=progress, cancel=cancel)
+    return runs[0]

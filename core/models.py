@@ -327,6 +327,43 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
     return loaded
 
 
+def load_skeleton(source: str | os.PathLike = "demo", *, dtype: str | torch.dtype = "float32",
+                  trust_remote_code: bool = False, tokenizer: bool = True, progress: Progress = None) -> LoadedModel:
+    """The model of a local source built without its weights (parameters on the ``meta``
+    device; buffers such as rotary tables are real), for pruning one block at a time from
+    the checkpoint's shards (``core.pruning.streaming``). GGUF sources go through their
+    converted folder; ``path`` is the safetensors folder."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(source)
+    if src.kind == "hub":
+        raise ValueError(f"model {src.label!r}: streaming reads a local safetensors folder; download the model "
+                         "first (huggingface-cli download) and give its folder")
+    folder = gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} has no .safetensors files; streaming reads safetensors only (re-save the "
+                         "model with save_pretrained(safe_serialization=True))")
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            log.warning("no tokenizer for %s: %s", src.label, exc)
+    family = family_of(model)
+    return LoadedModel(model, tok, family, src.label, src.identity(), prunable_matrices(model, family), folder)
+
+
+def is_skeleton(loaded: LoadedModel) -> bool:
+    """True if ``loaded``'s blocks have no weights in memory (``load_skeleton``)."""
+    return any(p.is_meta for p in loaded.blocks.parameters())
+
+
 def wrap_model(model: nn.Module, tokenizer: object | None = None, *, label: str = "in-memory model") -> LoadedModel:
     """Adapt an already built model (tests, notebooks). Its identity hashes its weights."""
     family = family_of(model)
@@ -349,12 +386,8 @@ def iter_weights(loaded: LoadedModel) -> Iterator[tuple[MatrixInfo, torch.Tensor
 REPORT_NAME = "spectrascope_report.json"
 
 
-def save_model(loaded: LoadedModel, dest: str | os.PathLike, report: dict) -> Path:
-    """Write a Hugging Face folder (safetensors, config, tokenizer, ``spectrascope_report.json``)
-    atomically: everything goes into a temporary folder next to ``dest`` that is renamed at
-    the end, so an interrupted run leaves nothing. Missing parent folders are created;
-    ``dest`` must not exist and must not be (inside) the folder the model was loaded from.
-    Returns the absolute path."""
+def output_folder(dest: str | os.PathLike, loaded: LoadedModel) -> Path:
+    """``dest`` as an absolute path, checked to be a new folder outside ``loaded``'s source folder."""
     dest = Path(dest).expanduser().resolve()
     if dest.exists():
         raise ValueError(f"save={dest}: already exists; choose a new folder (nothing is overwritten)")
@@ -362,6 +395,16 @@ def save_model(loaded: LoadedModel, dest: str | os.PathLike, report: dict) -> Pa
         src = Path(loaded.path).resolve()
         if dest == src or src in dest.parents:
             raise ValueError(f"save={dest}: inside the source model's folder {src}; the source is never touched")
+    return dest
+
+
+def save_model(loaded: LoadedModel, dest: str | os.PathLike, report: dict) -> Path:
+    """Write a Hugging Face folder (safetensors, config, tokenizer, ``spectrascope_report.json``)
+    atomically: everything goes into a temporary folder next to ``dest`` that is renamed at
+    the end, so an interrupted run leaves nothing. Missing parent folders are created;
+    ``dest`` must not exist and must not be (inside) the folder the model was loaded from.
+    Returns the absolute path."""
+    dest = output_folder(dest, loaded)
 
     def write(tmp: Path) -> None:
         loaded.model.save_pretrained(tmp, safe_serialization=True)

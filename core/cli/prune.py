@@ -120,6 +120,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     opts_zeroshot(p)
     p.add_argument("--analyze-output", action="store_true", help="analyse the pruned model too (cached; "
                    "`spectrascope compare demo run:ID` then compares it with the dense model)")
+    p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
+                   "time from the safetensors shards and write it pruned to --save (required)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:

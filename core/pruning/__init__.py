@@ -5,29 +5,34 @@ OWL's outlier scores; the public entry points.
 collector and applies the method's rule (``methods.py``; SparseGPT's algebra in
 ``sparsegpt.py``) to every block in turn. ``owl_scores`` runs the same engine with Wanda's
 statistics on the dense model. The model passed to ``prune`` is pruned in place;
-``prune(..., copy=True)`` prunes a deep copy.
+``prune(..., copy=True)`` prunes a deep copy. A model larger than memory, loaded without
+weights (``core.models.load_skeleton``), is pruned block by block from its checkpoint's shards
+into a new checkpoint folder by ``prune_to_folder`` (``streaming.py``).
 """
 from __future__ import annotations
 
 import copy as _copy
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping
 
 import pandas as pd
 import torch
 
-from ..config import resolve_device
-from ..models import LoadedModel
+from ..config import atomic_dir, resolve_device
+from ..models import REPORT_NAME, LoadedModel, output_folder
 from ..progress import Progress
-from .engine import BlockPipeline, Collector
+from .engine import BlockPipeline, BlockSource, Collector
 from .methods import METHODS, NM_PATTERNS, NormCollector, check_nm, get_method, parse_nm, prune_magnitude, prune_wanda
 from .sparsegpt import HessianCollector, prune_sparsegpt
+from .streaming import CheckpointWriter, ShardBlocks, block_source
 
 __all__ = ["METHODS", "NM_PATTERNS", "OWL_M", "HessianCollector", "NormCollector", "PruneResult", "achieved_sparsity",
-           "owl_scores", "parse_nm", "prune", "prune_magnitude", "prune_sparsegpt", "prune_wanda"]
+           "owl_scores", "parse_nm", "prune", "prune_magnitude", "prune_sparsegpt", "prune_to_folder", "prune_wanda"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class PruneResult:
 def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None, *, method: str = "wanda",
           calibration: torch.Tensor | object | None = None, nm: str | tuple[int, int] | None = None,
           device: str | torch.device = "auto", copy: bool = False, progress: Progress = None,
-          cancel: object = None) -> PruneResult:
+          cancel: object = None, source: BlockSource | None = None) -> PruneResult:
     """Prune every matrix of ``loaded`` to its ratio with ``method``; returns a ``PruneResult``.
 
     ``ratios``: ``{matrix name: fraction to prune}`` (missing names stay dense) or one float
@@ -76,6 +81,8 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     ``device``: where each block is processed (the model may live elsewhere; it ends where it
     started). ``copy=True`` prunes a deep copy and leaves ``loaded`` untouched. ``cancel``: a
     ``threading.Event`` or a callable checked between blocks (raises ``Cancelled``).
+    ``source``: where the blocks' weights come from (default: memory; for a skeleton its
+    shards, and the pruned blocks are dropped: use ``prune_to_folder`` to keep them).
     """
     chosen = get_method(method)
     nm = parse_nm(nm)
@@ -84,22 +91,26 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     ratios = _check_ratios(loaded, ratios, nm)
     dev = resolve_device(device)
     ids, calib_info = _calibration_ids(calibration, method) if chosen.collector else (None, {})
-    if copy:
+    if copy and source is None:
         loaded = _copy_loaded(loaded)
     model = loaded.model
     dtype = next(model.parameters()).dtype
     start = time.perf_counter()
     pipeline = BlockPipeline(loaded, ids, collector=chosen.collector, device=dev, progress=progress, cancel=cancel,
-                             label=method)
+                             label=method, source=source or block_source(loaded))
+    achieved: dict[str, float] = {}
+
+    def on_block(b: int, stats: Mapping[str, Collector]) -> None:
+        chosen.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=dev)
+        achieved.update(achieved_sparsity(loaded, b))
+
     was_training = model.training
     model.eval()
     try:
-        pipeline.run(lambda b, stats: chosen.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=dev),
-                     forward_after=True)
+        pipeline.run(on_block, forward_after=True)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    achieved = achieved_sparsity(loaded)
     table = pd.DataFrame([{"name": m.name, "block": m.block, "kind": m.kind, "params": m.params,
                            "ratio": ratios[m.name], "achieved": achieved[m.name]} for m in loaded.matrices])
     result = PruneResult(loaded, method, nm, table, seconds, str(dev), str(dtype).replace("torch.", ""),
@@ -108,9 +119,46 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     return result
 
 
-def achieved_sparsity(loaded: LoadedModel) -> dict[str, float]:
-    """Fraction of exact zeros in every prunable matrix."""
-    return {m.name: 1.0 - int(torch.count_nonzero(loaded.weight(m.name))) / m.params for m in loaded.matrices}
+def achieved_sparsity(loaded: LoadedModel, block: int | None = None) -> dict[str, float]:
+    """Fraction of exact zeros in every prunable matrix (of ``block`` only, if given)."""
+    return {m.name: 1.0 - int(torch.count_nonzero(loaded.weight(m.name))) / m.params for m in loaded.matrices
+            if block is None or m.block == block}
+
+
+def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, float] | float | None = None, *,
+                    method: str = "wanda", calibration: torch.Tensor | object | None = None,
+                    nm: str | tuple[int, int] | None = None, device: str | torch.device = "auto",
+                    report: Callable[[PruneResult, Path], dict] | None = None, progress: Progress = None,
+                    cancel: object = None) -> PruneResult:
+    """Prune a model larger than memory into the new checkpoint folder ``dest``.
+
+    ``loaded`` comes from ``load_skeleton``: each block is read from the source's shards onto
+    ``device``, pruned as by ``prune`` (same arguments, same result), written as one shard and
+    freed; then the other tensors (copied one at a time), the index, config and tokenizer.
+    ``report(result, folder)``, called once the weights are complete in the not yet published
+    folder, returns the JSON written as ``spectrascope_report.json``. Written atomically: an
+    interrupted run leaves nothing at ``dest``. The result's model stays without weights.
+    """
+    dest = output_folder(dest, loaded)
+    done: list[PruneResult] = []
+
+    def write(tmp: Path) -> None:
+        source = ShardBlocks(loaded, CheckpointWriter(tmp, len(loaded.blocks) + 1))
+        result = prune(loaded, ratios, method=method, calibration=calibration, nm=nm, device=device,
+                       progress=progress, cancel=cancel, source=source)
+        source.write_rest()
+        loaded.model.config.save_pretrained(tmp)
+        if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
+            loaded.model.generation_config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report(result, tmp), indent=2, sort_keys=True, default=str))
+        done.append(result)
+
+    atomic_dir(dest, write)
+    log.info("pruned %s block by block into %s", loaded.source, dest)
+    return done[0]
 
 
 def owl_scores(loaded: LoadedModel, calibration: object, *, m: float = OWL_M, device: str | torch.device = "auto",
@@ -122,7 +170,7 @@ def owl_scores(loaded: LoadedModel, calibration: object, *, m: float = OWL_M, de
     ids, _ = _calibration_ids(calibration, "wanda")
     dev = resolve_device(device)
     pipeline = BlockPipeline(loaded, ids, collector=NormCollector, device=dev, progress=progress, cancel=cancel,
-                             label="OWL statistics")
+                             label="OWL statistics", source=block_source(loaded))
     shares = pipeline.run(lambda b, stats: _outlier_share(loaded, stats, m, dev), forward_after=False)
     return dict(enumerate(shares))
 

@@ -7,11 +7,14 @@ the changed block to form the next block's inputs.
    stops the forward there) and the arguments each block receives (attention mask,
    position embeddings, ...) from one pass of the first window in which only block 0
    computes;
-2. ``BlockPipeline.run``, for each block: move it to ``device``; run the windows through it
+2. ``BlockPipeline.run``, for each block: bring it to ``device`` (its ``BlockSource``: the
+   model in memory, or a checkpoint's shards for a model larger than memory,
+   ``streaming.py``); run the windows through it
    (in batches of about ``BATCH_TOKENS`` tokens) with pre-hooks that feed each matrix's
    ``Collector`` and end each call once the last matrix has its input; call
    ``on_block(b, stats)`` (a method's rule per matrix); run the windows through the pruned
-   block to form the next block's inputs (not after the last block); move it back.
+   block to form the next block's inputs (not after the last block); ``source.done(b)``
+   (a streamed block is written out); move it back (a streamed block is freed).
 
 Memory stays at one block plus two activation buffers (``nsamples x seqlen x hidden``).
 """
@@ -21,7 +24,7 @@ import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Callable, ContextManager, Iterator, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +52,58 @@ class StopForward(Exception):
     it needs (block 0's inputs; every matrix's input in a statistics pass) the rest of the
     forward would be wasted work, and PyTorch gives a hook no other way to stop it. Always
     caught where the forward was started; never leaves this module."""
+
+
+class BlockSource(Protocol):
+    """Where the weights are: ``materialised(b, device)`` holds block ``b`` on ``device`` for
+    the duration (then back where it was, or freed), ``outside(device)`` the rest of the
+    model that computes before the blocks (embeddings; for the capture only); ``done(b)``,
+    called inside, says block ``b`` is final (a streamed source writes it out)."""
+
+    def materialised(self, b: int, device: torch.device) -> ContextManager[nn.Module]: ...
+
+    def outside(self, device: torch.device) -> ContextManager[None]: ...
+
+    def done(self, b: int) -> None: ...
+
+
+class InMemoryBlocks:
+    """The blocks of a model in memory: moved to the device and back, nothing written."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    @contextmanager
+    def materialised(self, b: int, device: torch.device) -> Iterator[nn.Module]:
+        blk = self.loaded.blocks[b]
+        home = _model_device(blk)
+        blk.to(device)
+        try:
+            yield blk
+        finally:
+            blk.to(home)
+
+    @contextmanager
+    def outside(self, device: torch.device) -> Iterator[None]:
+        model = self.loaded.model
+        home = _model_device(model)
+        with _BlocksDetached(self.loaded):
+            move_materialised(model, device)    # embeddings, rotary tables, final norm, head
+        try:
+            yield
+        finally:
+            if home != device:
+                with _BlocksDetached(self.loaded):
+                    move_materialised(model, home)
+
+    def done(self, b: int) -> None:
+        pass
+
+
+def move_materialised(module: nn.Module, device: torch.device) -> None:
+    """``module``'s parameters and buffers to ``device``, except those never materialised
+    (``meta``: a streamed model's blocks and output head)."""
+    module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
 # --- 1. capture ---------------------------------------------------------------------------
@@ -96,46 +151,41 @@ class _CaptureHooks:
 
 
 @torch.no_grad()
-def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cancel: object) -> Captured:
+def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cancel: object,
+                   source: BlockSource | None = None) -> Captured:
     """Block-0 inputs of every window, and every block's other arguments from window 0.
 
     Window 0 goes through the model's own forward so that pre-hooks record what every block
     receives (masks differ between sliding-window and global layers in some families), but
     only block 0 computes: the later blocks are stand-ins that pass the hidden states on
-    (in the structure block 0 returned), and the pass ends at the last block. Later
+    (in the structure block 0 returned), and the pass ends at the last block (the final
+    norm and head never compute: a streamed model leaves them unloaded). Later
     windows, in batches, stop at block 0. The arguments recorded for one window serve
     batches of windows too (they broadcast over the batch: rotary tables, causal masks).
     """
     model, blocks = loaded.model, loaded.blocks
-    home_device = _model_device(model)
-    with _BlocksDetached(loaded):
-        model.to(device)                        # embeddings, rotary tables, final norm, head
+    source = source or InMemoryBlocks(loaded)
     hooks = _CaptureHooks(len(blocks), ids.shape[0], device)
     first = blocks[0]
-    first_home = _model_device(first)
     handles = [blk.register_forward_pre_hook(functools.partial(hooks.pre_hook, b), with_kwargs=True)
                for b, blk in enumerate(blocks)]
     handles.append(first.register_forward_hook(hooks.first_output))
     for blk in blocks[1:]:
         blk.forward = hooks.stand_in            # an instance attribute: hooks still run
     try:
-        first.to(device)
-        for rows in [slice(0, 1)] + window_batches(ids.shape[0], ids.shape[1], start=1):
-            check_cancel(cancel, "while capturing calibration inputs")
-            hooks.rows = rows
-            try:
-                model(input_ids=ids[rows].to(device), use_cache=False)
-            except StopForward:
-                pass
+        with source.outside(device), source.materialised(0, device):
+            for rows in [slice(0, 1)] + window_batches(ids.shape[0], ids.shape[1], start=1):
+                check_cancel(cancel, "while capturing calibration inputs")
+                hooks.rows = rows
+                try:
+                    model(input_ids=ids[rows].to(device), use_cache=False)
+                except StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()
         for blk in blocks[1:]:
             blk.__dict__.pop("forward", None)
-        first.to(first_home)
-        if home_device != device:
-            with _BlocksDetached(loaded):
-                model.to(home_device)
     missing = [b for b, v in enumerate(hooks.per_block) if v is None]
     if missing:
         raise ValueError(f"blocks {missing[:5]} were never called in a forward pass; this architecture is "
@@ -252,13 +302,15 @@ class BlockPipeline:
 
     ``collector``: the statistics class of the method (None: no data flows, each block is
     only moved to ``device`` and handed to ``on_block`` with no statistics). ``label`` starts
-    the progress messages.
+    the progress messages. ``source``: where the blocks' weights are (default: in memory).
     """
 
     def __init__(self, loaded: LoadedModel, ids: torch.Tensor | None, *,
                  collector: Callable[[int, torch.device], Collector] | None, device: torch.device,
-                 progress: Progress = None, cancel: object = None, label: str = "") -> None:
+                 progress: Progress = None, cancel: object = None, label: str = "",
+                 source: BlockSource | None = None) -> None:
         self.loaded, self.ids, self.collector, self.device = loaded, ids, collector, device
+        self.source = source or InMemoryBlocks(loaded)
         self.progress, self.cancel, self.label = progress, cancel, label
         self.windows = _Windows()
 
@@ -274,13 +326,13 @@ class BlockPipeline:
         if self.collector is None:
             return [self._block_without_data(b, blk, on_block) for b, blk in enumerate(blocks)]
         report(self.progress, 0, len(blocks), f"{self.label}: capturing inputs")
-        captured = capture_inputs(self.loaded, self.ids, self.device, self.cancel)
+        captured = capture_inputs(self.loaded, self.ids, self.device, self.cancel, self.source)
         inps, outs = captured.inputs, torch.empty_like(captured.inputs)
         results = []
         for b, blk in enumerate(blocks):
             check_cancel(self.cancel, f"before block {b}")
             args, kwargs = captured.args[b], captured.kwargs[b]
-            with _on_device(blk, self.device):
+            with self.source.materialised(b, self.device):
                 stats = _BlockStatistics(self.loaded, b, self.collector, self.device, stop_early=forward_after)
                 with stats.attached():
                     self.windows.run(blk, inps, outs, args, kwargs, stats)
@@ -288,14 +340,16 @@ class BlockPipeline:
                 del stats                                         # the Hessians go before the next pass
                 if forward_after and b + 1 < len(blocks):        # the last block's output is not used
                     self.windows.run(blk, inps, outs, args, kwargs)
+                self.source.done(b)
             inps, outs = outs, inps
             self._report(b)
         return results
 
     def _block_without_data(self, b: int, blk: nn.Module, on_block: Callable[[int, dict], T]) -> T:
         check_cancel(self.cancel, f"before block {b}")
-        with _on_device(blk, self.device):
+        with self.source.materialised(b, self.device):
             result = on_block(b, {})
+            self.source.done(b)
         self._report(b)
         return result
 
@@ -332,17 +386,6 @@ def _call_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dic
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextmanager
-def _on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """``module`` on ``device`` for the duration, then back where it was."""
-    home = _model_device(module)
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
 
 
 class _BlocksDetached:
