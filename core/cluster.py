@@ -24,7 +24,8 @@ from .analysis import Analysis, analyze
 from .checkpoints import open_checkpoint
 from .devices import map_on_devices, parse_devices, plan_devices
 from .fit import XMIN_METHODS
-from .experiments import PruneSpec, alpha_metrics, calibration_for, eval_run, load_for, prune_and_eval
+from .experiments import alpha_metrics, calibration_for, eval_run, load_for, prune_and_eval
+from .spec import PruneSpec
 from .models import LoadedModel, MatrixInfo, Source, iter_weights, load_model
 from .progress import Cancelled, Progress, is_cancelled, report
 from .pruning import owl_scores as compute_owl_scores

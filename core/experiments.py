@@ -1,232 +1,33 @@
-"""Experiments: one validated ``PruneSpec`` describes a prune (optionally evaluate and save)
-run; ``prune_and_eval`` and ``eval_run`` carry a spec out and record it in the registry.
-
-A spec is checked when it is made (everything that can be checked before loading a model),
-turns into the ``spectrascope prune ...`` arguments that reproduce it (``to_argv``) and back
-(``from_args``), so the dashboard, the CLI and the library describe a run the same way.
-"""
+"""Experiments: ``prune_and_eval`` and ``eval_run`` carry out a ``PruneSpec`` (``core.spec``):
+load, allocate, prune a copy (or stream it block by block), evaluate, save, and record the
+run in the registry."""
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, MAPPINGS, Allocation, allocate, matrix_table,
+from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, Allocation, allocate, matrix_table,
                          ratios_from_file)
-from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import analyze, analyze_copy
-from .calibration import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, Calibration, calibration_data
-from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
-from .checks import path as _path, text as _text, whole as _whole
-from .config import DTYPES
+from .calibration import Calibration, calibration_data
+from .checks import fail as _fail
 from .evaluation import Perplexity, perplexity
 from .metricsfile import read_metrics
-from .fit import XMIN_METHODS
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton, save_model
 from .progress import Progress
-from .pruning import METHODS as PRUNE_METHODS
 from .pruning import owl_scores as compute_owl_scores
 from .pruning import PruneResult, prune, prune_to_folder
 from .registry import Registry, software_versions
 from .runkey import RunKey, run_key
-from .texts import EMBEDDED
-from .zeroshot import ZeroShot, record_zeroshot, task_folder, task_names
+from .zeroshot import ZeroShot, record_zeroshot
+
+from .spec import PruneSpec
 
 log = logging.getLogger(__name__)
-
-#: Where a run's per-matrix ratios come from: an allocation method or a ratios file.
-ALLOCATIONS = (*ALLOCATION_METHODS, "file")
-_NM = re.compile(r"(\d+):(\d+)")
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-# --- the spec ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """Calibration windows: ``nsamples`` windows of ``seqlen`` tokens of ``dataset`` (seeded),
-    BOS by ``bos`` (``core.calibration.BOS_MODES``)."""
-
-    dataset: str = EMBEDDED
-    nsamples: int = DEFAULT_NSAMPLES
-    seqlen: int = DEFAULT_SEQLEN
-    seed: int = DEFAULT_SEED
-    bos: str = "auto"
-
-    def __post_init__(self) -> None:
-        _text("calibration.dataset", self.dataset)
-        _whole("calibration.nsamples", self.nsamples, 1)
-        _whole("calibration.seqlen", self.seqlen, 2)
-        _whole("calibration.seed", self.seed, 0)
-        _choice("calibration.bos", self.bos, BOS_MODES)
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``, BOS by
-    ``bos`` (``core.calibration.BOS_MODES``); zero-shot accuracy on the ``zeroshot`` tasks (none:
-    not measured; ``core.zeroshot``), the first ``zeroshot_limit`` documents of each, tasks also
-    read from ``task_dir``."""
-
-    evaluate: bool = False
-    dataset: str = EMBEDDED
-    seqlen: int = DEFAULT_SEQLEN
-    max_windows: int | None = None
-    bos: str = "auto"
-    zeroshot: tuple[str, ...] = ()
-    zeroshot_limit: int | None = None
-    task_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        _flag("evaluation.evaluate", self.evaluate)
-        _text("evaluation.dataset", self.dataset)
-        _whole("evaluation.seqlen", self.seqlen, 2)
-        _whole("evaluation.max_windows", self.max_windows, 1, optional=True)
-        _choice("evaluation.bos", self.bos, BOS_MODES)
-        object.__setattr__(self, "zeroshot", task_names(self.zeroshot) if self.zeroshot else ())
-        _whole("evaluation.zeroshot_limit", self.zeroshot_limit, 1, optional=True)
-        object.__setattr__(self, "task_dir", task_folder(self.task_dir))
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """Everything that defines one prune run. ``allocation`` is ``file`` exactly when
-    ``ratios_file`` is given; ``epsilon``/``r_max`` ``None`` mean the allocation defaults;
-    with ``nm`` (``"2:4"``) the ratios are not used. Paths are stored absolute."""
-
-    model: str = "demo"
-    method: str = "wanda"
-    allocation: str = "uniform"
-    sparsity: float = 0.5
-    epsilon: float | None = None
-    metric: str = "alpha"
-    xmin: str = "peak"
-    mapping: str = "block"
-    r_max: float | None = None
-    dense_kinds: tuple[str, ...] = ()
-    reverse: bool = False
-    ratios_file: Path | None = None
-    metrics_file: Path | None = None
-    nm: str | None = None
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
-    device: str = "auto"
-    dtype: str = "float32"
-    save: Path | None = None
-    trust_remote_code: bool = False
-    analyze_output: bool = False        # analyse the pruned model (disk cache; recorded in the run's params)
-    streaming: bool = False             # models larger than memory: block by block from the shards
-
-    def __post_init__(self) -> None:
-        put = object.__setattr__   # frozen: normalised values are set once, here
-        put(self, "model", str(self.model) if isinstance(self.model, os.PathLike) else self.model)
-        _text("model", self.model)
-        _choice("method", self.method, PRUNE_METHODS)
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        put(self, "sparsity", _fraction("sparsity", self.sparsity))
-        put(self, "epsilon", _fraction("epsilon", self.epsilon, optional=True))
-        _text("metric", self.metric)
-        _choice("xmin", self.xmin, XMIN_METHODS)
-        _choice("mapping", self.mapping, MAPPINGS)
-        put(self, "r_max", _fraction("r_max", self.r_max, low_open=True, optional=True))
-        if self.r_max is not None and self.sparsity > self.r_max:
-            _fail("sparsity", self.sparsity, f"above r_max={self.r_max:g}; lower sparsity or raise r_max")
-        kinds = self.dense_kinds.split(",") if isinstance(self.dense_kinds, str) else self.dense_kinds
-        put(self, "dense_kinds", tuple(k.strip() for k in kinds if str(k).strip()))
-        _flag("reverse", self.reverse)
-        put(self, "ratios_file", _path("ratios_file", self.ratios_file, must_exist=True))
-        if (self.allocation == "file") != (self.ratios_file is not None):
-            _fail("allocation", self.allocation, "a ratios file and allocation 'file' go together; give both "
-                  "or neither (--ratios FILE alone is enough)")
-        put(self, "metrics_file", _path("metrics_file", self.metrics_file, must_exist=True))
-        if self.nm is not None:
-            match = _NM.fullmatch(str(self.nm))
-            if not match or not 1 <= int(match[1]) < int(match[2]):
-                _fail("nm", self.nm, "write N:M with 1 <= N < M, e.g. 2:4 or 4:8")
-            if self.ratios_file is not None:
-                _fail("nm", self.nm, "N:M sparsity does not use a ratios file; drop one of them")
-        if not isinstance(self.calibration, CalibrationSpec):
-            _fail("calibration", self.calibration, "give a CalibrationSpec")
-        if not isinstance(self.evaluation, EvaluationSpec):
-            _fail("evaluation", self.evaluation, "give an EvaluationSpec")
-        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip().lower()):
-            _fail("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
-        _choice("dtype", self.dtype, DTYPES)
-        put(self, "save", _path("save", self.save, must_exist=False))
-        _flag("trust_remote_code", self.trust_remote_code)
-        _flag("analyze_output", self.analyze_output)
-        _flag("streaming", self.streaming)
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Wanda and SparseGPT need calibration windows, and so do OWL's outlier scores."""
-        return self.method != "magnitude" or (self.allocation == "owl" and self.nm is None)
-
-    @property
-    def recorded_allocation(self) -> str:
-        return "n:m" if self.nm else self.allocation
-
-    def to_argv(self) -> list[str]:
-        """The ``spectrascope`` arguments (from ``prune`` on) that describe this spec."""
-        c, e = self.calibration, self.evaluation
-        argv = ["prune", "--model", self.model, "--method", self.method]
-        argv += ["--ratios", str(self.ratios_file)] if self.ratios_file else ["--allocation", self.allocation]
-        argv += ["--sparsity", repr(self.sparsity), "--metric", self.metric, "--mapping", self.mapping]
-        argv += ["--epsilon", repr(self.epsilon)] if self.epsilon is not None else []
-        argv += ["--xmin", self.xmin] if self.xmin != "peak" else []
-        argv += ["--r-max", repr(self.r_max)] if self.r_max is not None else []
-        argv += ["--dense-kinds", ",".join(self.dense_kinds)] if self.dense_kinds else []
-        argv += ["--reverse"] if self.reverse else []
-        argv += ["--metrics", str(self.metrics_file)] if self.metrics_file else []
-        argv += ["--nm", self.nm] if self.nm else []
-        argv += ["--calib", c.dataset, "--nsamples", str(c.nsamples), "--seqlen", str(c.seqlen), "--seed", str(c.seed)]
-        argv += ["--bos", c.bos] + (["--eval-bos", e.bos] if e.bos != c.bos else [])
-        argv += ["--eval"] if e.evaluate else []
-        argv += ["--dataset", e.dataset, "--eval-seqlen", str(e.seqlen)]
-        argv += ["--max-windows", str(e.max_windows)] if e.max_windows is not None else []
-        argv += ["--zeroshot", ",".join(e.zeroshot)] if e.zeroshot else []
-        argv += ["--zeroshot-limit", str(e.zeroshot_limit)] if e.zeroshot_limit is not None else []
-        argv += ["--task-dir", str(e.task_dir)] if e.task_dir else []
-        argv += ["--device", self.device, "--dtype", self.dtype]
-        argv += ["--save", str(self.save)] if self.save else []
-        argv += ["--trust-remote-code"] if self.trust_remote_code else []
-        argv += ["--analyze-output"] if self.analyze_output else []
-        argv += ["--streaming"] if self.streaming else []
-        return argv
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: object) -> "PruneSpec":
-        """The spec of parsed ``spectrascope`` arguments (``prune``'s, or the subset another
-        command has: missing options take the defaults); ``overrides`` replace fields."""
-        def get(name: str, default: object) -> object:
-            value = getattr(args, name, None)
-            return default if value is None else value
-
-        seqlen, bos = get("seqlen", DEFAULT_SEQLEN), get("bos", "auto")
-        ratios = get("ratios", None)
-        fields = dict(
-            model=get("model", cls.model), method=get("method", cls.method),
-            allocation=get("allocation", "file" if ratios else cls.allocation), sparsity=get("sparsity", cls.sparsity),
-            epsilon=get("epsilon", None), metric=get("metric", cls.metric), xmin=get("xmin", cls.xmin),
-            mapping=get("mapping", cls.mapping),
-            r_max=get("r_max", None), dense_kinds=get("dense_kinds", ()), reverse=get("reverse", False),
-            ratios_file=ratios, metrics_file=get("metrics", None), nm=get("nm", None),
-            calibration=CalibrationSpec(get("calib", EMBEDDED), get("nsamples", DEFAULT_NSAMPLES), seqlen,
-                                        get("seed", DEFAULT_SEED), bos),
-            evaluation=EvaluationSpec(get("eval", False), get("dataset", EMBEDDED), get("eval_seqlen", seqlen),
-                                      get("max_windows", None), get("eval_bos", bos), zeroshot=get("zeroshot", ()),
-                                      zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None)),
-            device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
-            trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False),
-            streaming=get("streaming", False))
-        return cls(**{**fields, **overrides})
-
 
 # --- results -----------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import Analysis, analyze, build_table
 from .calibration import Calibration, bos_plan, cap_seqlen, sample_windows, tokenize
 from .evaluation import perplexity
-from .experiments import PruneSpec, alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, \
-    prune_and_eval, read_metrics
+from .experiments import (alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, prune_and_eval,
+                          read_metrics)
+from .spec import PruneSpec
 from .checks import whole
 from .fit import XMIN_METHODS
 from .models import LoadedModel, MatrixInfo

@@ -8,7 +8,7 @@ import streamlit as st
 
 from core import pruning
 from core.config import home
-from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME, resolve_source
 from core.registry import Registry
 from dashboard import jobs

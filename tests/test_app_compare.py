@@ -54,7 +54,8 @@ def test_compare_page_asks_for_two_analyses():
 
 
 def test_a_pruned_run_is_preselected_against_its_dense_model(tmp_path):
-    from core.experiments import PruneSpec, prune_and_eval
+    from core.experiments import prune_and_eval
+    from core.spec import PruneSpec
     from core.models import wrap_model
 
     loaded = wrap_model(tiny_model("llama", seed=6), label="tiny-dense")

@@ -17,7 +17,7 @@ psutil = pytest.importorskip("psutil")
 from conftest import tiny_config, tiny_model  # noqa: E402
 from core.analysis import analyze  # noqa: E402
 from core.cluster import spectra_on_ray, sweep_parallel, tune_on_ray  # noqa: E402
-from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
 from core.models import iter_weights, load_model, resolve_source, wrap_model  # noqa: E402
 from core.registry import Registry  # noqa: E402
 from core.spectra import compute_spectra  # noqa: E402

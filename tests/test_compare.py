@@ -176,7 +176,7 @@ def test_quant_message_only_for_a_systematic_difference():
 
 def test_prune_spec_analyze_output_round_trip():
     from core.cli import build_parser
-    from core.experiments import PruneSpec
+    from core.spec import PruneSpec
 
     spec = PruneSpec(method="magnitude", analyze_output=True)
     argv = spec.to_argv()

@@ -15,7 +15,7 @@ from conftest import tiny_config, tiny_model
 from core.analysis import analyze
 from core.cli import main
 from core.cluster import sweep_parallel
-from core.experiments import EvaluationSpec, PruneSpec
+from core.spec import EvaluationSpec, PruneSpec
 from core.registry import Registry
 from core.sweeps import sweep
 from core.devices import map_on_devices, matrix_cost, parse_devices, plan_devices, plan_loads, spectra_on_devices

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import tiny_model
 from core.cli import main
-from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec, eval_run, prune_and_eval
+from core.experiments import eval_run, prune_and_eval
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME, wrap_model
 from core.registry import SCHEMA_VERSION, Registry
 from core.runkey import run_key

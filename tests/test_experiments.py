@@ -14,7 +14,8 @@ from conftest import tiny_config, tiny_model
 from core.cli import build_parser, main
 from core.cli.prune import parse_epsilons
 from core.evaluation import perplexity
-from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec, prune_and_eval
+from core.experiments import prune_and_eval
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME, load_model, save_model, wrap_model
 from core.progress import Cancelled
 from core.pruning import prune

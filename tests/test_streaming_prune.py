@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from core.cli import build_parser
-from core.experiments import PruneSpec, prune_and_eval
+from core.experiments import prune_and_eval
+from core.spec import PruneSpec
 from core.models import REPORT_NAME, is_skeleton, load_model, load_skeleton, save_model
 from core.pruning import owl_scores, prune, prune_to_folder
 from core.registry import Registry

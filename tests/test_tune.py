@@ -17,7 +17,7 @@ from conftest import tiny_config, tiny_model
 from core.analysis import analyze
 from core.calibration import tokenize
 from core.cli import COMMANDS, main
-from core.experiments import CalibrationSpec, EvaluationSpec, PruneSpec
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import wrap_model
 from core.sweeps import TUNE_COLUMNS, refit, tune
 from core.texts import load_text

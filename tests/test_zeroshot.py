@@ -14,7 +14,8 @@ import torch
 
 from conftest import tiny_model
 from core.cli import build_parser, main
-from core.experiments import EvaluationSpec, PruneSpec, prune_and_eval
+from core.experiments import prune_and_eval
+from core.spec import EvaluationSpec, PruneSpec
 from core.models import wrap_model
 from core.registry import Registry
 from core.zeroshot import PAPER_TASKS, task_names, with_accuracy, zeroshot

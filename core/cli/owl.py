@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..experiments import PruneSpec, load_for
+from ..experiments import load_for
+from ..spec import PruneSpec
 from ..owlcache import OwlSettings, owl_scores_cached
 from ..progress import Progress
 from ..pruning import OWL_M

@@ -13,7 +13,8 @@ from ..calibration import BOS_MODES
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..config import DTYPES, atomic_file, writable_file
 from ..fit import XMIN_METHODS
-from ..experiments import ALLOCATIONS, PruneSpec, calibration_for, eval_run, load_for, prune_and_eval
+from ..experiments import calibration_for, eval_run, load_for, prune_and_eval
+from ..spec import ALLOCATIONS, PruneSpec
 from ..cluster import sweep_parallel, tune_on_ray
 from ..devices import devices_of
 from ..progress import Progress
