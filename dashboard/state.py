@@ -86,6 +86,7 @@ class State:
     p_seqlen = "p_seqlen"
     p_eval_windows = "p_eval_windows"
     p_save = "p_save"
+    p_analyze = "p_analyze"
     p_job = "p_job"
     # Learn
     l_n = "l_n"
@@ -102,7 +103,7 @@ class State:
         a_source: "loaded model", a_method: "alpha", a_metric: "alpha", a_mapping: "block",
         a_sparsity: 0.7, a_epsilon: 0.3, a_rmax: 0.99, a_dense: [], a_compare: False,
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
-        p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False,
+        p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False, p_analyze: True,
         p_job: None, owl: {},
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
     }

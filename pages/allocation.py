@@ -7,7 +7,7 @@ from core.owlcache import OwlSettings, cache_path, read_owl_scores
 from core.profiles import list_profiles, load_profile
 from core.quant import quant_alpha_message
 from dashboard import jobs
-from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
+from dashboard.figures import block_ratios_figure, export_format_control, fmt_params, kind_order, ratios_figure, show
 from dashboard.results import LEGEND_BELOW, file_name
 from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, setup
 
@@ -174,12 +174,12 @@ figs += [ratios_figure(ratios, S, kinds, "A: ratio per matrix" if other is not N
 figs += [ratios_figure(other[0], S, kinds, "B: ratio per matrix")] if other is not None else []
 for fig in figs:
     fig.update_layout(legend=LEGEND_BELOW)
-st.plotly_chart(figs[0], width="stretch", key="blocks")
-for where, fig, key in zip(st.columns(len(figs) - 1), figs[1:], ("ra", "rb")):
-    where.plotly_chart(fig, width="stretch", key=key)
-
 model = (analysis.model if ss[State.a_source] == "loaded model" else ss[State.a_source].removeprefix("profile: "))
 settings = [allocation_label(ss[State.a_method]), f"S{S:.2f}", f"rmax{ss[State.a_rmax]:g}"]
+export_format_control()
+show(figs[0], "ratios-by-block", settings="_".join(settings), model=model, key="blocks")
+for where, fig, key in zip(st.columns(len(figs) - 1), figs[1:], ("ra", "rb")):
+    show(fig, f"ratios-{key}", settings="_".join(settings), model=model, key=key, where=where)
 settings += [f"{ss[State.a_metric]}", f"eps{ss[State.a_epsilon]:g}", ss[State.a_mapping]] if ss[State.a_method] == "alpha" else []
 settings += ["dense-" + "-".join(ss[State.a_dense])] if ss[State.a_dense] else []
 csv_name = file_name(model.split("/")[-1], "allocation", *settings)

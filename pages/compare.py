@@ -11,6 +11,7 @@ from core.compare_sources import analysed_runs, cached_analyses, cache_folder, e
 from core.quant import quant_alpha_message
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
+from dashboard.figures import export_format_control, show
 from dashboard.state import METRICS, PAGES, State, assign, setup
 
 #: this page's session keys (widgets keep their values across pages: re-assigned below)
@@ -157,11 +158,13 @@ def follow(event, chart: str) -> None:
     ss[f"_pick_{chart}"] = key
 
 
-ev = st.plotly_chart(depth_overlay_figure(long, metric, labels), width="stretch", key="cmp_depth",
-                     on_select="rerun", selection_mode="points")
+export_format_control()
+names = "-vs-".join(labels)
+ev = show(depth_overlay_figure(long, metric, labels), "compare-depth", settings={"metric": metric}, model=names,
+          key="cmp_depth", on_select="rerun", selection_mode="points")
 follow(ev, "depth")
-ev = st.plotly_chart(delta_heatmap_figure(deltas, target, metric, labels[0]), width="stretch", key="cmp_delta",
-                     on_select="rerun", selection_mode="points")
+ev = show(delta_heatmap_figure(deltas, target, metric, labels[0]), "compare-delta", settings={"metric": metric},
+          model=names, key="cmp_delta", on_select="rerun", selection_mode="points")
 follow(ev, "delta")
 st.caption("Click a point or a cell to open that matrix below. Red: the metric grew against the reference; "
            "blue: it fell; blank cells: the matrix is missing from one of the two.")
@@ -177,7 +180,8 @@ eigs_of = {e.label: e.eigs for e in entries}
 items = [{"label": r["source"], "row": r, "eigs": eigs_of[r["source"]][r["name"]]}
          for r in long[long["key"] == ss[MATRIX]].to_dict("records") if r["name"] in eigs_of[r["source"]]]
 if items:
-    st.plotly_chart(esd_overlay_figure(items, show_fit=ss[FIT]), width="stretch", key="cmp_esd")
+    show(esd_overlay_figure(items, show_fit=ss[FIT]), "compare-esd", settings={"matrix": ss[MATRIX]}, model=names,
+         key="cmp_esd")
 else:
     st.info("No eigenvalues for this matrix in these sources (saved tables carry only the metrics).")
 zeros = long.groupby("source", sort=False)["n_zero"].sum(min_count=1)
@@ -199,9 +203,10 @@ st.dataframe(result.by_kind(metric), hide_index=True, width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("mean", "change")})
 
 st.subheader("Distributions")
-st.plotly_chart(distribution_figure(long, metric, labels), width="stretch", key="cmp_dist")
+show(distribution_figure(long, metric, labels), "compare-distribution", settings={"metric": metric}, model=names,
+     key="cmp_dist")
 if long["step"].notna().any() and long["step"].nunique() > 1:
-    st.plotly_chart(series_figure(long, metric), width="stretch", key="cmp_series")
+    show(series_figure(long, metric), "compare-series", settings={"metric": metric}, model=names, key="cmp_series")
 
 st.subheader("Missing matrices")
 if result.missing.empty:

@@ -13,9 +13,11 @@ from core.models import REPORT_NAME, resolve_source
 from core.registry import Registry
 from dashboard import jobs
 from dashboard.results import file_name, results_figure, with_baselines
+from dashboard.figures import export_format_control, show
 from dashboard.state import PAGES, State, allocation_label, loaded_source, setup
 
 setup()
+export_format_control()
 ss = st.session_state
 st.title("Prune & compare")
 st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it survives page switches and "
@@ -58,6 +60,9 @@ with st.container(border=True):
     c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows, help="fewer windows: a quicker, rougher perplexity")
     st.checkbox("Save the pruned model (Hugging Face folder with a report)", key=State.p_save,
                 help=f"into {home() / 'pruned'}, a new folder per run")
+    st.checkbox("Analyse the pruned model (its spectra, for Compare)", key=State.p_analyze,
+                help="after pruning, the spectra of the pruned matrices are computed and cached, so the run can be "
+                     "compared with the dense model on Compare (adds the time of one analysis)")
     b1, b2 = st.columns(2)
     start = b1.button("Prune and evaluate", type="primary", icon=":material/play_arrow:")
     baseline = b2.button("Evaluate the dense baseline", icon=":material/speed:")
@@ -94,7 +99,8 @@ def prune_spec() -> PruneSpec:
                      nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
                      evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
                                                max_windows=ss[State.p_eval_windows]),
-                     device=ss[State.device], save=save_folder(method, nm or allocation) if ss[State.p_save] else None)
+                     device=ss[State.device], save=save_folder(method, nm or allocation) if ss[State.p_save] else None,
+                     analyze_output=bool(ss[State.p_analyze]))
 
 
 def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> None:
@@ -219,7 +225,7 @@ for i, key in enumerate(groups):
         st.markdown(f"**{settings}**" + (" · latest settings" if i == 0 else ""))
         if not group_pruned.empty:
             fig = results_figure(members, title=f"perplexity against sparsity · {settings}")
-            st.plotly_chart(fig, width="stretch", key=f"ppl_{i}")
+            show(fig, "perplexity", settings=settings, model=label.split("/")[-1], key=f"ppl_{i}")
         if not group_pruned.empty and (members["kind"] == "eval").sum() == 0:
             last = group_pruned.iloc[-1]
             if st.button("Evaluate the dense baseline with these settings", key=f"dense_{i}", icon=":material/speed:"):
@@ -253,3 +259,18 @@ st.dataframe(table[columns], hide_index=True, width="stretch", key="runs",
 st.download_button("Download the runs as CSV", table[columns + ["key"]].to_csv(index=False).encode(),
                    file_name=file_name(label.split("/")[-1], "runs", f"{len(groups)}-settings"), mime="text/csv",
                    icon=":material/download:", on_click="ignore")
+
+# --- before and after pruning: the runs whose output was analysed, one click from Compare ------
+done = registry.query(kind="prune", status="done", model_identity=identity)
+analysed = done[done["allocation_params"].map(lambda p: isinstance(p, dict) and "analysis" in p)]
+if not analysed.empty:
+    st.subheader("How did pruning change each layer's spectrum?")
+    labels = {int(r.id): f"run {r.id}: {r.method} {allocation_label(r.allocation)} "
+              + (f"N:M {r.nm}" if isinstance(r.nm, str) and r.nm else f"S={float(r.sparsity):.2f}")
+              for r in analysed.itertuples()}
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    picked = c1.multiselect("Pruned runs whose output was analysed", list(labels), default=list(labels)[-2:],
+                            format_func=labels.get, key="p_compare_runs")
+    if c2.button("Compare with the dense model", icon=":material/compare:", disabled=not picked):
+        ss["cmp_runs"] = list(picked)        # Compare preselects the dense analysis and these runs
+        st.switch_page(PAGES["compare"][0])

@@ -1,5 +1,7 @@
 """Layer quality: a metric over blocks and kinds, against depth, its distribution, the flagged matrices."""
 import streamlit as st
+from core.quant import quant_alpha_message
+
 
 from dashboard.figures import (csv_button, depth_figure, distribution_figure, export_format_control, heatmap_figure,
                                kind_order, show)
@@ -64,8 +66,15 @@ if c3.button("Open in Spectra", type="primary", icon=":material/ssid_chart:"):
 if not cell.empty:
     r = cell.iloc[0]
     extra = f" · alpha = {r['alpha']:.3g}" if metric != "alpha" else ""
-    st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g}{extra} · status: {r['status']}")
+    quant = f" · quantization {r['quant']}" if isinstance(r.get("quant"), str) and r["quant"] else ""
+    st.caption(f"`{r['name']}`: {metric} = {r[metric]:.4g}{extra} · status: {r['status']}{quant}")
 
+if "quant" in table.columns and table["quant"].notna().any():
+    by_type = table.groupby("quant")[metric].median()
+    st.caption("Quantization of the source (GGUF): " + " · ".join(
+        f"{q}: {int((table['quant'] == q).sum())} matrices, median {metric} {v:.3g}" for q, v in by_type.items()))
+    if note := quant_alpha_message(table, metric):
+        st.info(note, icon=":material/info:")
 left, right = st.columns(2)
 show(depth_figure(table, metric, kinds), "depth", settings={"metric": metric, "xmin": analysis.xmin}, where=left)
 show(distribution_figure(table, metric, kinds), "distribution", settings={"metric": metric, "xmin": analysis.xmin},
@@ -82,7 +91,8 @@ if flagged.empty:
 else:
     counts = flagged["status"].astype(str).str.replace(r"^no fit.*", "no fit", regex=True).value_counts()
     st.write(" · ".join(f"**{k}**: {v}" for k, v in counts.items()))
-    listed = flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]]
+    listed = flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]
+                     + (["quant"] if "quant" in flagged.columns and flagged["quant"].notna().any() else [])]
     csv_button(listed, "flagged", settings={"xmin": analysis.xmin}, where=h2)
     st.dataframe(listed, hide_index=True, width="stretch", on_select=lambda: clicked("flagged"),
                  selection_mode="single-row", key="flagged")
