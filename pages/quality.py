@@ -1,8 +1,7 @@
 """Layer quality: a metric over blocks and kinds, against depth, its distribution, the flagged matrices."""
 import streamlit as st
+
 from core.quant import quant_alpha_message
-
-
 from dashboard.figures import (csv_button, depth_figure, distribution_figure, export_format_control, heatmap_figure,
                                kind_order, show)
 from dashboard.state import METRICS, PAGES, State, analysis_page, assign
