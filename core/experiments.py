@@ -180,7 +180,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         if spec.save:
             out.output_dir = save_model(result.model, spec.save, _report(spec, loaded, out, params, result))
         if spec.analyze_output:   # the pruned model's spectra, cached; the run records where
-            a = analyze_copy(result.model, out.output_dir, f"run{run_id}", device=spec.device, progress=progress)
+            a = analyze_copy(result.model, out.output_dir, f"run{run_id}", xmin=spec.xmin, device=spec.device,
+                             progress=progress)
             registry.update(run_id, allocation_params={**params, "analysis": {"identity": a.identity, "xmin": a.xmin}})
         del result
     return out

@@ -100,7 +100,7 @@ def prune_spec() -> PruneSpec:
                      evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
                                                max_windows=ss[State.p_eval_windows]),
                      device=ss[State.device], save=save_folder(method, nm or allocation) if ss[State.p_save] else None,
-                     analyze_output=bool(ss[State.p_analyze]))
+                     analyze_output=bool(ss[State.p_analyze]), xmin=analysis.xmin if analysis is not None else "peak")
 
 
 def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> None:

@@ -75,6 +75,17 @@ def test_prune_and_eval_job_saves_and_reaches_the_comparison(demo, demo_analysis
     assert any(REPORT_NAME in e.label for e in at.expander)
     report = json.loads((saved / REPORT_NAME).read_text())
     assert report["method"] == "magnitude" and report["output_dir"] == str(saved)
+    # the output was analysed (on by default here): one click opens Compare, dense vs pruned preselected
+    from core.registry import Registry
+
+    params = Registry().get(int(row["id"]))["allocation_params"]
+    assert params["analysis"]["identity"]                       # recorded by --analyze-output
+    assert "How did pruning change each layer's spectrum?" in [h.value for h in at.subheader]
+    button = next(b for b in at.button if b.label == "Compare with the dense model")
+    button.click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Compare"
+    assert len(at.session_state["cmp_sources"]) == 2                # the dense analysis and the pruned one
 
 
 @pytest.fixture
