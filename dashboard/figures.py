@@ -345,22 +345,6 @@ def phases_figure(examples: list[tuple[str, np.ndarray]], *, unit_label: str = "
     return fig
 
 
-def perplexity_figure(pruned: pd.DataFrame, dense: float | None) -> go.Figure:
-    """Perplexity against sparsity, one line per "method · allocation" setting (the last run of
-    each sparsity), with the dense model's perplexity as a dashed line."""
-    fig = go.Figure()
-    for i, (setting, t) in enumerate(pruned.sort_values("sparsity").groupby("setting", sort=True)):
-        t = t.groupby("sparsity", as_index=False)["perplexity"].last()
-        fig.add_trace(go.Scatter(x=t["sparsity"], y=t["perplexity"], mode="lines+markers", name=setting,
-                                 line=dict(color=palette(i), width=2)))
-    if dense is not None:      # a trace, not a shape: placed at the value itself on the log axis
-        _mark(fig, [0.0, 1.0], [dense, dense], name=f"dense {dense:.2f}", color="#1F2430", dash="dash")
-    fig.update_layout(**LAYOUT, title="perplexity against sparsity", xaxis_title="sparsity", yaxis_title="perplexity")
-    log_axis(fig, [pruned["perplexity"].to_numpy()] + ([[dense]] if dense is not None else []), axis="y")
-    fig.update_xaxes(range=[-0.02, 1.0])
-    return fig
-
-
 #: session key of the chart download format, "png" or "svg" (not yet in ``State``: it belongs there)
 EXPORT_FORMAT = "fig_format"
 

@@ -100,6 +100,18 @@ def shot(page, name: str) -> None:
         shutil.copy(path, SCREENSHOTS / path.name)
 
 
+def finished_run(registry, kind: str, known: set, what: str, timeout: float = 240):
+    """The newest ``kind`` run of the registry that is not in ``known``, once it has stopped running."""
+    deadline = time.time() + timeout
+    while True:
+        runs = registry.query(kind=kind)
+        new = runs[~runs["id"].isin(known)]
+        if not new.empty and new["status"].iloc[-1] != "running":
+            return new.iloc[-1]
+        assert time.time() < deadline, f"{what} did not finish in {timeout:g} s"
+        time.sleep(1.0)
+
+
 def wait_idle(page, timeout: float = 30_000) -> None:
     """Until Streamlit's 'running' indicator is gone."""
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout)
@@ -200,15 +212,7 @@ def test_dashboard_end_to_end(page, server):
     assert slider_value(page, "Calibration windows") == calib
     assert page.get_by_test_id("stCheckbox").filter(has_text="Save the pruned model").get_by_role(
         "checkbox").is_checked()
-    deadline = time.time() + 240
-    while True:
-        runs = registry.query(kind="prune")
-        new = runs[~runs["id"].isin(known)]
-        if not new.empty and new["status"].iloc[-1] != "running":
-            break
-        assert time.time() < deadline, "the prune job did not finish in 240 s"
-        time.sleep(1.0)
-    run = new.iloc[-1]
+    run = finished_run(registry, "prune", known, "the prune job")
     assert run["status"] == "done", run["error"]
     assert run["method"] == "magnitude" and run["perplexity"] > 1
     saved = Path(run["output_dir"])
@@ -223,16 +227,9 @@ def test_dashboard_end_to_end(page, server):
     # the dense baseline of the same settings, drawn at its perplexity
     known = set(registry.query(kind="eval")["id"])
     page.get_by_role("button", name="Evaluate the dense baseline with these settings").click()
-    deadline = time.time() + 240
-    while True:
-        runs = registry.query(kind="eval")
-        new = runs[~runs["id"].isin(known)]
-        if not new.empty and new["status"].iloc[-1] != "running":
-            break
-        assert time.time() < deadline, "the dense evaluation did not finish in 240 s"
-        time.sleep(1.0)
-    assert new["status"].iloc[-1] == "done", new["error"].iloc[-1]
-    dense = float(new["perplexity"].iloc[-1])
+    dense_run = finished_run(registry, "eval", known, "the dense evaluation")
+    assert dense_run["status"] == "done", dense_run["error"]
+    dense = float(dense_run["perplexity"])
     page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
                            ".some(p => p._fullData && p._fullData.some(t => t.name.startsWith('dense')))",
                            timeout=30_000)
