@@ -226,7 +226,7 @@ def test_dashboard_end_to_end(page, server):
 
     # the dense baseline of the same settings, drawn at its perplexity
     known = set(registry.query(kind="eval")["id"])
-    page.get_by_role("button", name="Evaluate the dense baseline with these settings").click()
+    page.get_by_role("button", name="Evaluate the dense baseline with these settings").first.click()   # the latest settings come first
     dense_run = finished_run(registry, "eval", known, "the dense evaluation")
     assert dense_run["status"] == "done", dense_run["error"]
     dense = float(dense_run["perplexity"])
