@@ -7,7 +7,13 @@
    with the eigenvalues of a sample compared with float64 on the CPU;
 3. Wanda and SparseGPT on one LLaMA-7B-shaped block with 128 x 2048 calibration tokens, and
    the projection to all 32 blocks;
-4. peak GPU memory of each stage.
+4. the eigenvalue routes timed on one 4096x4096 matrix (float64 Gram + eigvalsh, the one in
+   use; float32 Gram + eigvalsh; float64 singular values), with their errors;
+5. Wanda on a whole LLaMA-7B-shaped model (32 blocks, random weights, float16), measured,
+   not projected (``--no-full`` skips it);
+6. peak GPU memory of each stage.
+
+Each stage prints its line as soon as it ends, so a run cut short still reports what it did.
 
     python benchmarks/gpu_check.py                       # on the GPU machine (device cuda)
     python benchmarks/gpu_check.py --small --device cpu  # scaled-down shapes, a CPU smoke test
@@ -34,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.analysis import build_table  # noqa: E402
-from core.models import MatrixInfo, wrap_model  # noqa: E402
+from core.models import LoadedModel, MatrixInfo, family_of, prunable_matrices  # noqa: E402
 from core.pruning import prune  # noqa: E402
 from core.spectra import compute_spectra, eigenvalues  # noqa: E402
 
@@ -71,8 +77,12 @@ def _peak_gib(device: str) -> float:
 def cuda_tests(device: str) -> dict:
     if not device.startswith("cuda"):
         return {"status": "skipped (no CUDA device)"}
+    # only the files that hold CUDA tests: collecting the whole suite would import the
+    # dashboard's and the browser test's packages, which a bare GPU image need not have
+    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                   if "mark.cuda" in f.read_text())
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files],
                           cwd=ROOT, capture_output=True, text=True)
     last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     return {"status": "passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})", "summary": last,
@@ -120,24 +130,56 @@ def per_shape(s: dict, device: str, repeat: int = 2) -> dict:
     return out
 
 
-def one_block(s: dict, device: str, dtype: torch.dtype, method: str) -> dict:
-    """``method`` on a one-block LLaMA with this shape, ``nsamples x seqlen`` random tokens."""
+def routes(device: str, n: int) -> dict:
+    """One ``n x n`` matrix's eigenvalues by three routes: seconds and error against float64 CPU."""
+    w = _weight(7, n, n, device)
+    ref = eigenvalues(w.cpu(), device="cpu")
+    out = {}
+
+    def timed(name, fn):
+        fn()                                  # warm-up (kernels, workspace)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        got = np.sort(fn().double().cpu().numpy())
+        out[name] = {"ms": (time.perf_counter() - start) * 1000,
+                     "max_rel_error": float(np.max(np.abs(got - ref)) / ref[-1])}
+
+    w64 = w.double()
+    timed("float64 Gram + eigvalsh (in use)", lambda: torch.linalg.eigvalsh(w64.T @ w64))
+    timed("float32 Gram + eigvalsh", lambda: torch.linalg.eigvalsh(w.T @ w))
+    timed("float64 svdvals squared", lambda: torch.linalg.svdvals(w64) ** 2)
+    return out
+
+
+def _llama(s: dict, blocks: int, device: str, dtype: torch.dtype) -> LoadedModel:
+    """A random LLaMA of these shapes, built on ``device`` (its identity is its shape: hashing
+    a 7B model's weights would take longer than pruning it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=1,
+    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=blocks,
                       num_attention_heads=s["heads"], num_key_value_heads=s["heads"], vocab_size=s["vocab"],
                       max_position_embeddings=s["seqlen"])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
-    loaded = wrap_model(model, label=f"gpu-check block {s['hidden']}")
+    family = family_of(model)
+    label = f"gpu-check llama {s['hidden']}x{blocks}"
+    return LoadedModel(model, None, family, label, "mem:" + label, prunable_matrices(model, family))
+
+
+def pruned(s: dict, device: str, dtype: torch.dtype, method: str, blocks: int = 1) -> dict:
+    """``method`` at 50% on a ``blocks``-block LLaMA of these shapes, ``nsamples x seqlen`` random tokens."""
+    loaded = _llama(s, blocks, device, dtype)
     ids = torch.randint(0, s["vocab"], (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0))
     _peak_reset(device)
     result = prune(loaded, 0.5, method=method, calibration=ids, device=device)
     peak = _peak_gib(device)
-    del loaded, model
-    return {"seconds": result.seconds, "achieved": float(result.sparsity), "peak_gib": peak,
-            "projected_32_blocks_s": result.seconds * 32, "tokens": s["nsamples"] * s["seqlen"]}
+    del loaded
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"seconds": result.seconds, "achieved": float(result.sparsity), "peak_gib": peak, "blocks": blocks,
+            "projected_32_blocks_s": result.seconds * 32 / blocks, "tokens": s["nsamples"] * s["seqlen"]}
 
 
 def _guard(fn, *args) -> dict:
@@ -163,6 +205,9 @@ def table(res: dict) -> str:
                  ("analysis peak memory", f"{a['peak_gib']:.2f} GiB", "")]
     for shape, ms in res.get("per_matrix_ms", {}).items():
         rows.append((f"one spectrum {shape}", f"{ms:.1f} ms" if shape != "error" else ms, ""))
+    for name, r in res.get("routes", {}).items():
+        rows.append((f"route: {name}", r if isinstance(r, str) else
+                     f"{r['ms']:.0f} ms, max error {r['max_rel_error']:.1e} of lambda_max", ""))
     for m in ("wanda", "sparsegpt"):
         r = res[m]
         if "error" in r:
@@ -172,6 +217,11 @@ def table(res: dict) -> str:
                   f"{r['seconds']:.1f} s, sparsity {r['achieved']:.3f}, peak {r['peak_gib']:.2f} GiB", ""),
                  (f"{m}, all 32 blocks (projected)", f"{r['projected_32_blocks_s'] / 60:.1f} min",
                   "< 5 min" if m == "wanda" and not res["small"] else "-")]
+    full = res.get("wanda_full")
+    if full:
+        rows.append(("wanda, whole model, measured", full["error"] if "error" in full else
+                     f"{full['blocks']} blocks in {full['seconds'] / 60:.1f} min, sparsity {full['achieved']:.3f}, "
+                     f"peak {full['peak_gib']:.1f} GiB", "< 5 min" if not res["small"] else "-"))
     head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
             f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
     lines = [head, "", "| check | result | goal |", "|---|---|---|"]
@@ -186,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="the pruned block's dtype (default float16 on CUDA, float32 on the CPU)")
     p.add_argument("--sample", type=int, default=3, help="matrices compared with float64 on the CPU (default 3)")
+    p.add_argument("--no-full", action="store_true", help="skip Wanda on the whole 32-block model")
     p.add_argument("--json", metavar="FILE", help="write every number (default benchmarks/results/gpu_check.json)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -197,11 +248,18 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "python": platform.python_version(), "shapes": s,
            "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
            else platform.processor() or "CPU"}
-    res["cuda_tests"] = cuda_tests(args.device)
-    res["analysis"] = _guard(analysis, s, args.device, args.sample)
-    res["per_matrix_ms"] = _guard(per_shape, s, args.device)
+    def stage(key, fn, *a):
+        res[key] = fn(*a)
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(res[key], default=str)[:1500]}", flush=True)
+
+    stage("analysis", _guard, analysis, s, args.device, args.sample)
+    stage("cuda_tests", cuda_tests, args.device)
     for method in ("wanda", "sparsegpt"):
-        res[method] = _guard(one_block, s, args.device, dtype, method)
+        stage(method, _guard, pruned, s, args.device, dtype, method)
+    stage("per_matrix_ms", _guard, per_shape, s, args.device)
+    stage("routes", _guard, routes, args.device, s["hidden"])
+    if not args.no_full:
+        stage("wanda_full", _guard, pruned, s, args.device, dtype, "wanda", s["blocks"])
     text = table(res)
     res["table"] = text
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"gpu_check{'_small' if args.small else ''}.json")
@@ -209,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=1, default=str))
     print(text)
     print(f"\nwrote {out}")
-    failed = any("error" in res[k] for k in ("analysis", "wanda", "sparsegpt")) or "FAILED" in res["cuda_tests"]["status"]
+    failed = any("error" in res.get(k, {}) for k in ("analysis", "wanda", "sparsegpt", "routes", "wanda_full")) or "FAILED" in res["cuda_tests"]["status"]
     return 1 if failed else 0
 
 
