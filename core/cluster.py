@@ -28,7 +28,7 @@ from .experiments import alpha_metrics, calibration_for, eval_run, load_for, pru
 from .spec import PruneSpec
 from .models import LoadedModel, MatrixInfo, Source, iter_weights, load_model
 from .progress import Cancelled, Progress, is_cancelled, report
-from .pruning import owl_scores as compute_owl_scores
+from .owlcache import owl_scores_for
 from .registry import Registry
 from .spectra import Spectrum, compute_spectra
 from .sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, SWEEP_COLUMNS, Tuning, sweep_specs, tune
@@ -266,7 +266,7 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
         calibration = calibration_for(base, loaded)
     inputs = {"loaded": loaded, "calibration": calibration, "owl": None, "metrics": metrics}
     if "owl" in allocations:
-        inputs["owl"] = compute_owl_scores(loaded, calibration, device=base.device, progress=progress, cancel=cancel)
+        inputs["owl"] = owl_scores_for(loaded, calibration, device=base.device, progress=progress, cancel=cancel)
     if "alpha" in allocations:
         inputs["metrics"] = alpha_metrics(base, loaded, metrics, progress)
     jobs = ([("eval", base)] if dense else []) + [("prune", s) for s in specs]

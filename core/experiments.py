@@ -19,7 +19,7 @@ from .evaluation import Perplexity, perplexity
 from .metricsfile import read_metrics
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton, save_model
 from .progress import Progress
-from .pruning import owl_scores as compute_owl_scores
+from .owlcache import owl_scores_for
 from .pruning import PruneResult, prune, prune_to_folder
 from .registry import Registry, software_versions
 from .runkey import RunKey, run_key
@@ -117,7 +117,7 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
             _fail("metric", spec.metric, "not a column of the metrics table; use alpha, alpha_hat, log_norm, ...")
         table = table.merge(scored[["name", spec.metric]], on="name", how="left")
     if spec.allocation == "owl" and owl_scores is None:
-        owl_scores = compute_owl_scores(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
+        owl_scores = owl_scores_for(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
     return allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric, mapping=spec.mapping,
                     epsilon=DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon,
                     r_max=DEFAULT_R_MAX if spec.r_max is None else spec.r_max, dense_kinds=spec.dense_kinds,

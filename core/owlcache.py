@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .calibration import DEFAULT_SEED, calibration_data
+from .calibration import DEFAULT_SEED, Calibration, calibration_data
 from .config import atomic_file, home
 from .models import LoadedModel
 from .progress import Progress
@@ -73,17 +73,27 @@ def read_owl_scores(identity: str, settings: OwlSettings) -> dict[int, float] | 
     return {int(block): float(share) for block, share in data["scores"].items()}
 
 
+def settings_of(calibration: Calibration, m: float = OWL_M) -> OwlSettings:
+    """The cache settings of scores computed on ``calibration``."""
+    return OwlSettings(calibration.dataset, calibration.nsamples, calibration.seqlen, calibration.seed,
+                       calibration.bos, m)
+
+
 def owl_scores_cached(loaded: LoadedModel, settings: OwlSettings = OwlSettings(), *, device: str = "auto",
-                      progress: Progress = None, cancel: object = None) -> OwlScores:
+                      progress: Progress = None, cancel: object = None,
+                      calibration: Calibration | None = None) -> OwlScores:
     """OWL's scores of ``loaded`` with ``settings``: from the cache, or computed (on the
-    ``calib`` part of the text, never the evaluation text) and cached."""
+    ``calib`` part of the text, never the evaluation text; on ``calibration`` when given, whose
+    settings must be ``settings``) and cached."""
     path = cache_path(loaded.identity, settings)
     start = time.perf_counter()
     scores = read_owl_scores(loaded.identity, settings)
     if scores is not None:
+        log.info("OWL scores of %s (%s) read from %s", loaded.source, settings.label(), path)
         return OwlScores(loaded.identity, settings, scores, path, True, time.perf_counter() - start)
-    calib = calibration_data(loaded.tokenizer, dataset=settings.dataset, nsamples=settings.nsamples,
-                             seqlen=settings.seqlen, seed=settings.seed, model=loaded.model, bos=settings.bos)
+    calib = calibration or calibration_data(loaded.tokenizer, dataset=settings.dataset, nsamples=settings.nsamples,
+                                            seqlen=settings.seqlen, seed=settings.seed, model=loaded.model,
+                                            bos=settings.bos)
     scores = owl_scores(loaded, calib, m=settings.m, device=device, progress=progress, cancel=cancel)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"identity": loaded.identity, "model": loaded.source, **vars(settings),
@@ -91,3 +101,14 @@ def owl_scores_cached(loaded: LoadedModel, settings: OwlSettings = OwlSettings()
     atomic_file(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     log.info("OWL scores of %s (%s) cached in %s", loaded.source, settings.label(), path)
     return OwlScores(loaded.identity, settings, scores, path, False, time.perf_counter() - start)
+
+
+def owl_scores_for(loaded: LoadedModel, calibration: object, *, device: str = "auto", progress: Progress = None,
+                   cancel: object = None) -> dict[int, float]:
+    """OWL's scores on ``calibration``: through the disk cache when it is a ``Calibration`` (so a
+    prune job reuses the statistics the Allocation page computed with the same windows), else
+    computed (bare token ids carry no settings to key a cache by)."""
+    if isinstance(calibration, Calibration) and loaded.identity:
+        return owl_scores_cached(loaded, settings_of(calibration), device=device, progress=progress, cancel=cancel,
+                                 calibration=calibration).scores
+    return owl_scores(loaded, calibration, device=device, progress=progress, cancel=cancel)

@@ -28,7 +28,7 @@ from .fit import XMIN_METHODS
 from .models import LoadedModel, MatrixInfo
 from .progress import Progress
 from .pruning import METHODS as PRUNE_METHODS
-from .pruning import owl_scores as compute_owl_scores
+from .owlcache import owl_scores_for
 from .pruning import prune
 from .registry import Registry
 from .runkey import RunKey, run_key
@@ -68,7 +68,7 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
         rows.append({"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
                      "perplexity": ppl.perplexity, "prune_seconds": 0.0, "eval_seconds": ppl.seconds,
                      "run_id": run_id, "key": key.key, "settings": key.settings})
-    owl = compute_owl_scores(loaded, calibration, device=base.device, progress=progress, cancel=cancel) \
+    owl = owl_scores_for(loaded, calibration, device=base.device, progress=progress, cancel=cancel) \
         if "owl" in allocations else None
     if "alpha" in allocations:
         metrics = alpha_metrics(base, loaded, metrics, progress)

@@ -316,3 +316,31 @@ def test_sweep_gives_each_method_its_own_epsilon(demo, tmp_path):
     report = sweep_report(table, base, model="tiny", calibration=None, seconds=6.0)
     assert "Comparison keys" in report and "BOS auto" in report
     assert all(f"- {s} (key `{k}`)" in report for s, k in zip(table["settings"], table["key"]))
+
+
+def test_owl_allocation_reads_and_fills_the_disk_cache(tmp_path, monkeypatch):
+    """A prune with OWL ratios reuses the statistics cached for the same weights and calibration
+    settings (the Allocation page's background job writes them), and caches what it computes."""
+    from core.allocation import allocate, matrix_table
+    from core.calibration import Calibration
+    from core.experiments import choose_allocation
+    from core.owlcache import cache_path, read_owl_scores, settings_of
+    from core.pruning import owl_scores
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    loaded = wrap_model(tiny_model("llama"), label="tiny owl")
+    calib = Calibration(_ids(4, 32), "wiki", 0, 10_000, "none", False)
+    spec = PruneSpec(model="demo", method="wanda", allocation="owl", sparsity=0.5, device="cpu")
+    first = choose_allocation(spec, loaded, calibration=calib).ratio_by_name()
+    path = cache_path(loaded.identity, settings_of(calib))
+    computed = owl_scores(loaded, calib, device="cpu")
+    assert read_owl_scores(loaded.identity, settings_of(calib)) == pytest.approx(computed)
+    # other scores in the cache: the allocation follows the cache, not a recomputation
+    planted = {block: (0.5 if block == 0 else 0.0) for block in computed}
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "scores": planted}))
+    second = choose_allocation(spec, loaded, calibration=calib).ratio_by_name()
+    expected = allocate(matrix_table(loaded.matrices), sparsity=0.5, method="owl", owl_scores=planted).ratio_by_name()
+    assert second == pytest.approx(expected) and second != pytest.approx(first)
+    # bare token ids carry no settings: computed, never read from a cache
+    assert choose_allocation(spec, loaded, calibration=calib.input_ids).ratio_by_name() == pytest.approx(first)
