@@ -30,14 +30,13 @@ lesson = st.segmented_control("Lesson", LESSONS, key=LESSON, default=LESSONS[0],
                               label_visibility="collapsed", **KEEP)
 
 
-def spectrum(w: np.ndarray) -> np.ndarray:
-    """Eigenvalues of W^T W from the engine, on one BLAS thread: on the 2 shared cores a
-    multi-threaded solver took 1.2 s (median; up to 13 s) for 800 x 400, one thread 0.05 s."""
-    with threadpool_limits(1):
-        return eigenvalues(w)
+# The lessons' matrices are small: one BLAS thread is fastest and steady. Multi-threaded on the 2 shared
+# cores, one 800 x 400 eigendecomposition took 1.2 s (median; up to 13 s), on one thread 0.05 s.
+ONE_THREAD = threadpool_limits.wrap(limits=1)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
+@ONE_THREAD
 def lesson_eigs(kind: str, n: int, m: int, shape: float, seed: int) -> np.ndarray:
     """Eigenvalues of W^T W of a synthetic N x M matrix: "pareto" entries of tail index ``shape``;
     "gaussian" entries of variance 1; "spike": gaussian + ``shape`` * theta_c u v^T (unit u, v;
@@ -53,10 +52,11 @@ def lesson_eigs(kind: str, n: int, m: int, shape: float, seed: int) -> np.ndarra
         if kind == "spike":
             u, v = rng.normal(size=n), rng.normal(size=m)
             w += shape * (n * m) ** 0.25 * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v))
-    return spectrum(w)
+    return eigenvalues(w)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
+@ONE_THREAD
 def fitted(n: int, m: int, mu: float, seed: int):
     """The heavy-tails lesson's eigenvalues and their power-law fit (xmin by KS distance)."""
     eigs = lesson_eigs("pareto", n, m, mu, seed)
@@ -64,6 +64,7 @@ def fitted(n: int, m: int, mu: float, seed: int):
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
+@ONE_THREAD
 def phase_examples(seed: int, n: int = 500, m: int = 250) -> list[tuple[str, np.ndarray]]:
     """One synthetic matrix per phase of Martin & Mahoney, as eigenvalues of X = W^T W / N."""
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def phase_examples(seed: int, n: int = 500, m: int = 250) -> list[tuple[str, np.
         ("5 · heavy-tailed: power-law tail", pareto),
         ("6 · rank-collapse: mass near 0", low_rank + 1e-3 * noise),
     ]
-    return [(title, spectrum(w) / n) for title, w in matrices]
+    return [(title, eigenvalues(w) / n) for title, w in matrices]
 
 
 def synthetic_row(n: int, m: int, var: float, fit=None) -> dict:
