@@ -69,6 +69,8 @@ def test_spike_separates_above_threshold_with_its_own_variance():
     assert top > 1.3 * edge and abs(top / predicted - 1) < 0.1
     at.slider(key="l_spike_var").set_value(2.0).run()
     assert abs(float(metric(at, "bulk edge λ+")) / edge - 2.0) < 1e-3
+    top, predicted = float(metric(at, "largest eigenvalue")), float(metric(at, "prediction"))
+    assert abs(top / predicted - 1) < 0.1                       # the spike formula at sigma² = 2
     assert at.session_state["l_var"] == 1.0                     # lesson 1's slider is another one
 
 
@@ -112,3 +114,34 @@ def test_lesson_and_sliders_survive_a_page_switch():
     at.switch_page("pages/learn.py").run()
     assert at.slider(key="l_eps").value == 0.5
 
+
+
+def test_only_the_shown_lesson_decomposes_and_variance_needs_no_new_spectrum(monkeypatch):
+    """Counts the engine's eigendecompositions (the real function, wrapped): hidden lessons compute
+    nothing, and a noise variance rescales the cached spectrum of the unit-variance matrix."""
+    import core.spectra
+    import streamlit as st
+
+    shapes = []
+    real = core.spectra.eigenvalues
+
+    def counted(w, **kwargs):
+        shapes.append(tuple(np.shape(w)))
+        return real(w, **kwargs)
+
+    monkeypatch.setattr(core.spectra, "eigenvalues", counted)
+    st.cache_data.clear()
+    at = lesson(5)                                              # alpha -> sparsity: no synthetic matrix
+    assert not at.exception and shapes == []
+    at.button_group(key="l_lesson").set_value(LESSONS[0]).run()
+    assert shapes == [(800, 400)]
+    at.slider(key="l_var").set_value(2.0).run()
+    assert shapes == [(800, 400)]
+    at.button_group(key="l_lesson").set_value(LESSONS[2]).run()   # the spike matrix, lesson 1's not again
+    at.slider(key="l_spike_var").set_value(2.0).run()
+    assert shapes == [(800, 400)] * 2
+    at.slider(key="l_spike").set_value(2.5).run()
+    assert shapes == [(800, 400)] * 3
+    at.button_group(key="l_lesson").set_value(LESSONS[3]).run()   # six 500 x 250 phase examples
+    at.button_group(key="l_lesson").set_value(LESSONS[4]).run()
+    assert not at.exception and shapes == [(800, 400)] * 3 + [(500, 250)] * 6
