@@ -83,18 +83,19 @@ def test_sweep_job_shows_its_pivot_and_lands_in_the_registry(demo, demo_analysis
     assert job.status() == "done", job.error()
     written = pd.read_csv(job.file("sweep.csv"))                # what the CLI wrote into the job's folder
     assert list(written["method"]) == ["dense", "magnitude", "magnitude"]
-    shown = at.dataframe(key=f"pivot_{job.id}").value.set_index("setting")
-    assert list(shown.columns) == ["50%"]
+    assert len(at.dataframe) == 1                                # the one finished sweep: its pivot
+    shown = at.dataframe[0].value.set_index("setting")
+    assert list(shown.columns) == ["0%", "50%"]                  # dense at sparsity 0
     ppl = dict(zip(written["method"] + " " + written["allocation"], written["perplexity"]))
-    assert shown.loc["dense", "50%"] == pytest.approx(ppl["dense -"])
+    assert shown.loc["dense", "0%"] == pytest.approx(ppl["dense -"])
     assert shown.loc["magnitude uniform", "50%"] == pytest.approx(ppl["magnitude uniform"])
     assert shown.loc["magnitude alpha (eps 0.3)", "50%"] == pytest.approx(ppl["magnitude alpha"])
-    assert shown.loc["dense", "50%"] < shown.loc["magnitude uniform", "50%"]
+    assert shown.loc["dense", "0%"] < shown.loc["magnitude uniform", "50%"]
     assert f"comparison key `{written['key'].iloc[-1]}`" in texts(at)
     # the runs are in the registry: Prune & compare charts and lists them
     at.switch_page("pages/prune.py").run()
     assert not at.exception, at.exception
-    assert set(written["run_id"]) <= set(at.dataframe(key="runs").value["id"])
+    assert set(written["run_id"]) <= set(at.dataframe[0].value["id"])
 
 
 def test_tune_job_heatmap_and_use_this_allocation(demo, demo_analysis_full):
