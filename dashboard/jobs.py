@@ -191,7 +191,8 @@ def size_controls() -> None:
     c1.slider("Calibration windows", 1, 128, key=State.p_calib_n, help="the paper uses 128 windows of 2048 tokens")
     c2.select_slider("Tokens per window", [64, 128, 256, 512, 1024, 2048], key=State.p_seqlen,
                      help="also the evaluation window")
-    c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows, help="fewer windows: a quicker, rougher perplexity")
+    c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows,
+              help="fewer windows: a quicker, rougher perplexity")
 
 
 def list_jobs(limit: int = 20, commands: tuple[str, ...] | None = None) -> list[Job]:
@@ -224,7 +225,8 @@ def card(job: Job, done: Done) -> str:
     status = job.status()
     with st.container(border=True):
         c1, c2 = st.columns([5, 1], vertical_alignment="center")
-        c1.markdown(f"**{job.title}** · {status} · started {pd.Timestamp(job.info['started'], unit='s'):%H:%M:%S}")
+        started = pd.Timestamp(job.info["started"], unit="s")
+        c1.markdown(f"**{job.title}** · {status} · started {started:%H:%M:%S}")
         if status in ("running", "cancelling"):
             frac, msg = job.progress()
             c1.progress(frac, text=msg)
