@@ -110,6 +110,22 @@ def log_axis(fig: go.Figure, values, *, axis: str = "x", row: int | None = None,
     update(**ticks, row=row, col=col)
 
 
+def log_colorbar(values, title: str) -> dict:
+    """The colour bar of colours drawn from ``log10(values)`` (a log colour scale), with the
+    ticks a log axis over ``values`` would have (see :func:`log_ticks`)."""
+    v = np.ravel(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return dict(title=dict(text=title))
+    ticks = log_ticks(float(v.min()), float(v.max()))
+    if "tickvals" in ticks:
+        vals, text = ticks["tickvals"], ticks["ticktext"]
+    else:
+        exps = range(int(np.floor(np.log10(v.min()))), int(np.ceil(np.log10(v.max()))) + 1, ticks["dtick"])
+        vals, text = [10.0 ** e for e in exps], [_power_label(1, e) for e in exps]
+    return dict(title=dict(text=title), tickvals=np.log10(vals).tolist(), ticktext=list(text))
+
+
 def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of the positive eigenvalues: log bins (core) or linear bins."""
     x = np.asarray(eigs, dtype=np.float64)

@@ -24,6 +24,7 @@ PAGES = {
     "quality": ("pages/quality.py", "Layer quality", ":material/grid_on:"),
     "allocation": ("pages/allocation.py", "Allocation", ":material/tune:"),
     "prune": ("pages/prune.py", "Prune & compare", ":material/content_cut:"),
+    "sweep": ("pages/sweep.py", "Sweep & tune", ":material/grid_view:"),
     "compare": ("pages/compare.py", "Compare", ":material/compare:"),
     "learn": ("pages/learn.py", "Learn HT-SR", ":material/school:"),
 }
@@ -88,6 +89,22 @@ class State:
     p_save = "p_save"
     p_analyze = "p_analyze"
     p_job = "p_job"
+    # Sweep & tune (calibration and evaluation sizes: Prune's p_calib_n, p_seqlen, p_eval_windows)
+    s_methods = "s_methods"
+    s_allocations = "s_allocations"
+    s_sparsities = "s_sparsities"
+    s_epsilons = "s_epsilons"    # this and the next five start from the Allocation page's settings
+    s_metric = "s_metric"
+    s_xmin = "s_xmin"
+    s_mapping = "s_mapping"
+    s_rmax = "s_rmax"
+    s_dense = "s_dense"
+    s_ray = "s_ray"
+    t_epsilons = "t_epsilons"
+    t_xmins = "t_xmins"
+    t_metrics = "t_metrics"
+    t_holdout = "t_holdout"
+    s_job = "s_job"
     # Learn
     l_n = "l_n"
     l_m = "l_m"
@@ -105,13 +122,17 @@ class State:
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
         p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False, p_analyze: True,
         p_job: None, owl: {},
+        s_methods: ["magnitude", "wanda"], s_allocations: ["uniform", "alpha"], s_sparsities: [0.5, 0.6, 0.7],
+        s_epsilons: [0.3], s_metric: "alpha", s_xmin: "peak", s_mapping: "block", s_rmax: 0.99, s_dense: [],
+        s_ray: "", t_epsilons: [0.1, 0.2, 0.3, 0.4], t_xmins: ["peak"], t_metrics: ["alpha", "alpha_hat"],
+        t_holdout: 4, s_job: None,
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
     }
     #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
     KEPT = "_kept_widget_values"
     PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, s_job}
 
 
 def setup() -> None:
@@ -189,6 +210,26 @@ def loaded_source() -> str | None:
     if kind == "folder" and loaded.path is not None:
         return str(loaded.path)
     return None
+
+
+def job_model() -> tuple[str, str, str]:
+    """(model text for a job's ``--model``, weights identity, label): the model loaded on Home,
+    or the Home text box while none is loaded; a message and ``st.stop()`` when neither is usable."""
+    loaded = st.session_state.get(State.loaded)
+    source = loaded_source()
+    if loaded is not None and source is None:
+        st.error(f"The loaded model {loaded.source} cannot be named for a background job: load it again on "
+                 "Home / model.", icon=":material/error:")
+        st.stop()
+    if loaded is not None:
+        return source, loaded.identity, loaded.source
+    source = (st.session_state.get(State.source) or "demo").strip() or "demo"
+    try:
+        src = resolve_source(source)
+        return source, src.identity(), src.label
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"The model on Home / model is not usable: {exc}")
+        st.stop()
 
 
 def require_analysis():

@@ -27,6 +27,8 @@ st.selectbox("Metrics from", sources, key=State.a_source,
              help="the analysed model, or a published LLaMA alpha profile (for models too large to load here)")
 if analysis is None:
     st.caption("No model analysed yet: the published profiles work without one (Home / model loads a model).")
+elif ss[State.a_source] == "loaded model":
+    st.caption(f"Power-law fits with xmin **{analysis.xmin}** (set on Home / model, or by a tuning on Sweep & tune).")
 if ss[State.a_source] == "loaded model":
     table, identity = analysis.table, analysis.identity
 else:

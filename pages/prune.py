@@ -9,12 +9,12 @@ import streamlit as st
 from core import pruning
 from core.config import home
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
-from core.models import REPORT_NAME, resolve_source
+from core.models import REPORT_NAME
 from core.registry import Registry
 from dashboard import jobs
 from dashboard.results import file_name, results_figure, with_baselines
 from dashboard.figures import export_format_control, show
-from dashboard.state import PAGES, State, allocation_label, loaded_source, setup
+from dashboard.state import PAGES, State, allocation_label, job_model, setup
 
 setup()
 export_format_control()
@@ -25,21 +25,7 @@ st.caption("Pruning runs in a separate process (the `spectrascope` CLI): it surv
 
 # --- the model: the one loaded on Home (the text box only while nothing is loaded) -----------
 loaded, analysis = ss[State.loaded], ss[State.analysis]
-source = loaded_source()
-if loaded is not None and source is None:
-    st.error(f"The loaded model {loaded.source} cannot be named for a background job: load it again on "
-             "Home / model.", icon=":material/error:")
-    st.stop()
-if loaded is not None:
-    identity, label = loaded.identity, loaded.source
-else:
-    source = (ss[State.source] or "demo").strip() or "demo"
-    try:
-        src = resolve_source(source)
-        identity, label = src.identity(), src.label
-    except (ValueError, FileNotFoundError) as exc:
-        st.error(f"The model on Home / model is not usable: {exc}")
-        st.stop()
+source, identity, label = job_model()
 
 # --- settings ------------------------------------------------------------------------------
 allocation = ss[State.a_method]
@@ -53,11 +39,7 @@ with st.container(border=True):
              help="magnitude: smallest |W|; Wanda: |W|·‖X‖ per output row; SparseGPT: OBS with weight updates")
     c2.radio("N:M semi-structured", ("none", *pruning.NM_PATTERNS), key=State.p_nm, horizontal=True,
              help="keep N of every M consecutive weights (the allocation is then ignored)")
-    c1, c2, c3 = st.columns(3)
-    c1.slider("Calibration windows", 1, 128, key=State.p_calib_n, help="the paper uses 128 windows of 2048 tokens")
-    c2.select_slider("Tokens per window", [64, 128, 256, 512, 1024, 2048], key=State.p_seqlen,
-                     help="also the evaluation window")
-    c3.slider("Evaluation windows", 1, 64, key=State.p_eval_windows, help="fewer windows: a quicker, rougher perplexity")
+    jobs.size_controls()
     st.checkbox("Save the pruned model (Hugging Face folder with a report)", key=State.p_save,
                 help=f"into {home() / 'pruned'}, a new folder per run")
     st.checkbox("Analyse the pruned model (its spectra, for Compare)", key=State.p_analyze,
@@ -123,10 +105,6 @@ if baseline:
 
 
 # --- jobs (refreshed every second while one runs) --------------------------------------------
-def any_running() -> bool:
-    return any(j.status() in ("running", "cancelling") for j in jobs.list_jobs(5))
-
-
 def saved_model(where, result: dict) -> None:
     """The saved folder of a finished job and its report."""
     out = result.get("output_dir")
@@ -141,39 +119,14 @@ def saved_model(where, result: dict) -> None:
             st.caption(f"cannot read {report}: {exc}")
 
 
-@st.fragment(run_every=1.0 if any_running() else None)
-def job_panel() -> None:
-    recent = jobs.list_jobs(5)
-    if not recent:
-        return
-    st.subheader("Jobs")
-    finished_now = False
-    for job in recent:
-        status = job.status()
-        with st.container(border=True):
-            c1, c2 = st.columns([5, 1], vertical_alignment="center")
-            c1.markdown(f"**{job.title}** · {status} · started {pd.Timestamp(job.info['started'], unit='s'):%H:%M:%S}")
-            if status in ("running", "cancelling"):
-                frac, msg = job.progress()
-                c1.progress(frac, text=msg)
-                if c2.button("Cancel", key=f"cancel_{job.id}", icon=":material/stop:"):
-                    job.cancel()
-            elif status == "failed":
-                c1.error(job.error(), icon=":material/error:")
-            elif status == "done":
-                result = job.result() or {}
-                p = result.get("perplexity")
-                ppl = p.get("perplexity") if isinstance(p, dict) else p
-                c1.caption(f"run {result.get('run_id')}" + (f" · perplexity {ppl:.2f}" if ppl is not None else ""))
-                saved_model(c1, result)
-                if job.id == ss[State.p_job] and not ss.get(f"seen_{job.id}"):
-                    ss[f"seen_{job.id}"] = True
-                    finished_now = True
-    if finished_now:
-        st.rerun()
+def finished(where, job: jobs.Job, result: dict) -> None:
+    p = result.get("perplexity")
+    ppl = p.get("perplexity") if isinstance(p, dict) else p
+    where.caption(f"run {result.get('run_id')}" + (f" · perplexity {ppl:.2f}" if ppl is not None else ""))
+    saved_model(where, result)
 
 
-job_panel()
+jobs.panel(("prune", "eval", "owl-scores"), finished, follow=ss[State.p_job])
 
 # --- results from the registry, like with like -------------------------------------------------
 st.subheader("Results")

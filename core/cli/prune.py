@@ -65,6 +65,14 @@ def _opts_alpha(p: argparse.ArgumentParser, *, xmin: bool = True) -> None:
                    "instead of analysing now")
 
 
+def _opts_limits(p: argparse.ArgumentParser, *, metric: bool = True) -> None:
+    """The allocation's score column and limits (prune, sweep; tune scores its own columns)."""
+    if metric:
+        p.add_argument("--metric", default="alpha", help="AlphaPruning's score column (default alpha)")
+    p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
+    p.add_argument("--dense-kinds", default="", metavar="KINDS", help="kinds kept dense, e.g. k,v")
+
+
 def _floats(text: str, name: str) -> list[float]:
     """Comma-separated fractions in [0, 1) (sparsities, epsilons), each checked before any work."""
     try:
@@ -104,9 +112,7 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.5, help="target parameter-weighted sparsity (default 0.5)")
     p.add_argument("--epsilon", type=float, help="AlphaPruning's tau range (default 0.3; see tune)")
     _opts_alpha(p)
-    p.add_argument("--metric", default="alpha", help="AlphaPruning's score column (default alpha)")
-    p.add_argument("--r-max", type=float, help="upper bound of any ratio (default 0.99)")
-    p.add_argument("--dense-kinds", default="", metavar="KINDS", help="kinds kept dense, e.g. k,v")
+    _opts_limits(p)
     p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
     p.add_argument("--ratios", metavar="FILE.csv", help="per-matrix ratios (columns name, ratio) from "
                    "`spectrascope allocate --out` or the dashboard; recorded as allocation file")
@@ -169,6 +175,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilons", default="0.3", help="AlphaPruning epsilons, comma-separated, for every method "
                    "(0.2,0.3) or per method (wanda=0.3,sparsegpt=0.2; default 0.3)")
     _opts_alpha(p)
+    _opts_limits(p)
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
@@ -215,6 +222,7 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-cols", default=",".join(DEFAULT_METRIC_COLUMNS), metavar="COLS",
                    help="metric columns scored, any numeric column of the analysis table (default alpha,alpha_hat)")
     _opts_alpha(p, xmin=False)
+    _opts_limits(p, metric=False)
     p.add_argument("--holdout", type=float, default=0.1, help="held-out share of the calibration text (default 0.1)")
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows scored (default 16)")
     _opts_calib(p)
