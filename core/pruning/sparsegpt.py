@@ -144,11 +144,11 @@ def _reversed_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
                      "use more calibration samples")
 
 
-def _reverse_storage(A: torch.Tensor, chunk: int = 1 << 20) -> None:
-    """``A`` (contiguous) := its elements in reverse order (``A.flip(0, 1)`` for a matrix), in place,
-    ``chunk`` elements at a time from both ends."""
+def _reverse_storage(A: torch.Tensor, rows: int = 64) -> None:
+    """``A`` (a contiguous matrix) := its elements in reverse order (``A.flip(0, 1)``), in place,
+    ``rows`` rows' worth of elements at a time from both ends."""
     flat = A.view(-1)
-    m = flat.numel()
+    m, chunk = flat.numel(), rows * A.shape[-1]
     for a in range(0, m // 2, chunk):
         b = min(a + chunk, m // 2)
         front, back = flat[a:b], flat[m - b:m - a]
