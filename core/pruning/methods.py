@@ -160,7 +160,9 @@ class SparseGPT(Method):
     column_block = SPARSEGPT_BLOCKSIZE
 
     def rule(self, Ws, stats, ratios, nm) -> None:
-        prune_sparsegpt(Ws, stats.H, ratios, nm=nm, blocksize=self.column_block)
+        # the Hessian is made in the statistics' memory and becomes the Cholesky factor there:
+        # one n x n matrix per group, freed when its walk ends
+        prune_sparsegpt(Ws, stats.take_hessian(), ratios, nm=nm, blocksize=self.column_block, overwrite_H=True)
 
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (Magnitude(), Wanda(), SparseGPT())}

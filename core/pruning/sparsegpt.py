@@ -25,7 +25,8 @@ HESSIAN_PANEL = 384
 
 
 class HessianCollector:
-    """SparseGPT's statistics: ``H = (1/n) sum x x^T`` in float32 (a running sum, divided when read).
+    """SparseGPT's statistics: ``H = (1/n) sum x x^T`` in float32 (a running sum, divided when read:
+    ``take_hessian`` turns the sum itself into H, ``H`` makes a copy).
 
     Only the upper triangle is accumulated, as panels of about ``HESSIAN_PANEL`` rows
     (``x[:, a:b]^T x[:, a:]``): 60-75% of the full product's work for the same result."""
@@ -45,13 +46,35 @@ class HessianCollector:
 
     @property
     def H(self) -> torch.Tensor:
-        upper = torch.triu(self.sum)
-        return (upper + torch.triu(self.sum, 1).t()) / max(self.tokens, 1)
+        """A new matrix H (the running sum is left as it is)."""
+        return symmetrised_hessian(self.sum.clone(), self.tokens)
+
+    def take_hessian(self) -> torch.Tensor:
+        """H built in the running sum's own memory (no copy); the collector is spent after it."""
+        if self.sum is None:
+            raise ValueError("HessianCollector.take_hessian: the Hessian was already taken; take it once per pass")
+        H, self.sum = symmetrised_hessian(self.sum, self.tokens), None
+        return H
+
+
+def symmetrised_hessian(upper_sum: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``H`` from a running sum whose upper triangle holds ``sum x x^T``, in ``upper_sum`` itself.
+
+    The strict lower triangle becomes the mirror of the upper, panel by panel (the temporaries
+    are one panel), then ``(s + 0) / tokens``: elementwise exactly ``(triu(s) + triu(s, 1)^T) / tokens``
+    (adding +0 maps -0 to +0 as that sum does)."""
+    n = upper_sum.shape[0]
+    for a in range(0, n, HESSIAN_PANEL):
+        b = min(a + HESSIAN_PANEL, n)
+        upper_sum[a:b, :a].copy_(upper_sum[:a, a:b].t())                 # rows below the diagonal panel
+        diag = upper_sum[a:b, a:b]
+        diag.copy_(torch.triu(diag) + torch.triu(diag, 1).t())
+    return upper_sum.add_(0.0).div_(max(tokens, 1))
 
 
 def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, ratio: float | Sequence[float], *,
                     nm: tuple[int, int] | None = None, blocksize: int = SPARSEGPT_BLOCKSIZE,
-                    damp: float = SPARSEGPT_DAMP) -> None:
+                    damp: float = SPARSEGPT_DAMP, overwrite_H: bool = False) -> None:
     """OBS pruning with reconstruction (SparseGPT); every matrix is updated in place.
 
     ``W``: one matrix (out x in) or several that receive the same input (q, k and v; gate
@@ -60,6 +83,8 @@ def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, r
     H^-1: row i of U from column i on is the update that compensates removing column i
     once columns < i are fixed, and ``U[i, i]^2`` is ``[H^-1]_ii`` in the saliency
     ``w^2 / [H^-1]_ii``. With ``nm``, ``blocksize`` must be a multiple of M.
+    ``overwrite_H``: a float32 ``H`` becomes the Cholesky factor in its own memory (its
+    content is lost); otherwise the factor is made in one copy of ``H``.
     """
     Ws = [W] if isinstance(W, torch.Tensor) else list(W)
     ratios = [float(ratio)] * len(Ws) if isinstance(ratio, (int, float)) else [float(r) for r in ratio]
@@ -67,7 +92,9 @@ def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, r
         raise ValueError(f"prune_sparsegpt: {len(Ws)} matrices but {len(ratios)} ratios")
     cols = Ws[0].shape[1]
     with _few_threads(H.device):
-        L, dead = _reversed_cholesky(H.to(torch.float32), damp)
+        own = overwrite_H and H.dtype == torch.float32 and H.is_contiguous()
+        L, dead = _reversed_cholesky(H if own else H.to(torch.float32, memory_format=torch.contiguous_format,
+                                                         copy=True), damp)
         # transposed and stacked: column j of every matrix is row j of Wt (contiguous)
         Wt = torch.cat([w.t().to(L.device, torch.float32) for w in Ws], dim=1)
         Wt[dead] = 0
@@ -75,31 +102,40 @@ def prune_sparsegpt(W: torch.Tensor | Sequence[torch.Tensor], H: torch.Tensor, r
         segments = list(zip(bounds[:-1], bounds[1:], ratios))
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            U = _inverse_rows(L, i1, i2)                                # (i2 - i1) x (cols - i1)
+            L = _leading_in_place(L, cols - i1)                         # what is left of the factor
+            U = _inverse_rows(L, i2 - i1)                               # (i2 - i1) x (cols - i1)
             err = _obs_columns(Wt[i1:i2], U[:, :i2 - i1], segments, nm)
             if i2 < cols:
                 Wt[i2:].addmm_(U[:, i2 - i1:].t(), err, alpha=-1.0)   # lazy update of later columns
+            del U, err                                                 # before the next block's
     for w, (a, b, _) in zip(Ws, segments):
         w.copy_(Wt[:, a:b].t())
 
 
 def _reversed_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, dead)`` for SparseGPT: ``L`` is the Cholesky factor of the damped H with its index
-    order reversed (``J H J = L L^T``, J the reversal) and ``dead`` marks the inputs that were
-    never active (zero diagonal, set to 1 before damping). Damping starts at ``damp`` times
-    the mean diagonal and grows tenfold while H is not positive definite.
+    """``(L, dead)`` for SparseGPT, in ``H``'s own memory (H, symmetric, is overwritten): ``L``
+    is the Cholesky factor of the damped H with its index order reversed (``J H J = L L^T``,
+    J the reversal) and ``dead`` marks the inputs that were never active (zero diagonal, set
+    to 1 before damping). Damping starts at ``damp`` times the mean diagonal and grows
+    tenfold while H is not positive definite.
 
+    ``J H J`` is H's storage reversed; the factor is computed in place of its transpose
+    (column-major, as LAPACK returns it). Only the upper triangle is read, and a failed
+    attempt destroys it: a packed copy of it (half of H) lives until the factor exists.
     The upper Cholesky factor of H^-1 that SparseGPT walks through is then
     ``U = J L^-1 J``; ``_inverse_rows`` computes it one block of rows at a time."""
     n = H.shape[0]
     dead = torch.diagonal(H) == 0
-    flipped = H.flip(0, 1)                                   # a copy: H itself is left as it is
-    flipped.diagonal()[dead.flip(0)] = 1.0
-    mean_diag = max(float(flipped.diagonal().mean()), 1e-8)
+    _reverse_storage(H)
+    H.diagonal()[dead.flip(0)] = 1.0
+    mean_diag = max(float(H.diagonal().mean()), 1e-8)
+    upper = _PackedUpper(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(6):
-        damped = flipped.clone()
-        damped.diagonal().add_(damp * (10 ** attempt) * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+        if attempt:
+            upper.restore(H)
+        H.diagonal().add_(damp * (10 ** attempt) * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H.mT, out=(H.mT, info))   # symmetric: H^T is H
         if int(info) == 0:
             if attempt:
                 log.info("SparseGPT: Hessian needed %gx the damping", 10 ** attempt)
@@ -108,18 +144,62 @@ def _reversed_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
                      "use more calibration samples")
 
 
-def _inverse_rows(L: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
-    """Rows ``i1:i2`` of ``U = J L^-1 J`` from column ``i1`` on (left of it U is 0).
+def _reverse_storage(A: torch.Tensor, rows: int = 64) -> None:
+    """``A`` (a contiguous matrix) := its elements in reverse order (``A.flip(0, 1)``), in place,
+    ``rows`` rows' worth of elements at a time from both ends."""
+    flat = A.view(-1)
+    m, chunk = flat.numel(), rows * A.shape[-1]
+    for a in range(0, m // 2, chunk):
+        b = min(a + chunk, m // 2)
+        front, back = flat[a:b], flat[m - b:m - a]
+        saved = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(saved.flip(0))
 
-    They are rows ``n-i2 : n-i1`` of ``L^-1``, which depend only on the leading
-    ``(n-i1) x (n-i1)`` part of ``L``: one triangular solve with ``i2 - i1`` right-hand sides,
-    so the whole walk costs n^3/3, a third of inverting ``L`` at once."""
-    n = L.shape[0]
-    r0, r1 = n - i2, n - i1
-    rhs = torch.zeros(i2 - i1, r1, dtype=L.dtype, device=L.device)
-    rhs[:, r0:].fill_diagonal_(1.0)
-    X = torch.linalg.solve_triangular(L[:r1, :r1], rhs, upper=False, left=False)   # X L = I rows
+
+class _PackedUpper:
+    """The upper triangle (with the diagonal) of a square matrix, rows packed one after the
+    other in one vector of ``n (n + 1) / 2`` elements."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        n = A.shape[0]
+        self.starts = [i * n - i * (i - 1) // 2 for i in range(n + 1)]
+        self.data = torch.empty(self.starts[-1], dtype=A.dtype, device=A.device)
+        for i in range(n):
+            self.data[self.starts[i]:self.starts[i + 1]].copy_(A[i, i:])
+
+    def restore(self, A: torch.Tensor) -> None:
+        """Write the triangle back into ``A``."""
+        for i in range(A.shape[0]):
+            A[i, i:].copy_(self.data[self.starts[i]:self.starts[i + 1]])
+
+
+def _inverse_rows(L: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows ``i1:i1+k`` of ``U = J L^-1 J`` from column ``i1`` on (left of it U is 0), ``L``
+    being the leading ``(n-i1) x (n-i1)`` part of the factor.
+
+    They are the last ``k`` rows of that part's inverse (``L^-1``'s leading part is the
+    inverse of ``L``'s): one triangular solve with ``k`` right-hand sides, so the whole walk
+    costs n^3/3, a third of inverting the factor at once."""
+    r1 = L.shape[0]
+    rhs = torch.zeros(k, r1, dtype=L.dtype, device=L.device)
+    rhs[:, r1 - k:].fill_diagonal_(1.0)
+    X = torch.linalg.solve_triangular(L, rhs, upper=False, left=False)   # X L = I rows
     return X.flip(0, 1)
+
+
+def _leading_in_place(L: torch.Tensor, r: int, chunk: int = 64) -> torch.Tensor:
+    """The leading ``r x r`` part of the column-major ``L``, moved to the start of ``L``'s memory
+    as a column-major matrix of its own (``L`` is overwritten): the triangular solve then
+    needs no copy of it. Columns move ``chunk`` at a time, each read before it is overwritten."""
+    n = L.shape[0]
+    if r == n:
+        return L
+    flat = L.mT.reshape(-1)                      # L's memory: column j at j * n (a view)
+    for j0 in range(1, r, chunk):                # column 0 is in place already
+        j1 = min(j0 + chunk, r)
+        flat[j0 * r:j1 * r].view(j1 - j0, r).copy_(flat[j0 * n:j1 * n].view(j1 - j0, n)[:, :r].clone())
+    return flat[:r * r].view(r, r).mT
 
 
 def _obs_columns(Wt: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float]],
