@@ -4,6 +4,7 @@ checkpoint). Bytes are counted by the PyTorch profiler's allocator events, not t
 set, so the figures do not depend on the machine's load."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -88,3 +89,32 @@ def test_a_damping_retry_factorises_the_original_matrix():
     assert attempt >= 1
     L, dead = _reversed_cholesky(A.clone(), 0.01)
     assert torch.equal(L, want) and not dead.any()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_in_place_factorisation_on_cuda():
+    """The in-place path (cholesky_ex writing into its own input's transpose, the reversal in
+    chunks, the compacted factor) on the GPU: equal to the copying path there, a damping retry
+    included, and the masks as the CPU's up to float order."""
+    dev = torch.device("cuda")
+    X = torch.randn(3 * N, N, generator=torch.Generator().manual_seed(0))
+    W = torch.randn(ROWS, N, generator=torch.Generator().manual_seed(1))
+    c = HessianCollector(N, dev)
+    c.add(X.to(dev))
+    copied, in_place = W.to(dev), W.to(dev)
+    prune_sparsegpt(copied, c.H, 0.5, blocksize=64)
+    prune_sparsegpt(in_place, c.take_hessian(), 0.5, blocksize=64, overwrite_H=True)
+    assert torch.equal(copied, in_place)
+    on_cpu = W.clone()
+    prune_sparsegpt(on_cpu, _collector().H, 0.5, blocksize=64)
+    assert ((in_place.cpu() == 0) == (on_cpu == 0)).float().mean() > 0.99
+    B = torch.randn(200, 100, generator=torch.Generator().manual_seed(2), device="cpu").to(dev)
+    A = B @ B.t() / 100
+    A = torch.triu(A) + torch.triu(A, 1).t()
+    A.diagonal().sub_(0.3)                            # the first damping fails
+    L, _ = _reversed_cholesky(A.clone(), 0.01)
+    LLt, F = L @ L.t(), A.flip(0, 1)
+    off = ~torch.eye(200, dtype=torch.bool, device=dev)
+    assert torch.allclose(LLt[off], F[off], atol=1e-4)   # the reversed matrix, damped on its diagonal
+    assert (torch.diagonal(LLt) > torch.diagonal(F) + 0.05).all()
