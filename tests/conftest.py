@@ -2,7 +2,9 @@
 and the real demo model, converted once per test session into a private SPECTRASCOPE_HOME."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,6 +14,8 @@ import torch
 # cache: the demo model is converted from the installed GGUF like on a fresh machine.
 _HOME = tempfile.mkdtemp(prefix="spectrascope-test-home-")
 os.environ["SPECTRASCOPE_HOME"] = _HOME
+if os.environ.get("SPECTRASCOPE_KEEP_TEST_HOME") != "1":   # ~1 GB (the converted demo): gone at exit
+    atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
