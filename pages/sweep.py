@@ -20,6 +20,7 @@ setup()
 export_format_control()
 ss = st.session_state
 _SEEDED = "s_seeded"      # the Allocation page's settings the sweep's were last set from
+_HANDED = "s_handed"      # set by "Use this allocation": the whole page reruns once (its card is a fragment)
 st.title("Sweep & tune")
 st.caption("Many prune runs at once, as one background job (the `spectrascope` CLI in a separate process: it "
            "survives page switches and reloads). Every run lands in the runs registry, so **Prune & compare** "
@@ -132,6 +133,15 @@ def use_tuning(result: dict) -> None:
                                          xmin=best["xmin"], cached=False)
         if current is not None and current.identity == identity:
             assign(State.a_source, "loaded model")
+    ss[_HANDED] = True
+
+
+def in_use(best: dict) -> bool:
+    """Whether the Allocation page's allocation is this winner (AlphaPruning, its epsilon, metric and xmin)."""
+    current = ss[State.analysis]
+    xmin_kept = current is None or best["xmin"] not in XMIN_METHODS or current.xmin == best["xmin"]
+    return (ss[State.a_method] == "alpha" and ss[State.a_metric] == best["metric"] and xmin_kept
+            and round(float(ss[State.a_epsilon]), 2) == round(float(best["epsilon"]), 2))
 
 
 def finished(where, job: jobs.Job, result: dict) -> None:
@@ -162,6 +172,10 @@ def finished(where, job: jobs.Job, result: dict) -> None:
             csv_button(table, "tune", model=label, key=f"csv_{job.id}")
         c2.button("Use this allocation", key=f"use_{job.id}", icon=":material/check:", on_click=use_tuning,
                   args=(result,), help="AlphaPruning with this epsilon, metric and xmin on Allocation and Prune")
+        if in_use(best):
+            c2.caption("In use on Allocation and Prune & compare")
+        if ss.pop(_HANDED, False):        # the settings above (seeded from Allocation) follow the new allocation
+            st.rerun(scope="app")
 
 
 jobs.panel(("sweep", "tune"), finished, follow=ss[State.s_job])

@@ -351,13 +351,17 @@ def test_dashboard_end_to_end(page, server):
     best = scores.loc[scores["perplexity"].idxmin()]
     assert star == {"x": [f"{best['epsilon']:g}"], "y": ["peak · alpha"]}, (star, scores)
     page.get_by_text(f"Best: epsilon {best['epsilon']:g}, xmin peak, metric alpha").first.wait_for()
+    page.get_by_role("tablist").first.evaluate("e => e.scrollIntoView({block: 'start'})")   # controls and heatmap
     shot(page, "sweep")
 
     xmin_js = "(x) => document.querySelector('input[aria-label=\"xmin method (sweep)\"]')?.value === x"
     assert page.evaluate(xmin_js, "full")                 # this page's xmin: the analysis's
+    in_use = page.get_by_text("In use on Allocation and Prune & compare")
+    assert in_use.count() == 0
     page.get_by_role("button", name="Use this allocation").click()
-    # done once the analysis is refit with the winner's xmin (peak): this page's xmin follows it
+    # done once the analysis is refit with the winner's xmin (peak) and the page has rerun: its xmin follows
     page.wait_for_function(xmin_js, arg="peak", timeout=120_000)
+    in_use.wait_for()
     wait_idle(page)
     open_page(page, "Allocation", "sparsity per block")
     assert page.get_by_test_id("stException").count() == 0, "allocation after tuning"
