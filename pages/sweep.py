@@ -62,6 +62,11 @@ with st.container(border=True):
     st.text_input("Ray address (optional)", key=State.s_ray, placeholder="empty: no Ray", help=RAY_HELP)
 
 
+def count(n: int, noun: str) -> str:
+    """``1 epsilon``, ``2 epsilons``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def base_spec(method: str, sparsity: float) -> PruneSpec:
     """The spec every run of a job starts from: this page's model, sizes and allocation settings."""
     seqlen = ss[State.p_seqlen]
@@ -109,6 +114,10 @@ with tune_tab:
                    help="the eigenvalues are computed once; each xmin method refits the power laws")
     c1.multiselect("Metric columns", list(dict.fromkeys([*DEFAULT_METRIC_COLUMNS, *metrics])), key=State.t_metrics)
     c2.slider("Held-out windows", 1, 32, key=State.t_holdout, help="windows of held-out calibration text scored")
+    sizes = [len(ss[State.t_epsilons]), len(ss[State.t_xmins]), len(ss[State.t_metrics])]
+    st.caption(f"At most {count(int(np.prod(sizes)), 'pruned model')} ({count(sizes[0], 'epsilon')} × "
+               f"{count(sizes[1], 'xmin method')} × {count(sizes[2], 'metric column')}), each scored on "
+               f"{count(ss[State.t_holdout], 'held-out window')} of {ss[State.p_seqlen]} tokens.")
     if st.button("Start tuning", type="primary", icon=":material/play_arrow:", key="start_tune"):
         method, S = ss[State.p_method], ss[State.a_sparsity]
         launch(lambda: tune_argv(base_spec(method, S), epsilons=sorted(ss[State.t_epsilons]), xmins=ss[State.t_xmins],

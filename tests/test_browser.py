@@ -139,11 +139,22 @@ def slider_value(page, label: str) -> str:
     return page.get_by_test_id("stSlider").filter(has_text=label).get_by_test_id("stSliderThumbValue").inner_text()
 
 
+def settle(page, quiet_ms: int = 800, timeout: float = 60_000) -> None:
+    """Until Streamlit has run no script for ``quiet_ms`` (longer than a slider's commit delay), so
+    that the last change is on the server. Needed between quick changes: every run sets each
+    widget's value again (dashboard/state.py), which would undo a change the server has not seen yet."""
+    page.evaluate("() => { window.__stBusyAt = performance.now(); }")
+    page.wait_for_function("(quiet) => { const t = performance.now(), s = document.querySelector("
+                           "'[data-testid=\"stApp\"]')?.dataset.testScriptState;"
+                           " if (s !== 'notRunning') window.__stBusyAt = t; return t - window.__stBusyAt > quiet; }",
+                           arg=quiet_ms, polling=50, timeout=timeout)
+
+
 def set_slider_min(page, label: str, within=None) -> None:
     """The slider (or select slider) ``label`` (in ``within``, else anywhere on the page) at its
     smallest value, through the keyboard."""
     (within or page).get_by_test_id("stSlider").filter(has_text=label).get_by_role("slider").press("Home")
-    wait_idle(page)
+    settle(page)
 
 
 def multiselect(where, label: str):
@@ -160,7 +171,7 @@ def remove_option(page, where, label: str, option: str) -> None:
     page.wait_for_function("([l, o]) => !Array.from(document.querySelectorAll('[data-testid=\"stMultiSelect\"]'))"
                            ".some(m => m.textContent.includes(l) && m.querySelector(`[aria-label=\"Remove ${o}\"]`))",
                            arg=[label, option], timeout=10_000)
-    wait_idle(page)
+    settle(page)
 
 
 def home_dir() -> str:
@@ -315,7 +326,7 @@ def test_dashboard_end_to_end(page, server):
     page.get_by_role("tab", name="Tune AlphaPruning").click()
     tune = page.get_by_role("tabpanel").filter(has=page.get_by_role("button", name="Start tuning"))
     tune.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("magnitude", exact=True).click()
-    wait_idle(page)
+    settle(page)
     for label, option in (("Epsilons", "0.2"), ("Epsilons", "0.4"), ("Metric columns", "alpha_hat")):
         remove_option(page, tune, label, option)
     assert multiselect_values(tune, "Epsilons") == ["0.1", "0.3"]
@@ -327,6 +338,10 @@ def test_dashboard_end_to_end(page, server):
     assert sizes == ["1", "64", "1"], sizes
     tuned_at = slider_value(tune, "Mean sparsity S")
     assert tuned_at == f"{new_mean:.2f}"                 # shared with the Allocation page
+    # the server has them all (its summary of the grid)
+    tune.get_by_text("At most 2 pruned models (2 epsilons × 1 xmin method × 1 metric column), each scored on "
+                     "1 held-out window of 64 tokens.").wait_for()
+    wait_idle(page)
     tune.get_by_role("button", name="Start tuning").click()
     card = page.get_by_test_id("stMarkdownContainer").filter(
         has_text=re.compile(rf"tune magnitude S={re.escape(tuned_at)} · (done|failed)")).first
@@ -334,6 +349,11 @@ def test_dashboard_end_to_end(page, server):
     job_dir = next(d for d in jobs_root.iterdir() if d not in known
                    and json.loads((d / "job.json").read_text())["command"] == "tune")
     assert " · done" in card.inner_text(), (job_dir / "stderr").read_text()[-2000:]
+    argv = " ".join(json.loads((job_dir / "job.json").read_text())["cmd"])
+    for option in ("--method magnitude", "--nsamples 1 --seqlen 64",
+                   "--epsilons 0.1,0.3 --xmins peak --metrics-cols alpha --holdout-windows 1"):
+        assert option in argv, (option, argv)
+    assert float(re.search(r"--sparsity (\S+)", argv).group(1)) == pytest.approx(float(tuned_at), abs=0.005)
     page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
                            ".some(p => p._fullData && p._fullData.some(t => t.type === 'heatmap'))", timeout=30_000)
     wait_idle(page)
