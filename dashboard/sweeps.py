@@ -94,21 +94,26 @@ def sweep_table(csv_path, result: dict) -> pd.DataFrame:
 
 def tune_figure(table: pd.DataFrame, best: dict, title: str) -> go.Figure:
     """Held-out perplexity of every epsilon (x) and xmin · metric (y), coloured on a log scale,
-    the value written in each cell and the winner marked with a star."""
+    the value written in each cell and the winner marked with a star (its value beside it)."""
     t = table.assign(row=table["xmin"].astype(str) + " · " + table["metric"].astype(str),
                      eps=table["epsilon"].map(lambda e: f"{float(e):g}"))
     grid = t.pivot_table(index="row", columns="eps", values="perplexity", sort=False)
     ppl = grid.to_numpy(dtype=np.float64)
+    text = np.vectorize(lambda v: f"{v:.4g}")(ppl)
+    win_x, win_y = f"{float(best['epsilon']):g}", f"{best['xmin']} · {best['metric']}"
+    shown = text.copy()
+    shown[list(grid.index).index(win_y), list(grid.columns).index(win_x)] = ""   # written beside the star
     fig = go.Figure(go.Heatmap(
         z=np.log10(ppl), x=list(grid.columns), y=list(grid.index), colorscale="Viridis", xgap=1, ygap=1,
-        colorbar=log_colorbar(ppl, "perplexity"), text=np.vectorize(lambda v: f"{v:.4g}")(ppl),
-        texttemplate="%{text}", hovertemplate="epsilon %{x}<br>%{y}<br>perplexity %{text}<extra></extra>"))
-    win_x, win_y = f"{float(best['epsilon']):g}", f"{best['xmin']} · {best['metric']}"
-    fig.add_trace(go.Scatter(x=[win_x], y=[win_y], mode="markers", name=f"best: {float(best['perplexity']):.4g}",
-                             marker=dict(symbol="star", size=22, color="white", line=dict(color="black", width=2)),
+        colorbar=log_colorbar(ppl, "perplexity"), text=shown, texttemplate="%{text}", customdata=text,
+        hovertemplate="epsilon %{x}<br>%{y}<br>perplexity %{customdata}<extra></extra>"))
+    value = f"{float(best['perplexity']):.4g}"
+    fig.add_trace(go.Scatter(x=[win_x], y=[win_y], mode="markers+text", name=f"best: {value}", text=[value],
+                             textposition="middle right", textfont=dict(color="white"),
+                             marker=dict(symbol="star", size=16, color="white", line=dict(color="black", width=1.5)),
                              hovertemplate=f"best: epsilon {win_x}, {win_y}<extra></extra>"))
     fig.update_layout(**{**LAYOUT, "height": max(260, 90 + 45 * len(grid.index))}, title=title,
                       xaxis_title="epsilon", yaxis_title="xmin · metric")
-    fig.update_xaxes(type="category", showgrid=False)
-    fig.update_yaxes(type="category", showgrid=False, autorange="reversed")
+    fig.update_xaxes(type="category", showgrid=False, ticklabelstandoff=4)
+    fig.update_yaxes(type="category", showgrid=False, autorange="reversed", ticklabelstandoff=8)
     return fig

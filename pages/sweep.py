@@ -20,6 +20,7 @@ setup()
 export_format_control()
 ss = st.session_state
 _SEEDED = "s_seeded"      # the Allocation page's settings the sweep's were last set from
+_HANDED = "s_handed"      # set by "Use this allocation": the whole page reruns once (its card is a fragment)
 st.title("Sweep & tune")
 st.caption("Many prune runs at once, as one background job (the `spectrascope` CLI in a separate process: it "
            "survives page switches and reloads). Every run lands in the runs registry, so **Prune & compare** "
@@ -59,6 +60,11 @@ with st.container(border=True):
         c2.multiselect("Dense kinds (kept at 0)", kinds + [k for k in ss[State.s_dense] if k not in kinds],
                        key=State.s_dense)
     st.text_input("Ray address (optional)", key=State.s_ray, placeholder="empty: no Ray", help=RAY_HELP)
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epsilon``, ``2 epsilons``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def base_spec(method: str, sparsity: float) -> PruneSpec:
@@ -108,6 +114,10 @@ with tune_tab:
                    help="the eigenvalues are computed once; each xmin method refits the power laws")
     c1.multiselect("Metric columns", list(dict.fromkeys([*DEFAULT_METRIC_COLUMNS, *metrics])), key=State.t_metrics)
     c2.slider("Held-out windows", 1, 32, key=State.t_holdout, help="windows of held-out calibration text scored")
+    sizes = [len(ss[State.t_epsilons]), len(ss[State.t_xmins]), len(ss[State.t_metrics])]
+    st.caption(f"At most {count(int(np.prod(sizes)), 'pruned model')} ({count(sizes[0], 'epsilon')} × "
+               f"{count(sizes[1], 'xmin method')} × {count(sizes[2], 'metric column')}), each scored on "
+               f"{count(ss[State.t_holdout], 'held-out window')} of {ss[State.p_seqlen]} tokens.")
     if st.button("Start tuning", type="primary", icon=":material/play_arrow:", key="start_tune"):
         method, S = ss[State.p_method], ss[State.a_sparsity]
         launch(lambda: tune_argv(base_spec(method, S), epsilons=sorted(ss[State.t_epsilons]), xmins=ss[State.t_xmins],
@@ -132,6 +142,15 @@ def use_tuning(result: dict) -> None:
                                          xmin=best["xmin"], cached=False)
         if current is not None and current.identity == identity:
             assign(State.a_source, "loaded model")
+    ss[_HANDED] = True
+
+
+def in_use(best: dict) -> bool:
+    """Whether the Allocation page's allocation is this winner (AlphaPruning, its epsilon, metric and xmin)."""
+    current = ss[State.analysis]
+    xmin_kept = current is None or best["xmin"] not in XMIN_METHODS or current.xmin == best["xmin"]
+    return (ss[State.a_method] == "alpha" and ss[State.a_metric] == best["metric"] and xmin_kept
+            and round(float(ss[State.a_epsilon]), 2) == round(float(best["epsilon"]), 2))
 
 
 def finished(where, job: jobs.Job, result: dict) -> None:
@@ -162,6 +181,10 @@ def finished(where, job: jobs.Job, result: dict) -> None:
             csv_button(table, "tune", model=label, key=f"csv_{job.id}")
         c2.button("Use this allocation", key=f"use_{job.id}", icon=":material/check:", on_click=use_tuning,
                   args=(result,), help="AlphaPruning with this epsilon, metric and xmin on Allocation and Prune")
+        if in_use(best):
+            c2.caption("In use on Allocation and Prune & compare")
+        if ss.pop(_HANDED, False):        # the settings above (seeded from Allocation) follow the new allocation
+            st.rerun(scope="app")
 
 
 jobs.panel(("sweep", "tune"), finished, follow=ss[State.s_job])

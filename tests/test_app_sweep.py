@@ -118,8 +118,10 @@ def test_tune_job_heatmap_and_use_this_allocation(demo, demo_analysis_full):
     star = next(t for f in figures(at) for t in f["data"] if t.get("name", "").startswith("best"))
     assert list(star["x"]) == [f"{best['epsilon']:g}"] and list(star["y"]) == ["peak · alpha"]
 
+    assert "In use on Allocation and Prune & compare" not in texts(at)
     at.button(key=f"use_{job.id}").click().run()
     assert not at.exception, at.exception
+    assert "In use on Allocation and Prune & compare" in texts(at)
     at.switch_page("pages/allocation.py").run()
     assert not at.exception, at.exception
     assert at.radio(key="a_method").value == "alpha"

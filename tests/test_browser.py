@@ -18,12 +18,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 SCREENSHOTS = ROOT / "assets" / "screenshots"
-README_SHOTS = {"home", "spectra", "quality", "allocation", "prune", "learn", "allocation-800"}   # copied for the README
+README_SHOTS = {"home", "spectra", "quality", "allocation", "prune", "learn", "allocation-800",   # for the README
+               "sweep"}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -117,12 +120,16 @@ def wait_idle(page, timeout: float = 30_000) -> None:
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout)
 
 
-def open_page(page, title: str, figure_title: str) -> float:
-    """Click a page in the sidebar; seconds until its title and its first figure are painted."""
+def open_page(page, title: str, figure_title: str | None = None, *, button: str | None = None) -> float:
+    """Click a page in the sidebar; seconds until its title and its first figure (or, on a page
+    without one, its main ``button``) are painted."""
     start = time.perf_counter()
     page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
-    page.locator(".js-plotly-plot").filter(has_text=figure_title).first.wait_for(state="visible")
+    if figure_title is not None:
+        page.locator(".js-plotly-plot").filter(has_text=figure_title).first.wait_for(state="visible")
+    if button is not None:
+        page.get_by_role("button", name=button).first.wait_for(state="visible")
     seconds = time.perf_counter() - start
     wait_idle(page)
     return seconds
@@ -130,6 +137,41 @@ def open_page(page, title: str, figure_title: str) -> float:
 
 def slider_value(page, label: str) -> str:
     return page.get_by_test_id("stSlider").filter(has_text=label).get_by_test_id("stSliderThumbValue").inner_text()
+
+
+def settle(page, quiet_ms: int = 800, timeout: float = 60_000) -> None:
+    """Until Streamlit has run no script for ``quiet_ms`` (longer than a slider's commit delay), so
+    that the last change is on the server. Needed between quick changes: every run sets each
+    widget's value again (dashboard/state.py), which would undo a change the server has not seen yet."""
+    page.evaluate("() => { window.__stBusyAt = performance.now(); }")
+    page.wait_for_function("(quiet) => { const t = performance.now(), s = document.querySelector("
+                           "'[data-testid=\"stApp\"]')?.dataset.testScriptState;"
+                           " if (s !== 'notRunning') window.__stBusyAt = t; return t - window.__stBusyAt > quiet; }",
+                           arg=quiet_ms, polling=50, timeout=timeout)
+
+
+def set_slider_min(page, label: str, within=None) -> None:
+    """The slider (or select slider) ``label`` (in ``within``, else anywhere on the page) at its
+    smallest value, through the keyboard."""
+    (within or page).get_by_test_id("stSlider").filter(has_text=label).get_by_role("slider").press("Home")
+    settle(page)
+
+
+def multiselect(where, label: str):
+    return where.get_by_test_id("stMultiSelect").filter(has_text=label)
+
+
+def multiselect_values(where, label: str) -> list[str]:
+    return multiselect(where, label).locator("[data-tag]").evaluate_all("ts => ts.map(t => t.ariaLabel)")
+
+
+def remove_option(page, where, label: str, option: str) -> None:
+    """Unselect ``option`` of the multiselect ``label`` (its tag's remove cross)."""
+    multiselect(where, label).locator(f'[aria-label="Remove {option}"]').click()
+    page.wait_for_function("([l, o]) => !Array.from(document.querySelectorAll('[data-testid=\"stMultiSelect\"]'))"
+                           ".some(m => m.textContent.includes(l) && m.querySelector(`[aria-label=\"Remove ${o}\"]`))",
+                           arg=[label, option], timeout=10_000)
+    settle(page)
 
 
 def home_dir() -> str:
@@ -272,6 +314,82 @@ def test_dashboard_end_to_end(page, server):
                              " return Array.from(p._fullData.find(t => t.name === 'k').y); }")
     assert k_ratios and max(k_ratios) == 0.0
     shot(page, "allocation-owl")
+
+    # Sweep & tune: the smallest real tuning (magnitude, 2 epsilons x 1 xmin x alpha, 1 held-out window),
+    # its heatmap drawn from the job's scores, and the winner handed to Allocation
+    timings["first_paint_s"]["sweep"] = round(open_page(page, "Sweep & tune", button="Start the sweep"), 3)
+    assert page.get_by_test_id("stException").count() == 0, "sweep"
+    jobs_root = Path(home_dir()) / "dashboard-jobs"
+    known = set(jobs_root.iterdir()) if jobs_root.is_dir() else set()
+    for label in ("Calibration windows", "Tokens per window", "Evaluation windows"):   # the smallest sizes
+        set_slider_min(page, label)
+    page.get_by_role("tab", name="Tune AlphaPruning").click()
+    tune = page.get_by_role("tabpanel").filter(has=page.get_by_role("button", name="Start tuning"))
+    tune.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("magnitude", exact=True).click()
+    settle(page)
+    for label, option in (("Epsilons", "0.2"), ("Epsilons", "0.4"), ("Metric columns", "alpha_hat")):
+        remove_option(page, tune, label, option)
+    assert multiselect_values(tune, "Epsilons") == ["0.1", "0.3"]
+    assert multiselect_values(tune, "xmin methods") == ["peak"]
+    assert multiselect_values(tune, "Metric columns") == ["alpha"]
+    set_slider_min(page, "Held-out windows", tune)
+    sizes = [slider_value(page, label) for label in ("Calibration windows", "Tokens per window",
+                                                      "Held-out windows")]
+    assert sizes == ["1", "64", "1"], sizes
+    tuned_at = slider_value(tune, "Mean sparsity S")
+    assert tuned_at == f"{new_mean:.2f}"                 # shared with the Allocation page
+    # the server has them all (its summary of the grid)
+    tune.get_by_text("At most 2 pruned models (2 epsilons × 1 xmin method × 1 metric column), each scored on "
+                     "1 held-out window of 64 tokens.").wait_for()
+    wait_idle(page)
+    tune.get_by_role("button", name="Start tuning").click()
+    card = page.get_by_test_id("stMarkdownContainer").filter(
+        has_text=re.compile(rf"tune magnitude S={re.escape(tuned_at)} · (done|failed)")).first
+    card.wait_for(timeout=400_000)                       # a slow shared CI machine: generous
+    job_dir = next(d for d in jobs_root.iterdir() if d not in known
+                   and json.loads((d / "job.json").read_text())["command"] == "tune")
+    assert " · done" in card.inner_text(), (job_dir / "stderr").read_text()[-2000:]
+    argv = " ".join(json.loads((job_dir / "job.json").read_text())["cmd"])
+    for option in ("--method magnitude", "--nsamples 1 --seqlen 64",
+                   "--epsilons 0.1,0.3 --xmins peak --metrics-cols alpha --holdout-windows 1"):
+        assert option in argv, (option, argv)
+    assert float(re.search(r"--sparsity (\S+)", argv).group(1)) == pytest.approx(float(tuned_at), abs=0.005)
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                           ".some(p => p._fullData && p._fullData.some(t => t.type === 'heatmap'))", timeout=30_000)
+    wait_idle(page)
+    heat, star = page.evaluate(
+        "() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
+        ".find(p => p._fullData && p._fullData.some(t => t.type === 'heatmap'));"
+        " const h = p._fullData.find(t => t.type === 'heatmap'), s = p._fullData.find(t => t.name.startsWith('best'));"
+        " return [{x: Array.from(h.x), y: Array.from(h.y), z: Array.from(h.z, r => Array.from(r))},"
+        " s && {x: Array.from(s.x), y: Array.from(s.y)}]; }")
+    scores = pd.read_csv(job_dir / "tune.csv")           # the CLI's --out in the job's folder
+    assert heat["x"] == ["0.1", "0.3"] and heat["y"] == ["peak · alpha"], heat
+    z = np.array(heat["z"], dtype=float)
+    assert z.shape == (1, 2) and np.isfinite(z).all(), z
+    np.testing.assert_allclose(10 ** z.ravel(), scores["perplexity"], rtol=1e-6)
+    best = scores.loc[scores["perplexity"].idxmin()]
+    assert star == {"x": [f"{best['epsilon']:g}"], "y": ["peak · alpha"]}, (star, scores)
+    page.get_by_text(f"Best: epsilon {best['epsilon']:g}, xmin peak, metric alpha").first.wait_for()
+    page.get_by_role("tablist").first.evaluate("e => e.scrollIntoView({block: 'start'})")   # controls and heatmap
+    shot(page, "sweep")
+
+    xmin_js = "(x) => document.querySelector('input[aria-label=\"xmin method (sweep)\"]')?.value === x"
+    assert page.evaluate(xmin_js, "full")                 # this page's xmin: the analysis's
+    in_use = page.get_by_text("In use on Allocation and Prune & compare")
+    assert in_use.count() == 0
+    page.get_by_role("button", name="Use this allocation").click()
+    # done once the analysis is refit with the winner's xmin (peak) and the page has rerun: its xmin follows
+    page.wait_for_function(xmin_js, arg="peak", timeout=120_000)
+    in_use.wait_for()
+    wait_idle(page)
+    open_page(page, "Allocation", "sparsity per block")
+    assert page.get_by_test_id("stException").count() == 0, "allocation after tuning"
+    assert slider_value(page, "epsilon (tau range)") == f"{best['epsilon']:.2f}"
+    method = page.get_by_test_id("stRadio").filter(has_text="Method").first
+    assert method.get_by_role("radio", name="AlphaPruning").is_checked()
+    assert slider_value(page, "Mean sparsity S") == tuned_at
+    page.get_by_text("Power-law fits with xmin peak").wait_for()
 
     # 800 px: the sidebar collapses (assets/sidebar.js; Streamlit's own rule stops at 768 px), the content
     # gets the whole width (wrapping cards, legends below charts), and the sidebar toggle still opens it
