@@ -43,13 +43,31 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(home, demo_analysis_full):
-    """The dashboard on a free localhost port, with the tests' Spectrascope home (demo model
-    converted and analysed with xmin=full by the session fixtures)."""
+def browser_home(home, demo_analysis_full):
+    """A Spectrascope home of this test's own: the session's converted demo model and its cached
+    analyses (xmin=full among them) hard-linked in, and nothing else: no runs registry, jobs,
+    OWL statistics or pruned/ folder, so that what other tests ran cannot change what the
+    pages show (a fresh user's home, less the one-minute conversion). Inside the session's home,
+    so it goes with it."""
+    fresh = Path(home) / "browser-home"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    for part in ("models", "analyses"):
+        if (Path(home) / part).is_dir():
+            shutil.copytree(Path(home) / part, fresh / part, copy_function=os.link)
+    before = os.environ["SPECTRASCOPE_HOME"]
+    os.environ["SPECTRASCOPE_HOME"] = str(fresh)      # this process's Registry() reads the same home
+    yield str(fresh)
+    os.environ["SPECTRASCOPE_HOME"] = before
+
+
+@pytest.fixture(scope="module")
+def server(browser_home):
+    """The dashboard on a free localhost port, in the test's own home (see ``browser_home``)."""
     port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "streamlit.log", "wb")
-    env = {**os.environ, "SPECTRASCOPE_HOME": home}
+    env = {**os.environ, "SPECTRASCOPE_HOME": browser_home}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
                              str(port), "--server.headless", "true"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,8 +129,21 @@ def finished_run(registry, kind: str, known: set, what: str, timeout: float = 24
         new = runs[~runs["id"].isin(known)]
         if not new.empty and new["status"].iloc[-1] != "running":
             return new.iloc[-1]
-        assert time.time() < deadline, f"{what} did not finish in {timeout:g} s"
+        assert time.time() < deadline, f"{what} did not finish in {timeout:g} s; {jobs_report()}"
         time.sleep(1.0)
+
+
+def jobs_report(last: int = 3) -> str:
+    """The dashboard's latest jobs (command and the end of stderr), for a failure message: the
+    test home, with the jobs' logs, is deleted at exit."""
+    folder = Path(home_dir()) / "dashboard-jobs"
+    jobs = sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: d.name)[-last:] if folder.is_dir() else []
+    lines = [f"{len(jobs)} latest dashboard jobs:"]
+    for d in jobs:
+        info = (d / "job.json").read_text() if (d / "job.json").is_file() else "{}"
+        err = (d / "stderr").read_text(errors="replace")[-800:] if (d / "stderr").is_file() else ""
+        lines.append(f"--- {d.name}: {json.loads(info).get('cmd')}\n{err}")
+    return "\n".join(lines)
 
 
 def wait_idle(page, timeout: float = 30_000) -> None:
@@ -280,7 +311,7 @@ def test_dashboard_end_to_end(page, server):
 
     # the dense baseline of the same settings, drawn at its perplexity
     known = set(registry.query(kind="eval")["id"])
-    page.get_by_role("button", name="Evaluate the dense baseline with these settings").first.click()   # the latest settings come first
+    page.get_by_role("button", name="Evaluate the dense baseline with these settings").click()   # the only group
     dense_run = finished_run(registry, "eval", known, "the dense evaluation")
     assert dense_run["status"] == "done", dense_run["error"]
     dense = float(dense_run["perplexity"])
