@@ -9,6 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
+from streamlit.runtime.state.common import is_keyed_element_id, user_key_from_element_id
+from streamlit.runtime.state.session_state_proxy import get_session_state
 
 from core import allocation
 from core.models import resolve_source
@@ -45,7 +47,7 @@ def allocation_label(method: str) -> str:
 
 class State:
     """Every session-state key with its default. Widget keys keep their value across pages
-    (``setup()`` re-assigns them each run so Streamlit does not clean them up)."""
+    (``setup()`` re-assigns those the browser does not show, so Streamlit does not clean them up)."""
 
     # model and analysis (Home)
     source = "source"
@@ -144,7 +146,13 @@ def setup() -> None:
     widget's *first* value (S on Allocation returned to 0.70). So every widget's value is
     also kept in ``State.KEPT`` (a plain session key that Streamlit never touches): on the
     first run of a newly shown page the kept values win (a page switch changes no widget);
-    on the other runs the widgets' values win and are kept."""
+    on the other runs the widgets' values win and are kept.
+
+    A key is set (``ss[key] = value``, which Streamlit keeps for a run) only where the browser
+    did not send that widget's value with this run: after a page switch, for a widget of
+    another page, or a value restored. Setting a widget the browser shows would send its value
+    back to the browser, undoing a change the user made while this run was in flight (the
+    browser then shows one value and the next click sends another)."""
     ss = st.session_state
     kept = ss.setdefault(State.KEPT, {})
     ctx = get_script_run_ctx()
@@ -153,12 +161,16 @@ def setup() -> None:
     if page is not None:
         ss[State.PAGE] = page
     changed = []
+    sent = _sent_by_browser()
     for key, default in State.DEFAULTS.items():
         if key in State.OBJECTS:
             if key not in ss:
                 ss[key] = copy.copy(default)
             continue
-        if key in kept and (switched or key not in ss):
+        if key in sent and not switched and key in ss:
+            kept[key] = copy.copy(ss[key])    # the browser's value: never sent back to it
+            continue
+        if key in kept:          # other widgets: their value from before (Streamlit may have dropped it)
             value = kept[key]
             if key in ss and ss[key] != value:
                 changed.append(key)
@@ -167,8 +179,17 @@ def setup() -> None:
         ss[key] = value          # re-assigned: Streamlit keeps a key set this run
         kept[key] = copy.copy(value)
     if changed:
-        log.info("widget values restored after a page switch: %s", ", ".join(changed))
+        log.info("widget values restored from the kept ones: %s", ", ".join(changed))
     _remember_source(ss)
+
+
+def _sent_by_browser() -> set[str]:
+    """The keys of the widgets whose values the browser sent with this run (the browser's
+    widgets; empty outside a Streamlit run)."""
+    if get_script_run_ctx() is None:
+        return set()
+    return {key for w in get_session_state().get_widget_states()
+            if is_keyed_element_id(w.id) and (key := user_key_from_element_id(w.id)) is not None}
 
 
 def assign(key: str, value: object) -> None:

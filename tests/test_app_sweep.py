@@ -132,3 +132,37 @@ def test_tune_job_heatmap_and_use_this_allocation(demo, demo_analysis_full):
     at.switch_page("pages/prune.py").run()                        # Prune prunes with it
     assert not at.exception, at.exception
     assert f"ε = {best['epsilon']:.2f}" in texts(at) and at.radio(key="p_method").value == "magnitude"
+
+
+def _widgets(at) -> dict:
+    """The session-state widgets of the last run: {key: element}."""
+    from dashboard.state import State
+
+    kinds = ("multiselect", "slider", "select_slider", "radio", "selectbox", "text_input", "checkbox", "toggle")
+    return {w.key: w for kind in kinds for w in at.get(kind) if w.key in State.DEFAULTS}
+
+
+def test_a_rerun_sends_no_setting_back_to_the_browser(monkeypatch):
+    """A widget key set from code goes back to the browser with the run (``set_value``) and
+    overwrites a change the user made while that run was in flight: the browser then shows one
+    value and "Start tuning" sends another. Only a page's first run (kept values restored) may."""
+    from dashboard import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start", lambda argv, title, out=None: started.append(argv) or
+                        jobs.Job("fake", jobs.jobs_dir(), {"title": title, "command": argv[0]}))
+    at = new_app("sweep")
+    assert not at.exception, at.exception
+    first = _widgets(at)
+    assert {"t_epsilons", "t_metrics", "t_holdout", "p_calib_n"} <= set(first)
+    assert all(w.proto.set_value for w in first.values())        # the page's first run restores them all
+    at.multiselect(key="t_epsilons").set_value([0.1, 0.3])
+    at.multiselect(key="t_metrics").set_value(["alpha"])
+    at.slider(key="t_holdout").set_value(1).run()
+    assert not at.exception, at.exception
+    pushed = [key for key, w in _widgets(at).items() if w.proto.set_value]
+    assert pushed == [], pushed
+    at.button(key="start_tune").click().run()
+    argv = " ".join(started[-1])
+    assert "--epsilons 0.1,0.3 --xmins peak --metrics-cols alpha --holdout-windows 1" in argv, argv
+    assert [key for key, w in _widgets(at).items() if w.proto.set_value] == []
