@@ -9,8 +9,12 @@ from pathlib import Path
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
-from streamlit.runtime.state.common import is_keyed_element_id, user_key_from_element_id
-from streamlit.runtime.state.session_state_proxy import get_session_state
+
+try:   # internal API (Streamlit 1.67): without it every widget is re-assigned each run, as before
+    from streamlit.runtime.state.common import is_keyed_element_id, user_key_from_element_id
+    from streamlit.runtime.state.session_state_proxy import get_session_state
+except ImportError:  # pragma: no cover - another Streamlit version
+    get_session_state = None
 
 from core import allocation
 from core.models import resolve_source
@@ -167,10 +171,12 @@ def setup() -> None:
             if key not in ss:
                 ss[key] = copy.copy(default)
             continue
-        if key in sent and not switched and key in ss:
+        if sent is not None and key in sent and not switched and key in ss:
             kept[key] = copy.copy(ss[key])    # the browser's value: never sent back to it
             continue
-        if key in kept:          # other widgets: their value from before (Streamlit may have dropped it)
+        # other widgets: their value from before (Streamlit may have dropped it); without the
+        # browser's list (another Streamlit), the widgets' values win except after a page switch
+        if key in kept and (sent is not None or switched or key not in ss):
             value = kept[key]
             if key in ss and ss[key] != value:
                 changed.append(key)
@@ -183,9 +189,11 @@ def setup() -> None:
     _remember_source(ss)
 
 
-def _sent_by_browser() -> set[str]:
+def _sent_by_browser() -> set[str] | None:
     """The keys of the widgets whose values the browser sent with this run (the browser's
-    widgets; empty outside a Streamlit run)."""
+    widgets; empty outside a Streamlit run; ``None`` where this Streamlit does not tell)."""
+    if get_session_state is None:
+        return None
     if get_script_run_ctx() is None:
         return set()
     return {key for w in get_session_state().get_widget_states()
