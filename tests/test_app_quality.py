@@ -35,7 +35,9 @@ def test_every_cell_is_a_clickable_marker(demo_analysis_full):
     assert cells["type"] == "scatter" and cells["marker"]["symbol"] == "square"
     assert len(cells["x"]) == 210
     chart = at.get("plotly_chart")[0].proto
-    assert "points" in str(chart.selection_mode).lower() or list(chart.selection_mode)
+    from streamlit.proto.PlotlyChart_pb2 import PlotlyChart
+
+    assert list(chart.selection_mode) == [PlotlyChart.SelectionMode.POINTS]   # a click picks one cell
 
 
 def test_flagged_matrices_are_listed(demo_analysis_full):
