@@ -126,3 +126,15 @@ def test_a_gguf_source_streams_through_its_converted_folder(demo, tmp_path):
     assert skeleton.path == demo.path and skeleton.identity == demo.identity
     prune_to_folder(skeleton, tmp_path / "streamed", 0.5, method="magnitude", device="cpu")
     _assert_same_checkpoint(tmp_path / "full", tmp_path / "streamed")
+
+
+def test_streaming_refuses_what_it_would_not_do(tmp_path):
+    """The streamed path evaluates its saved output but does not analyse it or score zero-shot
+    tasks: asking for either is one clear error, not silently dropped."""
+    from core.spec import EvaluationSpec
+
+    with pytest.raises(ValueError, match="streaming=True: --analyze-output and --zeroshot"):
+        PruneSpec(method="wanda", save=tmp_path / "a", streaming=True, analyze_output=True)
+    with pytest.raises(ValueError, match="spectrascope zeroshot"):
+        PruneSpec(method="wanda", save=tmp_path / "b", streaming=True,
+                  evaluation=EvaluationSpec(evaluate=True, zeroshot=("rte",)))
