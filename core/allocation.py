@@ -133,10 +133,11 @@ class Allocation:
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
+    def to_csv(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the columns name, block, kind, params, metric, ratio to ``path`` atomically
         (a temporary file in the same folder, then ``os.replace``). Returns the path."""
-        path = atomic_file(path, lambda tmp: self.ratios.loc[:, list(CSV_COLUMNS)].to_csv(tmp, index=False))
+        path = atomic_file(path, lambda tmp: self.ratios.loc[:, list(CSV_COLUMNS)].to_csv(tmp, index=False),
+                           overwrite=overwrite)
         logger.info("wrote %d ratios to %s", len(self.ratios), path)
         return path
 

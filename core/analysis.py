@@ -59,15 +59,15 @@ class Analysis:
     cached: bool = False
     meta: dict = field(default_factory=dict)
 
-    def save_table(self, path: str | os.PathLike) -> Path:
+    def save_table(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the table as ``.csv`` or ``.parquet`` (atomically)."""
         path = Path(path)
         if path.suffix not in (".csv", ".parquet"):
             raise ValueError(f"--out {path}: use a .csv or .parquet file name")
         return atomic_file(path, lambda tmp: self.table.to_csv(tmp, index=False) if path.suffix == ".csv"
-                       else self.table.to_parquet(tmp, index=False))
+                       else self.table.to_parquet(tmp, index=False), overwrite=overwrite)
 
-    def save_eigs(self, path: str | os.PathLike) -> Path:
+    def save_eigs(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every matrix's eigenvalues to ``.npz`` under its name (atomically)."""
         path = Path(path)
         if path.suffix != ".npz":
@@ -76,7 +76,7 @@ class Analysis:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **self.eigs)
-        return atomic_file(path, write)
+        return atomic_file(path, write, overwrite=overwrite)
 
     def summary(self) -> str:
         t = self.table

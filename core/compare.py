@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import atomic_file
+from .config import atomic_file, writable_file
 
 #: numeric columns compared matrix by matrix (when both sources have them)
 DELTA_METRICS = ("alpha", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
@@ -93,17 +93,43 @@ class Comparison:
             lines.append(f"{len(self.missing)} matrices are not in every source (see the missing table)")
         return "\n".join(lines)
 
-    def save(self, stem: str | os.PathLike, *, formats: tuple[str, ...] = ("csv",)) -> list[Path]:
-        """Write ``STEM-long``, ``STEM-deltas`` and ``STEM-missing`` as .csv and/or .parquet."""
-        out = []
-        for name, table in (("long", self.long), ("deltas", self.deltas), ("missing", self.missing)):
-            for fmt in formats:
-                if fmt not in ("csv", "parquet"):
-                    raise ValueError(f"format {fmt!r}: use csv or parquet")
-                path = Path(f"{stem}-{name}.{fmt}")
-                out.append(atomic_file(path, lambda tmp, t=table, f=fmt: t.to_csv(tmp, index=False) if f == "csv"
-                                       else t.to_parquet(tmp, index=False)))
-        return out
+    def save(self, stem: str | os.PathLike, *, formats: tuple[str, ...] = ("csv",),
+             overwrite: bool = False) -> list[Path]:
+        """Write ``STEM-long``, ``STEM-deltas`` and ``STEM-missing`` as .csv and/or .parquet, each
+        atomically; existing files are refused unless ``overwrite`` (checked for all before any is written)."""
+        paths = output_paths(stem, formats, overwrite=overwrite)
+        tables = {"long": self.long, "deltas": self.deltas, "missing": self.missing}
+        return [atomic_file(path, lambda tmp, t=tables[name], f=fmt: t.to_csv(tmp, index=False) if f == "csv"
+                            else t.to_parquet(tmp, index=False), overwrite=overwrite)
+                for (name, fmt), path in paths.items()]
+
+
+TABLES = ("long", "deltas", "missing")
+
+
+def output_paths(stem: str | os.PathLike, formats: tuple[str, ...] = ("csv",), *,
+                 overwrite: bool = False) -> dict[tuple[str, str], Path]:
+    """``(table, format) -> STEM-table.format``, each checked as ``--out`` (``writable_file``): call
+    it before the work that produces the tables."""
+    bad = [f for f in formats if f not in ("csv", "parquet")]
+    if bad or not formats:
+        raise ValueError(f"--format {','.join(formats)!r}: use csv, parquet or csv,parquet")
+    return {(name, fmt): writable_file(f"{stem}-{name}.{fmt}", "--out", overwrite=overwrite)
+            for name in TABLES for fmt in formats}
+
+
+def write_html(path: str | os.PathLike, html: str, *, overwrite: bool = False) -> Path:
+    """Write the report ``html`` to ``path`` (``.html``) atomically: whole or not at all (a full
+    disk or a file-size limit leaves nothing); an existing file is refused unless ``overwrite``."""
+    path = html_path(path, overwrite=overwrite)
+    return atomic_file(path, lambda tmp: tmp.write_text(html, encoding="utf-8"), overwrite=overwrite)
+
+
+def html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` checked as ``--html`` before any work: a ``.html`` name that can be written."""
+    if Path(path).suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--html {path}: use a .html file name")
+    return writable_file(path, "--html", overwrite=overwrite)
 
 
 def status_group(status: object) -> str:

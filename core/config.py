@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .housekeeping import clean, remove_tree, temp_path
+from .housekeeping import clean, discard, forget, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def window_batches(n: int, seqlen: int, start: int = 0, tokens: int = BATCH_TOKE
 
 class NoSpaceLeft(OSError, ValueError):
     """The disk filled up during a write (also a ValueError: callers report it in one line)."""
+
+
+class FileTooLarge(OSError, ValueError):
+    """A file-size limit (EFBIG: ``ulimit -f``, the file system's largest file) was reached
+    during a write (also a ValueError: callers report it in one line)."""
 
 
 def home() -> Path:
@@ -100,14 +105,21 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
 
 
 def _write_error(exc: BaseException, dest: Path) -> BaseException:
-    """A one-line error naming ``dest`` for a full disk or a denied write; other errors unchanged."""
-    text = str(exc)
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
-        err = NoSpaceLeft(f"no space left on the device while writing {dest}; free some space or "
-                          "choose another folder (for caches: set SPECTRASCOPE_HOME)")
+    """A one-line error naming ``dest`` for a full disk, a file-size limit or a denied write;
+    other errors unchanged."""
+    text, code = str(exc), getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        err: OSError = NoSpaceLeft(f"no space left on the device while writing {dest}; free some space or "
+                                   "choose another folder (for caches: set SPECTRASCOPE_HOME)")
         err.errno = errno.ENOSPC
         return err
-    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EROFS:
+    if code == errno.EFBIG or "File too large" in text or "FileTooLarge" in text:
+        err = FileTooLarge(f"the file-size limit was reached while writing {dest} (a file would be larger than "
+                           "`ulimit -f` or the file system allows); raise the limit or choose another folder; "
+                           "nothing was written")
+        err.errno = errno.EFBIG
+        return err
+    if isinstance(exc, PermissionError) or code == errno.EROFS:
         return PermissionError(f"cannot write {dest}: permission denied in {dest.parent}; make it writable or "
                                "choose another folder (for caches: set SPECTRASCOPE_HOME to a writable folder)")
     return exc
@@ -120,14 +132,24 @@ def _fail(exc: BaseException, dest: Path) -> None:
     raise err from exc
 
 
-def writable_file(path: str | os.PathLike, name: str = "") -> Path:
-    """``path`` as an absolute path that a file can be written to (checked before the work that
-    produces it): not a folder, in an existing writable folder. ``name`` (e.g. ``--out``)
-    prefixes the one-line error."""
-    path = Path(path).expanduser().resolve()
+def writable_file(path: str | os.PathLike, name: str = "", *, overwrite: bool = False) -> Path:
+    """``path`` as an absolute path that a file can be written to, checked before the work that
+    produces it: not a folder, in an existing writable folder, and not an existing file or
+    symbolic link unless ``overwrite`` (then the link itself is replaced, never its target: only
+    the folder part of ``path`` is resolved). ``name`` (e.g. ``--out``) prefixes the one-line error."""
+    path = Path(path).expanduser()
     what = f"{name} {path}" if name else str(path)
-    if path.is_dir():
+    if path.name in ("", ".", "..") or (path.is_dir() and not path.is_symlink()):
         raise ValueError(f"cannot write {what}: it is a folder; give a file name")
+    path = Path(os.path.realpath(path.parent)) / path.name
+    what = f"{name} {path}" if name else str(path)
+    if path.is_symlink() and not overwrite:
+        raise ValueError(f"{what} already exists as a symbolic link to {os.readlink(path)}; nothing was written: "
+                         "choose a new name, or add --overwrite to replace the link itself (its target is never "
+                         "written)")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{what} already exists; nothing was written: choose a new name or add --overwrite to "
+                         "replace it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {what}: folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -135,21 +157,44 @@ def writable_file(path: str | os.PathLike, name: str = "") -> Path:
     return path
 
 
-def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+def _publish_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the file ``tmp`` to ``path``: replacing what is there (a symbolic link itself, never
+    its target) if ``overwrite``, else only if nothing is (a hard link fails on any existing name)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ValueError(f"{path} already exists (it appeared while this was being written); nothing was "
+                         "overwritten: choose a new name or add --overwrite") from None
+    except OSError:           # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise ValueError(f"{path} already exists (it appeared while this was being written); nothing was "
+                             "overwritten: choose a new name or add --overwrite") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
-    A reader never sees a half-written file, and a failure leaves nothing behind. The
-    temporary file is created with a plain ``open`` so the result has the usual permissions.
+
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Call ``write(tmp)`` on a recorded temporary file beside ``path``, then rename it to ``path``.
+
+    A reader never sees a half-written file, and a failure (a full disk, a file-size limit)
+    leaves nothing behind. An existing ``path`` (now or when the result is published) is
+    refused unless ``overwrite`` (``writable_file``). The temporary file is created with a
+    plain ``open`` so the result has the usual permissions.
     """
-    path = writable_file(path)
+    path = writable_file(path, overwrite=overwrite)
     tmp = temp_path(path)
     try:
         open(tmp, "x").close()
         write(tmp)
-        os.replace(tmp, path)
+        _publish_file(tmp, path, overwrite)
     except BaseException as exc:
-        remove_tree(tmp)
+        discard(tmp)
         _fail(exc, path)
+    forget(tmp)
     return path
 
 
@@ -214,8 +259,9 @@ def _publish(tmp: Path, dest: Path, replace: bool, keep: Callable[[Path], bool] 
         try:
             os.rename(dest, aside)     # atomic: a concurrent reader's files stay open, the name is free
         except FileNotFoundError:
+            forget(aside)
             continue
-        remove_tree(aside)
+        discard(aside)
     raise OSError(f"could not publish {dest}: other processes keep replacing it; try again")
 
 
@@ -223,7 +269,7 @@ def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replac
                keep: Callable[[Path], bool] | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary folder beside ``dest``, then rename it to ``dest``.
 
-    An interrupted run leaves no half-written folder, only a temporary named after its owner
+    An interrupted run leaves no half-written folder, only a temporary recorded with its owner
     process that ``housekeeping.clean`` (run here first for ``dest``'s folder) removes once the
     owner is dead. Nothing that this call did not create is ever replaced:
 
@@ -234,7 +280,8 @@ def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replac
       concurrent writer of the same content won), False moves it aside, removes it and
       publishes ours (a corrupt entry).
     """
-    dest = Path(dest).expanduser().resolve()
+    dest = Path(dest).expanduser()
+    dest = Path(os.path.realpath(dest.parent)) / dest.name    # a symbolic link at dest is never followed
     if not replace and (dest.exists() or dest.is_symlink()):
         raise ValueError(f"{dest} already exists; choose a new folder (nothing is overwritten)")
     tmp = temp_path(dest)
@@ -246,9 +293,9 @@ def atomic_dir(dest: str | os.PathLike, write: Callable[[Path], None], *, replac
         _usual_modes(tmp)
         published = _publish(tmp, dest, replace, keep)
     except BaseException as exc:
-        remove_tree(tmp)
+        discard(tmp)
         _fail(exc, dest)
     if not published:
         log.info("%s was written meanwhile by another process; using it", dest)
-        remove_tree(tmp)
+    discard(tmp)       # published: nothing is left at tmp, only its ledger entry
     return dest

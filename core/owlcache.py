@@ -98,7 +98,7 @@ def owl_scores_cached(loaded: LoadedModel, settings: OwlSettings = OwlSettings()
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"identity": loaded.identity, "model": loaded.source, **vars(settings),
               "calibration": calib.settings(), "scores": scores}
-    atomic_file(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    atomic_file(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)), overwrite=True)
     log.info("OWL scores of %s (%s) cached in %s", loaded.source, settings.label(), path)
     return OwlScores(loaded.identity, settings, scores, path, False, time.perf_counter() - start)
 

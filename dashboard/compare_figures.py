@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.analysis import ZERO_RTOL
-from core.compare import Comparison, delta_pivot, series_table
+from core.compare import Comparison, delta_pivot, html_path, series_table, write_html
 from dashboard.figures import LAYOUT, esd_figure, kind_order, palette
 
 
@@ -125,9 +125,8 @@ def report_html(result: Comparison, metric: str = "alpha") -> str:
             "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>" + "".join(parts) + "</body></html>")
 
 
-def write_report(result: Comparison, path: str | os.PathLike, metric: str = "alpha") -> Path:
-    path = Path(path)
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--html {path}: use a .html file name")
-    path.write_text(report_html(result, metric), encoding="utf-8")
-    return path
+def write_report(result: Comparison, path: str | os.PathLike, metric: str = "alpha", *,
+                 overwrite: bool = False) -> Path:
+    """The HTML report, written atomically (``core.compare.write_html``)."""
+    html_path(path, overwrite=overwrite)
+    return write_html(path, report_html(result, metric), overwrite=overwrite)

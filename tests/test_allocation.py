@@ -471,7 +471,10 @@ def test_to_csv_is_atomic_and_round_trips(tmp_path):
     alloc = allocate(load_profile("llama-7b-hf"), sparsity=0.7)
     path = tmp_path / "ratios.csv"
     path.write_text("old content")
-    assert alloc.to_csv(path) == path
+    with pytest.raises(ValueError, match="already exists"):     # an existing file is replaced only when asked
+        alloc.to_csv(path)
+    assert path.read_text() == "old content"
+    assert alloc.to_csv(path, overwrite=True) == path
     assert [p.name for p in tmp_path.iterdir()] == ["ratios.csv"]  # no temporary file left
     back = pd.read_csv(path)
     assert list(back.columns) == list(CSV_COLUMNS)

@@ -217,29 +217,57 @@ def test_killed_cache_write_leaves_nothing_after_the_next_run(tiny_folder, home,
     assert analyze(tiny_folder, device="cpu").cached
 
 
-def test_clean_removes_dead_owners_only(tmp_path):
+def _recorded(dest: Path, **owner: object) -> Path:
+    """A temporary of this process beside ``dest``, its ledger entry then given another ``owner``
+    (``start``: a reused pid; ``host``: another machine's process)."""
+    tmp = housekeeping.temp_path(dest)
+    entry = housekeeping._entry(housekeeping._ledger(), tmp)
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), **owner}))
+    return tmp
+
+
+_DIES = """
+import sys
+from core.housekeeping import temp_path
+tmp = temp_path(sys.argv[1])
+tmp.mkdir()
+(tmp / "model.safetensors").write_bytes(bytes(2000))
+print(tmp)
+"""
+
+
+def test_clean_removes_dead_owners_only(home, tmp_path):
+    """Only recorded temporaries of dead processes (pid gone, or reused with another start time)
+    are removed; a live or remote owner's are kept, and look-alikes that were never recorded
+    (forged owner tags, older versions' names, aged) are only listed by ``left_alone``.
+    (Before the ledger, this case asserted that the last two were removed on their name alone.)"""
+    proc = spawn(_DIES, str(tmp_path / "b"), home=home)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    dead = Path(out.strip())
     live = housekeeping.temp_path(tmp_path / "a")          # this process: alive
+    reused = _recorded(tmp_path / "c", start="1")          # our pid, another start time
+    remote = _recorded(tmp_path / "d", host="other-host")
     host = housekeeping.owner_tag().split("~")[0]
-    dead = tmp_path / f".b{housekeeping.MARK}{host}~{2**22 + 12345}~77~0123abcd"       # no such pid
-    reused = tmp_path / f".c{housekeeping.MARK}{host}~{os.getpid()}~1~0123abcd"       # our pid, other start
-    remote = tmp_path / f".d{housekeeping.MARK}other-host~{2**22 + 12345}~77~0123abcd"
-    legacy = tmp_path / ".e.partial-abcd_123"
-    recent_legacy = tmp_path / ".f.partial-abcd_456"
-    for p in (live, dead, reused, remote, legacy, recent_legacy):
+    forged = tmp_path / f".e{housekeeping.MARK}{host}~{2**22 + 12345}~77~0123abcd"   # never recorded
+    legacy = tmp_path / ".f.partial-abcd_123"
+    for p in (live, reused, remote, forged, legacy):
         p.mkdir()
         (p / "model.safetensors").write_bytes(bytes(2000))
-    os.utime(legacy, (time.time() - 2 * housekeeping.LEGACY_AGE_S,) * 2)
+        os.utime(p, (time.time() - 3 * 24 * 3600,) * 2)
     (tmp_path / "user-folder").mkdir()
 
-    found = housekeeping.clean([tmp_path], dry_run=True)
-    assert sorted(x.path.name for x in found) == sorted([dead.name, reused.name, legacy.name])
+    found = housekeeping.clean(dry_run=True)
+    assert sorted(x.path.name for x in found) == sorted([dead.name, reused.name])
     assert all(x.bytes == 2000 and "\n" not in str(x) and str(x.path) in str(x) for x in found)
     assert dead.exists()                                    # dry run
-    assert housekeeping.default_roots(tmp_path) == [tmp_path, tmp_path / "user-folder"]
+    assert housekeeping.left_alone([tmp_path]) == sorted([forged, legacy])
+    assert housekeeping.default_roots(tmp_path) == [tmp_path, tmp_path / "home", tmp_path / "user-folder"]
     freed = housekeeping.clean([tmp_path, tmp_path / "missing"])
     assert sorted(x.path.name for x in freed) == sorted(x.path.name for x in found)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [live.name, remote.name, recent_legacy.name, "user-folder"])
+        [live.name, remote.name, forged.name, legacy.name, "home", "user-folder"])
+    assert housekeeping.clean() == []
 
 
 _CONVERT_STUCK = """

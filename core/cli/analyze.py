@@ -7,6 +7,7 @@ import argparse
 from ..allocation import MAPPINGS, allocate
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..analysis import analyze
+from ..config import writable_file
 from ..devices import devices_of
 from ..experiments import read_metrics
 from ..fit import XMIN_METHODS
@@ -23,6 +24,7 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
     add_parallel(p)
     p.add_argument("--out", help="write the table to FILE.csv or FILE.parquet")
     p.add_argument("--eigs", help="write every matrix's eigenvalues to FILE.npz (key: matrix name)")
+    add_overwrite(p)
     p.add_argument("--streaming", action="store_true",
                    help="read a safetensors checkpoint one tensor at a time (models larger than memory)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
@@ -31,13 +33,16 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
+    for option, name in (("--out", args.out), ("--eigs", args.eigs)):
+        if name:
+            writable_file(name, option, overwrite=args.overwrite)
     result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
                      use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
                      devices=devices_of(args.device, args.devices), ray=args.ray, progress=progress)
     if args.out:
-        result.save_table(args.out)
+        result.save_table(args.out, overwrite=args.overwrite)
     if args.eigs:
-        result.save_eigs(args.eigs)
+        result.save_eigs(args.eigs, overwrite=args.overwrite)
     return "" if args.quiet else result.summary()
 
 
@@ -60,17 +65,26 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
                    help="comma-separated kinds kept dense, e.g. k,v (the mean over all matrices is still S)")
     p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
     p.add_argument("--out", metavar="FILE.csv", help="write name, block, kind, params, metric, ratio")
+    add_overwrite(p)
     p.add_argument("--quiet", action="store_true", help="no summary")
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
+    if args.out:
+        writable_file(args.out, "--out", overwrite=args.overwrite)
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)
     options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
     result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,
                       dense_kinds=args.dense_kinds, reverse=args.reverse, **options)
     if args.out:
-        result.to_csv(args.out)
+        result.to_csv(args.out, overwrite=args.overwrite)
     return "" if args.quiet else result.summary()
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace existing output files (atomically; a symbolic link itself, never its target)."""
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (by default an existing "
+                   "file is refused before any work; a symbolic link is replaced itself, never its target)")
 
 
 def add_parallel(p: argparse.ArgumentParser) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..compare import compare
+from ..compare import compare, html_path, output_paths
 from ..compare_sources import entries_for
 from ..fit import XMIN_METHODS
 from ..progress import Progress
 from ..quant import quant_alpha_message
+from .analyze import add_overwrite
 
 SOURCES_HELP = ("demo, a Hugging Face folder, a .gguf or .safetensors file, a hub id, a table of "
                 "`spectrascope analyze --out` (.csv/.parquet), run:ID (a pruned output of the runs registry), "
@@ -27,21 +28,27 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="csv", help="csv (default), parquet or csv,parquet for --out")
     p.add_argument("--html", metavar="FILE.html", help="a self-contained HTML report (plotly.js inline, offline)")
     p.add_argument("--json", action="store_true", help="print the per-kind summary as JSON")
+    add_overwrite(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
 def run_compare(args: argparse.Namespace, progress: Progress) -> str:
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if args.out:           # every output checked before any work
+        output_paths(args.out, formats, overwrite=args.overwrite)
+    if args.html:
+        html_path(args.html, overwrite=args.overwrite)
     entries = entries_for(args.sources, base=args.base, xmin=args.xmin, device=args.device, progress=progress)
     result = compare(entries)
     if args.metric not in result.long.columns:
         raise ValueError(f"--metric {args.metric}: not a column of the tables; use e.g. alpha, log_norm")
     written = []
     if args.out:
-        written = result.save(args.out, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()))
+        written = result.save(args.out, formats=formats, overwrite=args.overwrite)
     if args.html:
         from dashboard.compare_figures import write_report   # plotting stays out of the engine's import graph
 
-        written.append(write_report(result, args.html, metric=args.metric))
+        written.append(write_report(result, args.html, metric=args.metric, overwrite=args.overwrite))
     notes = [f"{e.label}: {msg}" for e in entries if (msg := quant_alpha_message(e.table, args.metric))]
     if args.json:
         return json.dumps({"sources": result.labels, "by_kind": result.by_kind(args.metric).to_dict(orient="records"),

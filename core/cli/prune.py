@@ -23,7 +23,7 @@ from ..registry import Registry
 from ..runkey import run_key
 from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
-from .analyze import add_parallel
+from .analyze import add_overwrite, add_parallel
 from .zeroshot import opts_zeroshot
 
 
@@ -179,13 +179,15 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
+    add_overwrite(p)
     opts_zeroshot(p)
     add_parallel(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     methods, allocations = _names(args.methods), _names(args.allocations)
-    out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out") for s in (".csv", ".md"))
+    out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out", overwrite=args.overwrite)
+                       for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
     start = time.perf_counter()
@@ -201,9 +203,9 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
         table = sweep(base, loaded=loaded, **grid)
     seconds = time.perf_counter() - start
     table = with_accuracy(table)
-    atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False), overwrite=args.overwrite)
     md = sweep_report(table, base, model=loaded.source, calibration=calib, seconds=seconds)
-    atomic_file(out_md, lambda tmp: tmp.write_text(md))
+    atomic_file(out_md, lambda tmp: tmp.write_text(md), overwrite=args.overwrite)
     if args.json:
         return json.dumps({"seconds": seconds, "rows": table.to_dict(orient="records")}, default=str)
     return f"{md}\nwrote {out_csv} and {out_md} (dense perplexity {table.iloc[0]['perplexity']:.3f})"
@@ -227,17 +229,19 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-windows", type=int, default=16, help="held-out windows scored (default 16)")
     _opts_calib(p)
     p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
+    add_overwrite(p)
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="one Ray task per epsilon: alone, a local Ray instance; with ADDRESS, that cluster")
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
+    out = writable_file(args.out, "--out", overwrite=args.overwrite) if args.out else None
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
     result = run(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
                  holdout_windows=args.holdout_windows, progress=progress)
     if args.out:
-        result.table.to_csv(args.out, index=False)
+        atomic_file(out, lambda tmp: result.table.to_csv(tmp, index=False), overwrite=args.overwrite)
     if args.json:
         return json.dumps(result.to_dict(), default=str)
     return result.summary() + (f"\nwrote {args.out}" if args.out else "")

@@ -1,5 +1,6 @@
 """The ``runs`` and ``clean`` sub-commands: list the runs registry (with runs whose process
-is gone shown as interrupted), and remove the temporaries that killed processes left."""
+is gone shown as interrupted), and remove the temporaries that killed processes left (only
+those recorded when they were created: look-alikes are listed and left alone)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import home
-from ..housekeeping import clean, default_roots, human_size
+from ..housekeeping import clean, default_roots, human_size, left_alone
 from ..progress import Progress
 from ..registry import STATUSES, Registry
 
@@ -72,7 +73,8 @@ def add_clean(p: argparse.ArgumentParser) -> None:
 
 
 def clean_roots() -> list[Path]:
-    """Where leftovers can lie: Spectrascope's folder and its subfolders, and the folders that
+    """Where look-alikes of temporaries are looked for (to list them, never to remove them):
+    Spectrascope's folder and its subfolders (not through symbolic links), and the folders that
     recorded runs saved models into."""
     roots = default_roots(home())
     try:
@@ -84,11 +86,12 @@ def clean_roots() -> list[Path]:
 
 
 def run_clean(args: argparse.Namespace, progress: Progress) -> str:
-    freed = clean(clean_roots(), dry_run=args.dry_run)
-    if not freed:
-        return "nothing to clean: no leftovers of ended processes"
+    freed = clean(dry_run=args.dry_run)            # every recorded temporary of an ended process
     verb = "would remove" if args.dry_run else "removed"
-    lines = [f"{verb} {item}" for item in freed]
-    lines.append(f"{'would free' if args.dry_run else 'freed'} {human_size(sum(i.bytes for i in freed))} "
-                 f"in {len(freed)} leftover{'s' if len(freed) > 1 else ''}")
+    lines = [f"{verb} {item}" for item in freed] or ["nothing to clean: no leftovers of ended processes"]
+    if freed:
+        lines.append(f"{'would free' if args.dry_run else 'freed'} {human_size(sum(i.bytes for i in freed))} "
+                     f"in {len(freed)} leftover{'s' if len(freed) > 1 else ''}")
+    lines += [f"left alone  {path}  (named like a temporary, but Spectrascope did not record creating it: "
+              "yours, or an older version's leftover to delete by hand)" for path in left_alone(clean_roots())]
     return "\n".join(lines)
