@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import streamlit as st
+from safetensors import SafetensorError
 
 #: what the user can fix (as the CLI's one-line refusals): core raises ValueError and
-#: FileNotFoundError; OSError also covers unreadable, missing and full-disk paths
-USER_ERRORS = (ValueError, OSError, ImportError)
+#: FileNotFoundError; OSError also covers unreadable, missing and full-disk paths;
+#: SafetensorError: a weights file the user named is damaged (not a .safetensors file)
+USER_ERRORS = (ValueError, OSError, ImportError, SafetensorError)
 
 
 def message(exc: BaseException) -> str:

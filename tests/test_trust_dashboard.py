@@ -198,3 +198,39 @@ def test_a_bad_table_on_compare_is_one_error_naming_it(tmp_path, reference_label
     at.run()
     assert not at.exception, at.exception
     assert not at.error
+
+
+def test_a_damaged_adapter_on_compare_is_one_error_naming_it(tmp_path, reference_label):
+    """A LoRA adapter folder whose weights file is not safetensors (the reader's own error type)."""
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                             "base_model_name_or_path": "demo"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    at = new_app("compare", cmp_sources=[reference_label])
+    at.text_input(key="cmp_add").set_value(str(adapter)).run()
+    [b for b in at.button if b.label == "Analyse and add"][0].click().run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and "my-adapter" in at.error[0].value, [e.value for e in at.error]
+    assert at.multiselect(key="cmp_sources").value == [reference_label]
+
+
+@pytest.fixture
+def jobs_folder_unusable(jobs_home):
+    """The jobs folder replaced by a file (as a full or read-only disk would refuse it); restored after."""
+    aside = jobs_home.with_name("dashboard-jobs.aside")
+    jobs_home.rename(aside)
+    jobs_home.write_text("not a folder")
+    yield jobs_home
+    jobs_home.unlink()
+    aside.rename(jobs_home)
+
+
+@pytest.mark.parametrize("page, button", [("prune", "Evaluate the dense baseline"), ("sweep", "Start the sweep"),
+                                          ("prune", "Prune and evaluate")])
+def test_a_job_that_cannot_start_is_one_error(jobs_folder_unusable, page, button):
+    at = new_app(page, source="demo", p_method="magnitude", a_method="uniform")
+    assert not at.exception, at.exception
+    [b for b in at.button if b.label == button][0].click().run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and "dashboard-jobs" in at.error[0].value, [e.value for e in at.error]
