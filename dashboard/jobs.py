@@ -35,6 +35,8 @@ from dashboard.state import State
 
 #: lines of stderr shown when a job died without an error event
 TAIL_LINES = 5
+#: this machine, as job owners name it (``owner_tag``'s host)
+THIS_HOST = owner_tag().split("~")[0]
 
 
 def jobs_dir() -> Path:
@@ -66,6 +68,9 @@ def _problem(info: object) -> str:
     for key in ("title", "command", "owner"):
         if key in info and not isinstance(info[key], str):
             return f"job.json: {key} {info[key]!r} is not text"
+    owner = info.get("owner", f"?~{pid}~?").split("~")
+    if len(owner) != 3 or owner[1] != str(pid):
+        return f"job.json: owner {info['owner']!r} is not HOST~{pid}~START"
     cmd = info.get("cmd", [])
     if not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
         return f"job.json: cmd {cmd!r} is not a command line"
@@ -90,9 +95,9 @@ class Job:
         """The job of ``folder``; a damaged job (``problem`` says why) when its ``job.json`` is not one."""
         try:
             info = json.loads((folder / "job.json").read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
-                "is not JSON" if isinstance(exc, ValueError) else f"cannot be read ({exc.strerror or exc})"
+                f"cannot be read ({exc.strerror or exc})" if isinstance(exc, OSError) else "is not JSON"
             return cls(folder.name, folder, {}, f"job.json {reason}")
         problem = _problem(info)
         return cls(folder.name, folder, info if not problem else {}, problem)
@@ -128,6 +133,11 @@ class Job:
         except ValueError:
             raise Damaged(f"rc holds {text[:40]!r}, not an exit code") from None
 
+    @property
+    def host(self) -> str:
+        """The machine the job's process runs on ("" when not recorded: jobs of older versions)."""
+        return self.info.get("owner", "").split("~")[0]
+
     def owned(self) -> bool:
         """Whether the job's process still runs: this server's child not yet ended, or the recorded
         pid still running the process that started at the recorded time (``owner``). A job recorded
@@ -154,6 +164,8 @@ class Job:
             return None
         else:
             rc = 0 if self.result() is not None else -1
+            if rc and self.host and self.host != THIS_HOST:
+                return None       # another machine's process: not known to be gone (status ``elsewhere``)
         try:
             (self.folder / "rc").write_text(str(rc))
         except OSError:
@@ -162,7 +174,8 @@ class Job:
 
     def status(self) -> str:
         """running, cancelling, cancelled, done, failed, interrupted (ended without an exit code or
-        result: killed, or its pid is another process's now) or damaged (``problem`` says why)."""
+        result: killed, or its pid is another process's now), elsewhere (another machine's job
+        without a result yet: not followed from here) or damaged (``problem`` says why)."""
         if self.problem:
             return "damaged"
         try:
@@ -170,6 +183,8 @@ class Job:
         except Damaged as exc:
             self.problem = str(exc)
             return "damaged"
+        if rc is None and self.host not in ("", THIS_HOST):
+            return "elsewhere"
         if rc is None:
             return "cancelling" if (self.folder / "cancel").exists() else "running"
         if (self.folder / "cancel").exists():
@@ -329,6 +344,9 @@ def card(job: Job, done: Done) -> str:
                 job.cancel()
         elif status == "failed":
             c1.error(job.error(), icon=":material/error:")
+        elif status == "elsewhere":
+            c1.info(f"started on the machine {job.host}: it cannot be followed or cancelled from this one",
+                    icon=":material/dns:")
         elif status == "interrupted":
             c1.warning("the job's process ended without an exit code or a result (killed, or the machine "
                        f"restarted): {job.error()}", icon=":material/block:")

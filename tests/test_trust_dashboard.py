@@ -36,7 +36,10 @@ def forge(root, name: str, info=None, *, raw: bytes | None = None, rc: str | Non
           stderr: str = ""):
     folder = root / f"{PREFIX}{name}"
     folder.mkdir()
-    (folder / "job.json").write_bytes(raw if raw is not None else json.dumps(info).encode())
+    if raw is None and info is None:
+        (folder / "job.json").mkdir()                 # unreadable: a folder where the file should be
+    else:
+        (folder / "job.json").write_bytes(raw if raw is not None else json.dumps(info).encode())
     (folder / "stdout").write_text(stdout)
     (folder / "stderr").write_text(stderr)
     if rc is not None:
@@ -60,6 +63,9 @@ DAMAGED = {
     "json_list": dict(raw=b"[1, 2]"),
     "no_started": dict(info={"title": "t", "command": "eval", "pid": 0}),
     "started_text": dict(info={"title": "t", "command": "eval", "pid": 0, "started": "yesterday"}),
+    "owner_not_a_tag": dict(info={"title": "t", "command": "eval", "pid": 0, "started": NOW, "owner": "x"}),
+    "deeply_nested": dict(raw=b"[" * 100000 + b"]" * 100000),
+    "job_json_folder": dict(raw=None),
     "cmd_not_list": dict(info={"title": "t", "cmd": 5, "pid": 0, "started": NOW}),
     "result_list": dict(info={"title": "t", "command": "eval", "pid": 0, "started": NOW}, rc="0", stdout="[1, 2]\n"),
     "result_wrong_types": dict(info={"title": "t", "command": "eval", "pid": 0, "started": NOW}, rc="0",
@@ -96,7 +102,7 @@ def sleeper() -> subprocess.Popen:
     return subprocess.Popen(["sleep", "60"], start_new_session=True)
 
 
-@pytest.mark.parametrize("recorded", ["wrong_start", "no_start"])
+@pytest.mark.parametrize("recorded", ["wrong_start", "no_start", "other_host"])
 def test_cancel_never_signals_a_process_group_the_job_does_not_own(jobs_home, recorded):
     """A stale job whose pid now belongs to another process group reads as interrupted and Cancel signals
     nothing; a job whose pid and start time match is still cancelled (its process group gets SIGINT)."""
@@ -108,6 +114,8 @@ def test_cancel_never_signals_a_process_group_the_job_does_not_own(jobs_home, re
         stale = {"title": "stale job", "command": "prune", "pid": stranger.pid, "started": NOW - 3600}
         if recorded == "wrong_start":
             stale["owner"] = f"{host}~{stranger.pid}~{int(start) - 100}"
+        if recorded == "other_host":       # the same pid and start time, on another machine sharing the home
+            stale["owner"] = f"elsewhere.example~{stranger.pid}~{start}"
         forge(jobs_home, "60-stale", stale)
         forge(jobs_home, "61-own", {"title": "own job", "command": "prune", "pid": own.pid, "started": NOW,
                                     "owner": owner_tag(own.pid)})
@@ -120,7 +128,8 @@ def test_cancel_never_signals_a_process_group_the_job_does_not_own(jobs_home, re
         assert stranger.poll() is None, "Cancel signalled a process group the job does not own"
         assert own.wait(timeout=5) == -signal.SIGINT
         at.run()
-        assert "stale job** · interrupted" in texts(at), texts(at)
+        status = "elsewhere" if recorded == "other_host" else "interrupted"
+        assert f"stale job** · {status}" in texts(at), texts(at)
     finally:
         for p in (stranger, own):
             if p.poll() is None:
