@@ -1,12 +1,18 @@
 """Background jobs for the dashboard: the `spectrascope` CLI in a separate process.
 
 A job runs ``spectrascope --progress-json <command> ... --json`` in a folder
-``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` holding ``job.json`` (command, pid, start time),
+``$SPECTRASCOPE_HOME/dashboard-jobs/<id>/`` holding ``job.json`` (command, pid, start time and
+``owner``: ``HOST~PID~PROCESS-START``, as the runs registry records its processes),
 ``stdout`` (the ``--json`` result) and ``stderr`` (one JSON event a line:
 ``{"event": "progress", "done", "total", "message"}``, ``{"event": "log", "level", "message"}`` or
 ``{"event": "error", "message", "exit"}``; other lines, such as warnings, are ignored). Jobs outlive page switches, browser reloads and
 even the Streamlit server; results land in the runs registry. Nothing here computes anything:
 it starts, watches, stops and shows (``panel``: one card per job, the same on every page).
+
+A job's process is signalled only while it is certainly the job's (this server's child, or the pid
+still runs the process that started at the recorded time): a recycled pid is another program. A
+folder whose files are damaged (bad JSON, wrong types, text as an exit code) is shown as a damaged
+job with a short message, never a traceback.
 """
 from __future__ import annotations
 
@@ -24,10 +30,13 @@ import pandas as pd
 import streamlit as st
 
 from core.config import home
+from core.housekeeping import owner_tag
 from dashboard.state import State
 
 #: lines of stderr shown when a job died without an error event
 TAIL_LINES = 5
+#: this machine, as job owners name it (``owner_tag``'s host)
+THIS_HOST = owner_tag().split("~")[0]
 
 
 def jobs_dir() -> Path:
@@ -42,15 +51,60 @@ def _processes() -> dict[str, subprocess.Popen]:
     return {}
 
 
+class Damaged(ValueError):
+    """A job folder's file that is not what the dashboard wrote (the message says which and how)."""
+
+
+def _problem(info: object) -> str:
+    """Why ``job.json``'s content is not a job's record ("" when it is one)."""
+    if not isinstance(info, dict):
+        return f"job.json holds {type(info).__name__}, not an object"
+    pid = info.get("pid", 0)
+    if type(pid) is not int or pid < 0:
+        return f"job.json: pid {pid!r} is not a process id"
+    started = info.get("started")
+    if type(started) not in (int, float) or not 0 <= started < 1e11:
+        return f"job.json: started {started!r} is not a time"
+    for key in ("title", "command", "owner"):
+        if key in info and not isinstance(info[key], str):
+            return f"job.json: {key} {info[key]!r} is not text"
+    owner = info.get("owner", f"?~{pid}~?").split("~")
+    if len(owner) != 3 or owner[1] != str(pid):
+        return f"job.json: owner {info['owner']!r} is not HOST~{pid}~START"
+    cmd = info.get("cmd", [])
+    if not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
+        return f"job.json: cmd {cmd!r} is not a command line"
+    return ""
+
+
+def _number(value: object) -> int:
+    """A progress event's count (anything else counts as 0)."""
+    return value if type(value) is int else 0
+
+
 @dataclass
 class Job:
     id: str
     folder: Path
     info: dict
+    #: why the folder is damaged ("" for a sound job): such a job is only shown, never signalled
+    problem: str = ""
+
+    @classmethod
+    def read(cls, folder: Path) -> "Job":
+        """The job of ``folder``; a damaged job (``problem`` says why) when its ``job.json`` is not one."""
+        try:
+            info = json.loads((folder / "job.json").read_text())
+        except (OSError, ValueError, RecursionError) as exc:
+            reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else \
+                f"cannot be read ({exc.strerror or exc})" if isinstance(exc, OSError) else "is not JSON"
+            return cls(folder.name, folder, {}, f"job.json {reason}")
+        problem = _problem(info)
+        return cls(folder.name, folder, info if not problem else {}, problem)
 
     @property
     def title(self) -> str:
-        return self.info.get("title", self.id)
+        return str(self.info.get("title", self.id))
 
     @property
     def command(self) -> str:
@@ -68,31 +122,74 @@ class Job:
         except OSError:
             return ""
 
-    def returncode(self) -> int | None:
-        """None while running; the exit code (or -1 when unknown) once finished."""
+    def _recorded_rc(self) -> int | None:
+        """The exit code in the folder's ``rc`` file, None while there is none; ``Damaged`` when it is not one."""
         rc_file = self.folder / "rc"
-        if rc_file.is_file():
-            return int(rc_file.read_text().strip() or -1)
+        if not rc_file.exists():
+            return None
+        text = self._text("rc").strip()
+        try:
+            return int(text or -1)
+        except ValueError:
+            raise Damaged(f"rc holds {text[:40]!r}, not an exit code") from None
+
+    @property
+    def host(self) -> str:
+        """The machine the job's process runs on ("" when not recorded: jobs of older versions)."""
+        return self.info.get("owner", "").split("~")[0]
+
+    def owned(self) -> bool:
+        """Whether the job's process still runs: this server's child not yet ended, or the recorded
+        pid still running the process that started at the recorded time (``owner``). A job recorded
+        without a start time, or of another host, cannot be checked and does not count."""
+        proc = _processes().get(self.id)
+        if proc is not None:
+            return proc.poll() is None
+        pid, owner = self.info.get("pid", 0), self.info.get("owner", "")
+        if self.problem or not pid or owner.endswith("~0") or owner != owner_tag(pid):
+            return False
+        return _alive(pid)
+
+    def returncode(self) -> int | None:
+        """None while running; the exit code (or -1 when unknown: the process is gone) once finished."""
+        rc = self._recorded_rc()
+        if rc is not None:
+            return rc
         proc = _processes().get(self.id)
         if proc is not None:
             rc = proc.poll()
             if rc is None:
                 return None
+        elif self.owned():
+            return None
         else:
-            pid = int(self.info.get("pid", 0))
-            if pid and _alive(pid):
-                return None
             rc = 0 if self.result() is not None else -1
-        rc_file.write_text(str(rc))
+            if rc and self.host and self.host != THIS_HOST:
+                return None       # another machine's process: not known to be gone (status ``elsewhere``)
+        try:
+            (self.folder / "rc").write_text(str(rc))
+        except OSError:
+            pass
         return rc
 
     def status(self) -> str:
-        rc = self.returncode()
+        """running, cancelling, cancelled, done, failed, interrupted (ended without an exit code or
+        result: killed, or its pid is another process's now), elsewhere (another machine's job
+        without a result yet: not followed from here) or damaged (``problem`` says why)."""
+        if self.problem:
+            return "damaged"
+        try:
+            rc = self.returncode()
+        except Damaged as exc:
+            self.problem = str(exc)
+            return "damaged"
+        if rc is None and self.host not in ("", THIS_HOST):
+            return "elsewhere"
         if rc is None:
             return "cancelling" if (self.folder / "cancel").exists() else "running"
         if (self.folder / "cancel").exists():
             return "cancelled"
-        return "done" if rc == 0 else "failed"
+        return "done" if rc == 0 else "interrupted" if rc == -1 else "failed"
 
     def _stderr(self) -> tuple[list[dict], list[str]]:
         """(JSON events, the other non-empty lines and the ``log`` events' messages) of the job's
@@ -117,17 +214,18 @@ class Job:
         last = next((e for e in reversed(self._stderr()[0]) if e["event"] == "progress"), None)
         if last is None:
             return 0.0, "starting (loading the model)"
-        done, total, message = int(last.get("done", 0)), int(last.get("total", 0)), last.get("message") or "working"
+        done, total, message = _number(last.get("done")), _number(last.get("total")), str(last.get("message") or "working")
         frac = min(max(done / total, 0.0), 1.0) if total else 0.0
         return frac, f"{message} ({done}/{total})" if total else message
 
     def result(self) -> dict | None:
-        """The CLI's ``--json`` result (the last JSON line of stdout), or None."""
+        """The CLI's ``--json`` result (the last JSON object line of stdout), or None."""
         for line in reversed(self._text("stdout").strip().splitlines()):
             try:
-                return json.loads(line)
+                value = json.loads(line)
             except ValueError:
                 continue
+            return value if isinstance(value, dict) else None
         return None
 
     def error(self) -> str:
@@ -139,11 +237,13 @@ class Job:
         return "\n".join(other[-TAIL_LINES:]) or "the job ended without a result"
 
     def cancel(self) -> None:
-        """SIGINT to the job's process group (the CLI records the run as cancelled); SIGKILL later."""
-        flag = self.folder / "cancel"
-        pid = int(self.info.get("pid", 0))
-        if not pid or not _alive(pid):
+        """SIGINT to the job's process group (the CLI records the run as cancelled); SIGKILL later.
+        Nothing is signalled unless the process is certainly the job's (``owned``)."""
+        if not self.owned():
             return
+        proc = _processes().get(self.id)
+        pid = proc.pid if proc is not None else self.info["pid"]
+        flag = self.folder / "cancel"
         sig = signal.SIGKILL if flag.exists() and time.time() - flag.stat().st_mtime > 10 else signal.SIGINT
         flag.touch(exist_ok=True)
         try:
@@ -153,11 +253,14 @@ class Job:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` (> 0) runs and is not a zombie."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    try:  # a zombie or a recycled pid is not our job
+    try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.split(")")[-1].split()[0] != "Z"
     except OSError:
@@ -179,7 +282,8 @@ def start(args: list[str], title: str, *, out: str | None = None) -> Job:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
                                 cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
     _processes()[job_id] = proc
-    info = {"title": title, "command": args[0], "cmd": cmd, "pid": proc.pid, "started": time.time()}
+    info = {"title": title, "command": args[0], "cmd": cmd, "pid": proc.pid, "owner": owner_tag(proc.pid),
+            "started": time.time()}
     (folder / "job.json").write_text(json.dumps(info, indent=1))
     return Job(job_id, folder, info)
 
@@ -196,17 +300,18 @@ def size_controls() -> None:
 
 
 def list_jobs(limit: int = 20, commands: tuple[str, ...] | None = None) -> list[Job]:
-    """Newest first; only the jobs of ``commands`` (sub-commands) when given."""
+    """Newest first; only the jobs of ``commands`` (sub-commands) when given (a damaged job, whose
+    command is unknown, is listed for every ``commands``)."""
     jobs = []
-    folders = sorted((p for p in jobs_dir().iterdir() if (p / "job.json").is_file()), reverse=True)
+    try:
+        folders = sorted((p for p in jobs_dir().iterdir() if (p / "job.json").exists()), reverse=True)
+    except OSError:
+        return []
     for folder in folders:
         if len(jobs) == limit:
             break
-        try:
-            job = Job(folder.name, folder, json.loads((folder / "job.json").read_text()))
-        except (OSError, ValueError):
-            continue
-        if commands is None or job.command in commands:
+        job = Job.read(folder)
+        if commands is None or job.problem or job.command in commands:
             jobs.append(job)
     return jobs
 
@@ -224,6 +329,11 @@ def card(job: Job, done: Done) -> str:
     error when it failed, ``done`` when it finished. Returns the status."""
     status = job.status()
     with st.container(border=True):
+        if status == "damaged":
+            st.markdown(f"**{job.id}** · damaged")
+            st.warning(f"{job.problem}. Not a job this dashboard can follow; its folder: `{job.folder}`",
+                       icon=":material/broken_image:")
+            return status
         c1, c2 = st.columns([5, 1], vertical_alignment="center")
         started = pd.Timestamp(job.info["started"], unit="s")
         c1.markdown(f"**{job.title}** · {status} · started {started:%H:%M:%S}")
@@ -234,8 +344,18 @@ def card(job: Job, done: Done) -> str:
                 job.cancel()
         elif status == "failed":
             c1.error(job.error(), icon=":material/error:")
+        elif status == "elsewhere":
+            c1.info(f"started on the machine {job.host}: it cannot be followed or cancelled from this one",
+                    icon=":material/dns:")
+        elif status == "interrupted":
+            c1.warning("the job's process ended without an exit code or a result (killed, or the machine "
+                       f"restarted): {job.error()}", icon=":material/block:")
         elif status == "done":
-            done(c1, job, job.result() or {})
+            try:
+                done(c1, job, job.result() or {})
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                c1.warning(f"the job's result is damaged ({type(exc).__name__}: {exc}); its folder: `{job.folder}`",
+                           icon=":material/broken_image:")
     return status
 
 

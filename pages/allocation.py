@@ -7,6 +7,7 @@ from core.owlcache import OwlSettings, cache_path, read_owl_scores
 from core.profiles import list_profiles, load_profile
 from core.quant import quant_alpha_message
 from dashboard import jobs
+from dashboard.errors import shown_errors
 from dashboard.figures import block_ratios_figure, export_format_control, fmt_params, kind_order, ratios_figure, show
 from dashboard.results import LEGEND_BELOW, file_name
 from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, setup
@@ -105,7 +106,7 @@ def owl_block_scores():
     if job is not None and job.status() in ("running", "cancelling"):
         owl_job(job.id)
         return None
-    if job is not None and job.status() == "failed":
+    if job is not None and job.status() in ("failed", "interrupted"):
         st.error(f"OWL statistics failed: {job.error()}", icon=":material/error:")
     st.info(f"OWL needs calibration statistics: the share of outlier Wanda scores in each block, on "
             f"{settings.label()} (the calibration set on Prune & compare). They are computed once and kept on disk.")
@@ -113,8 +114,10 @@ def owl_block_scores():
     if st.button("Compute OWL statistics", icon=":material/calculate:", disabled=source is None):
         args = ["owl-scores", "--model", source, "--calib", settings.dataset, "--nsamples", str(settings.nsamples),
                 "--seqlen", str(settings.seqlen), "--seed", str(settings.seed), "--device", ss[State.device]]
-        ss[State.owl][str(cache_path(identity, settings))] = jobs.start(args, "OWL statistics").id
-        st.rerun()
+        with shown_errors("The OWL statistics cannot be computed") as ok:
+            ss[State.owl][str(cache_path(identity, settings))] = jobs.start(args, "OWL statistics").id
+        if ok:
+            st.rerun()
     return None
 
 

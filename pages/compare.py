@@ -1,5 +1,6 @@
 """Compare: two or more analyses side by side (models, pruned outputs, checkpoints, adapters):
 a metric against depth, per-matrix deltas, the same matrix's ESD across sources, distributions."""
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,7 @@ from core.analysis import ZERO_RTOL
 from core.compare import Entry, compare
 from core.compare_sources import analysed_runs, cached_analyses, cache_folder, entries_for, read_cached
 from core.quant import quant_alpha_message
+from dashboard.errors import shown_errors
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
 from dashboard.figures import export_format_control, show
@@ -69,6 +71,18 @@ def preselect(ids: list[int]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def comparable(e: Entry) -> None:
+    """ValueError naming ``e``'s source when its table cannot be compared at all (columns missing,
+    a block that is not a number, ...): checked when it is added, so that a bad table never joins."""
+    try:
+        compare([e, replace(e, label=f"{e.label} (check)")])
+    except (ValueError, KeyError, TypeError) as exc:
+        what = f"missing column {exc}" if isinstance(exc, KeyError) else str(exc).strip().split("\n")[0]
+        name = e.source or e.label
+        raise ValueError(what if name in what else f"{name} is not a table of `spectrascope analyze --out` "
+                         f"({what})") from exc
+
+
 wanted = ss.pop(PRESELECT, None) or [int(x) for x in st.query_params.get("runs", "").split(",") if x.strip().isdigit()]
 if wanted:
     ss[SOURCES] = preselect(wanted)
@@ -82,12 +96,12 @@ with st.container(border=True):
     c1.text_input("Add a source", key=ADD, placeholder="a model folder, .gguf, metrics table, run:ID, "
                   "checkpoints folder, LoRA adapter folder, or LABEL=SOURCE")
     if c2.button("Analyse and add", icon=":material/add:") and ss.get(ADD, "").strip():
-        try:
+        with shown_errors(f"Could not add {ss[ADD].strip()!r}") as ok:
             with st.spinner("analysing (cached after the first time)"):
                 new = entries_for([ss[ADD].strip()], device=ss[State.device], xmin=ss[State.xmin])
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            st.error(f"Could not add {ss[ADD]!r}: {exc}", icon=":material/error:")
-        else:
+            for e in new:
+                comparable(e)
+        if ok:
             for e in new:
                 ss[EXTRA][e.label] = e
             ss["cmp_pending"] = list(dict.fromkeys(ss[SOURCES] + [e.label for e in new]))
@@ -118,7 +132,9 @@ for e in entries:   # two analyses of one model (other xmin or date): keep the l
     seen[e.label] = seen.get(e.label, 0) + 1
     if seen[e.label] > 1:
         e.label = f"{e.label} ({seen[e.label]})"
-result = compare(entries)
+with shown_errors("These analyses cannot be compared (remove one above)", stop=True,
+                  errors=(ValueError, KeyError, TypeError)):
+    result = compare(entries)
 long, deltas = result.long, result.deltas
 labels = result.labels
 

@@ -7,6 +7,7 @@ import streamlit as st
 from core.analysis import analyze
 from core.fit import XMIN_METHODS
 from core.models import resolve_source
+from dashboard.errors import USER_ERRORS, message
 from dashboard.figures import export_format_control, fmt_params, kind_box_figure, kind_order, show
 from dashboard.loaders import cached_model, progress_callback
 from dashboard.state import PAGES, State, setup
@@ -61,8 +62,8 @@ if submitted:
         # computes, or reads core's disk cache (then ``cached`` says so): this call's result is shown
         analysis = analyze(loaded, xmin=xmin, device=device, progress=progress_callback(bar))
         bar.empty()
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
-        ss[State.load_error] = str(exc)
+    except USER_ERRORS as exc:
+        ss[State.load_error] = message(exc)
     else:
         ss[State.loaded], ss[State.analysis] = loaded, analysis
 

@@ -12,6 +12,7 @@ from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import REPORT_NAME
 from core.registry import Registry
 from dashboard import jobs
+from dashboard.errors import shown_errors
 from dashboard.results import file_name, results_figure, with_baselines
 from dashboard.figures import export_format_control, show
 from dashboard.state import PAGES, State, allocation_label, job_model, setup
@@ -93,15 +94,13 @@ def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> No
 
 
 if start:
-    try:
+    with shown_errors("This pruning job cannot start"):
         spec = prune_spec()
-    except (ValueError, FileNotFoundError) as exc:
-        st.error(f"These settings cannot be pruned: {exc}", icon=":material/error:")
-    else:
         what = f"{spec.method} {spec.nm or spec.allocation} S={S:.2f}"
         ss[State.p_job] = jobs.start(spec.to_argv(), what).id
 if baseline:
-    start_eval("wiki", ss[State.p_seqlen], ss[State.p_eval_windows])
+    with shown_errors("The dense baseline cannot start"):
+        start_eval("wiki", ss[State.p_seqlen], ss[State.p_eval_windows])
 
 
 # --- jobs (refreshed every second while one runs) --------------------------------------------
@@ -182,9 +181,11 @@ for i, key in enumerate(groups):
         if not group_pruned.empty and (members["kind"] == "eval").sum() == 0:
             last = group_pruned.iloc[-1]
             if st.button("Evaluate the dense baseline with these settings", key=f"dense_{i}", icon=":material/speed:"):
-                start_eval(last["eval_dataset"], int(last["eval_seqlen"]), int(last["eval_windows"]),
-                           bos_of(registry.get(int(last["id"])).get("eval_bos")))
-                st.rerun()
+                with shown_errors("The dense baseline cannot start") as ok:
+                    start_eval(last["eval_dataset"], int(last["eval_seqlen"]), int(last["eval_windows"]),
+                               bos_of(registry.get(int(last["id"])).get("eval_bos")))
+                if ok:
+                    st.rerun()
         missing = group_pruned[(group_pruned["allocation"] != "uniform") & group_pruned["vs uniform %"].isna()
                                & group_pruned["sparsity"].notna() & group_pruned["nm"].isna()]
         if not missing.empty:
@@ -192,11 +193,9 @@ for i, key in enumerate(groups):
             what = f"{last['method']} uniform S={last['sparsity']:.2f}"
             if st.button(f"Run the uniform baseline ({what}) with these settings", key=f"uniform_{i}",
                          icon=":material/play_arrow:"):
-                try:
+                with shown_errors("The uniform baseline cannot start") as ok:
                     ss[State.p_job] = jobs.start(uniform_spec(last).to_argv(), what).id
-                except (ValueError, FileNotFoundError) as exc:
-                    st.error(f"The uniform baseline cannot be started: {exc}", icon=":material/error:")
-                else:
+                if ok:
                     st.rerun()
 
 table = runs.assign(method=runs["method"].where(runs["kind"] == "prune", "dense"),

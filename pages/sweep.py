@@ -12,6 +12,7 @@ from core.fit import XMIN_METHODS
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.sweeps import DEFAULT_METRIC_COLUMNS, pivot, refit
 from dashboard import jobs
+from dashboard.errors import shown_errors
 from dashboard.figures import csv_button, export_format_control, kind_order, show
 from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, assign, job_model, setup
 from dashboard.sweeps import RAY_HELP, sweep_argv, sweep_table, tune_argv, tune_figure
@@ -78,12 +79,8 @@ def base_spec(method: str, sparsity: float) -> PruneSpec:
 
 
 def launch(make_argv, title: str, out: str) -> None:
-    try:
-        argv = make_argv()
-    except (ValueError, FileNotFoundError) as exc:
-        st.error(f"This job cannot start: {exc}", icon=":material/error:")
-    else:
-        ss[State.s_job] = jobs.start(argv, title, out=out).id
+    with shown_errors("This job cannot start"):
+        ss[State.s_job] = jobs.start(make_argv(), title, out=out).id
 
 
 sweep_tab, tune_tab = st.tabs(["Sweep", "Tune AlphaPruning"])
