@@ -153,10 +153,24 @@ def match_keys(reference: pd.DataFrame, table: pd.DataFrame) -> pd.Series:
 
 
 def _check(entry: Entry) -> None:
-    missing = [c for c in ("name", "block", "kind") if c not in entry.table.columns]
+    """Refuse, in one line naming the source, a table that cannot be compared: a column missing,
+    a ``block`` that is not a whole number, a compared metric that is not a number."""
+    name = entry.source or entry.label
+    fix = "give a table written by `spectrascope analyze --out`"
+    t = entry.table
+    missing = [c for c in ("name", "block", "kind", "status") if c not in t.columns]
     if missing:
-        raise ValueError(f"{entry.source or entry.label}: the table lacks the columns {', '.join(missing)}; "
-                         "give a table written by `spectrascope analyze --out`")
+        raise ValueError(f"{name}: the table lacks the columns {', '.join(missing)}; {fix}")
+    for col in ("block", *(m for m in DELTA_METRICS if m in t.columns)):
+        values = pd.to_numeric(t[col], errors="coerce")
+        bad = (values.isna() | (values % 1 != 0)) if col == "block" else (values.isna() & t[col].notna())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            v = t[col].iloc[i]
+            shown = repr(v) if isinstance(v, str) else str(v)
+            problem = "is empty" if pd.isna(v) else \
+                f"{shown} is not {'a whole number' if col == 'block' else 'a number'}"
+            raise ValueError(f"{name}, row {i + 1} ({t['name'].iloc[i]!r}): {col} {problem}; {fix}")
 
 
 def compare(entries: list[Entry]) -> Comparison:
