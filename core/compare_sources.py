@@ -69,9 +69,11 @@ def resolve_run(run_id: int, registry: Registry | None = None) -> tuple[dict, Pa
         folder = Path(out)
         if not folder.is_dir():
             raise ValueError(f"{name} saved its output to {folder}, which no longer exists; {RUNS_HINT}")
-        named = _report_run(folder)
-        if named != int(run_id):
-            holds = f"the output of run {named}" if named is not None else f"no {REPORT_NAME} of a prune run"
+        report = _saved_report(folder)
+        named, model = report.get("run_id"), report.get("model_identity")
+        if named != int(run_id) or (model and run.get("model_identity") and model != run["model_identity"]):
+            holds = (f"no {REPORT_NAME} of a prune run" if named is None else f"the output of run {named}"
+                     + ("" if named != int(run_id) else f" of another model ({model}; another registry's run?)"))
             raise ValueError(f"{name}: its output folder {folder} now holds {holds}, not run {run_id}'s; "
                              f"{RUNS_HINT}")
         return run, folder
@@ -81,13 +83,13 @@ def resolve_run(run_id: int, registry: Registry | None = None) -> tuple[dict, Pa
     return run, None
 
 
-def _report_run(folder: Path) -> int | None:
-    """The run id that ``folder``'s saved report names (None: no readable report)."""
+def _saved_report(folder: Path) -> dict:
+    """``run_id`` (an int) and ``model_identity`` of ``folder``'s saved report ({} when unreadable)."""
     try:
-        named = json.loads((folder / REPORT_NAME).read_text()).get("run_id")
-        return int(named) if named is not None else None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
+        report = json.loads((folder / REPORT_NAME).read_text())
+        return {"run_id": int(report["run_id"]), "model_identity": report.get("model_identity")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _recorded_analysis(run: dict, xmin: str | None = None) -> Analysis | None:

@@ -114,15 +114,21 @@ def test_compare_refuses_a_failed_run_whose_folder_holds_another_runs_output(tmp
     assert f"run {done}: magnitude uniform S=0.50" in capsys.readouterr().out
 
 
-def test_compare_refuses_a_done_run_whose_folder_names_another_run(tmp_path, capsys):
+@pytest.mark.parametrize("other", ["run", "model"])
+def test_compare_refuses_a_done_run_whose_folder_names_another_run(other, tmp_path, capsys):
+    """The folder's saved report names another run, or this run id of another model (another
+    registry's run 3)."""
     reg = Registry()
     out = tmp_path / "pruned"
     tiny_model("llama").save_pretrained(out)
-    run_id = _saved_run(reg, out, report_id=10_000)
+    run_id = _saved_run(reg, out, report_id=10_000 if other == "run" else None)
+    if other == "model":
+        (out / "spectrascope_report.json").write_text(json.dumps({"run_id": run_id, "model_identity": "folder:y"}))
     capsys.readouterr()
     rc = cli(["compare", str(out), f"run:{run_id}", "--device", "cpu", "--quiet"])
     line = _one_line(capsys)
-    assert rc == 2 and f"run:{run_id}" in line and "10000" in line and RUNS in line
+    assert rc == 2 and f"run:{run_id}" in line and RUNS in line
+    assert ("10000" if other == "run" else "folder:y") in line
 
 
 @pytest.mark.parametrize("case", ["unknown", "eval", "running", "folder gone"])
