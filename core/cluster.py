@@ -5,8 +5,10 @@ Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"loc
 starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
 matrices from the checkpoint path when the workers see it (shared storage), otherwise the
 driver puts them in Ray's object store. Sweep runs are recorded by the worker in a private
-registry and copied into the driver's registry as each run finishes; a failed or lost task is
-retried once, then recorded as failed with its error. Cancelling the driver cancels the tasks.
+registry and copied into the driver's registry as each run finishes (a run that fails is recorded
+with its error, as in one process); a task that fails outside its run (the model does not load)
+or is lost is retried once, then recorded as failed with its error. Every route builds its table
+with ``core.sweeps.sweep_table``. Cancelling the driver cancels the tasks.
 """
 from __future__ import annotations
 
