@@ -237,11 +237,14 @@ def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, 
                  device: str = "auto", progress: Progress = None) -> Analysis:
     """The analysis of a changed copy of a model (a pruned one): of its ``saved`` folder (cached
     under that folder's identity), else of the weights in memory, cached under ``tag`` and the
-    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do)."""
+    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do).
+    The in-memory analysis is always computed and replaces an older entry of that ``tag`` (a run id
+    reused after the registry was reset must not get another run's spectra)."""
     if saved is not None:
         return analyze(saved, xmin=xmin, device=device, progress=progress)
     return analyze_weights(iter_weights(model), model.matrices, label=f"{model.source} ({tag})", xmin=xmin,
-                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, progress=progress)
+                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, replace=True,
+                           progress=progress)
 
 
 def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,

@@ -263,3 +263,19 @@ def test_a_sweep_in_which_every_run_failed_says_so_in_one_line(route, tiny_nan, 
     assert rc == 2 and "every run" in line and "failed" in line and "--status failed" in line
     assert all(str(i) in line for i in new["id"])
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.md").exists()
+
+
+def test_an_unsaved_copys_analysis_is_its_own_not_an_older_one_cached_under_the_same_tag():
+    """``prune --analyze-output`` without --save caches the pruned copy's analysis under
+    ``run<ID>-<model>``; after a registry reset a new run with the same id must get its own."""
+    from core.analysis import analyze_copy
+    from core.models import wrap_model
+
+    model = wrap_model(tiny_model("llama", seed=7))
+    first = analyze_copy(model, None, "run777", device="cpu")
+    with torch.no_grad():
+        for _, w in model.model.named_parameters():
+            w.mul_(3.0)                                   # another run's pruned weights, same tag
+    second = analyze_copy(model, None, "run777", device="cpu")
+    assert not second.cached
+    assert np.allclose(second.table["log_spectral_norm"], first.table["log_spectral_norm"] + 2 * np.log10(3.0))
