@@ -27,7 +27,7 @@ from .devices import check_devices, spectra_on_devices
 from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import no_fit_status, spectral_metrics
-from .models import LoadedModel, MatrixInfo, iter_weights, load_model, resolve_source
+from .models import LoadedModel, MatrixInfo, gguf_to_folder, iter_weights, load_model, resolve_source
 from .quant import quant_types
 from .spectra import Spectrum, compute_spectra
 
@@ -199,39 +199,52 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             log.info("analysis of %s from cache %s", label, folder)
             return cached
 
+    items, spectra = (), None
     if ray:   # the spectra as Ray tasks (core.cluster); the table and cache as below
         from .cluster import spectra_on_ray
 
         loaded = source if isinstance(source, LoadedModel) else None
         spectra = spectra_on_ray(loaded or src, address=ray, device=device, trust_remote_code=trust_remote_code,
                                  progress=progress)
-        return analyze_weights((), [s.info for s in spectra], label=label, identity=identity, xmin=xmin,
-                               device=dev, quant=quant_types(loaded.path if loaded else None), store=True,
-                               replace=not use_cache, spectra=spectra, progress=progress)
-    if streaming:
+        infos = [s.info for s in spectra]
+    elif streaming:
         from .checkpoints import open_checkpoint
 
         ckpt = open_checkpoint(src.path)
-        items, infos, folder_of_weights = ckpt.iter_weights(), ckpt.matrices, src.path
+        items, infos = ckpt.iter_weights(), ckpt.matrices
     else:
         loaded = source if isinstance(source, LoadedModel) else load_model(
             source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
-        items, infos, folder_of_weights = iter_weights(loaded), loaded.matrices, loaded.path
+        items, infos = iter_weights(loaded), loaded.matrices
+    # one table builder whichever route computed the spectra; the quantization types come from the source
     # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
     return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
-                           quant=quant_types(folder_of_weights), store=True, replace=not use_cache,
-                           budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, progress=progress)
+                           quant=quant_types(_weights_folder(source)), store=True, replace=not use_cache,
+                           budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, spectra=spectra,
+                           progress=progress)
+
+
+def _weights_folder(source: str | os.PathLike | LoadedModel) -> Path | None:
+    """The folder holding a source's weights (a GGUF's cached conversion, beside which its
+    quantization types are kept); None for a hub model."""
+    if isinstance(source, LoadedModel):
+        return source.path
+    src = resolve_source(source)
+    return gguf_to_folder(src.path) if src.kind in ("demo", "gguf") else src.path
 
 
 def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, *, xmin: str = "peak",
                  device: str = "auto", progress: Progress = None) -> Analysis:
     """The analysis of a changed copy of a model (a pruned one): of its ``saved`` folder (cached
     under that folder's identity), else of the weights in memory, cached under ``tag`` and the
-    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do)."""
+    original's identity (a copy keeps the original's identity, so ``analyze(model)`` would not do).
+    The in-memory analysis is always computed and replaces an older entry of that ``tag`` (a run id
+    reused after the registry was reset must not get another run's spectra)."""
     if saved is not None:
         return analyze(saved, xmin=xmin, device=device, progress=progress)
     return analyze_weights(iter_weights(model), model.matrices, label=f"{model.source} ({tag})", xmin=xmin,
-                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, progress=progress)
+                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, replace=True,
+                           progress=progress)
 
 
 def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,

@@ -5,8 +5,10 @@ Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"loc
 starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
 matrices from the checkpoint path when the workers see it (shared storage), otherwise the
 driver puts them in Ray's object store. Sweep runs are recorded by the worker in a private
-registry and copied into the driver's registry as each run finishes; a failed or lost task is
-retried once, then recorded as failed with its error. Cancelling the driver cancels the tasks.
+registry and copied into the driver's registry as each run finishes (a run that fails is recorded
+with its error, as in one process); a task that fails outside its run (the model does not load)
+or is lost is retried once, then recorded as failed with its error. Every route builds its table
+with ``core.sweeps.sweep_table``. Cancelling the driver cancels the tasks.
 """
 from __future__ import annotations
 
@@ -24,14 +26,14 @@ from .analysis import Analysis, analyze
 from .checkpoints import open_checkpoint
 from .devices import map_on_devices, parse_devices, plan_devices
 from .fit import XMIN_METHODS
-from .experiments import alpha_metrics, calibration_for, eval_run, load_for, prune_and_eval
+from .experiments import load_for
 from .spec import PruneSpec
 from .models import LoadedModel, MatrixInfo, Source, iter_weights, load_model
 from .progress import Cancelled, Progress, is_cancelled, report
-from .owlcache import owl_scores_for
 from .registry import Registry
 from .spectra import Spectrum, compute_spectra
-from .sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, SWEEP_COLUMNS, Tuning, sweep_specs, tune
+from .sweeps import (DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, Tuning, record_failure, run_job, sweep_inputs, sweep_jobs,
+                     sweep_table, tune)
 
 log = logging.getLogger(__name__)
 
@@ -187,23 +189,17 @@ def _worker_model(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
     return _WORKER_MODELS[key]
 
 
-def _run_one(kind: str, spec: PruneSpec, inputs: dict, registry: Registry) -> int:
-    """One sweep run (``eval`` of the dense model or ``prune``) recorded in ``registry``."""
-    if kind == "eval":
-        return eval_run(spec, inputs["loaded"], registry=registry)[0]
-    return prune_and_eval(spec, inputs["loaded"], registry=registry, metrics=inputs["metrics"],
-                          owl_scores=inputs["owl"], calibration=inputs["calibration"]).run_id
-
-
 def _run_task(kind: str, spec: PruneSpec, inputs: dict) -> tuple[dict, pd.DataFrame]:
-    """On a Ray worker: the run in a private registry; returns its row and matrices."""
+    """On a Ray worker: the run in a private registry (``core.sweeps.run_job``); returns its
+    row (done or failed) and matrices. Only a failure outside the run (the model not loading,
+    a lost worker) raises, and is retried."""
     if spec.device == "auto":
         spec = replace(spec, device="cuda" if torch.cuda.is_available() else "cpu")
     inputs = {**inputs, "loaded": _worker_model(spec, inputs.get("loaded"))}
     with tempfile.TemporaryDirectory(prefix="spectrascope-run-") as tmp:
         registry = Registry(os.path.join(tmp, "runs.sqlite"))
-        run_id = _run_one(kind, spec, inputs, registry)
-        return registry.get(run_id), registry.matrices(run_id)
+        run = run_job(kind, spec, inputs, registry)
+        return run, registry.matrices(int(run["id"]))
 
 
 def _plain(value: object) -> object:
@@ -223,26 +219,6 @@ def copy_run(registry: Registry, row: Mapping, matrices: pd.DataFrame) -> int:
     return run_id
 
 
-def _record_failure(registry: Registry, kind: str, spec: PruneSpec, exc: BaseException, model: str) -> int:
-    run_id = registry.start(kind, model=model, method=spec.method if kind == "prune" else "dense",
-                            allocation=spec.allocation if kind == "prune" else None,
-                            sparsity=spec.sparsity if kind == "prune" else None, epsilon=spec.epsilon,
-                            device=spec.device)
-    registry.finish(run_id, "failed", error=_error_text(exc))
-    return run_id
-
-
-def _table_row(kind: str, spec: PruneSpec, run: dict, run_id: int) -> dict:
-    if kind == "eval":
-        return {"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
-                "perplexity": run.get("perplexity"), "prune_seconds": 0.0, "eval_seconds": run.get("eval_seconds"),
-                "run_id": run_id}
-    return {"method": spec.method, "allocation": spec.allocation, "sparsity": spec.sparsity,
-            "epsilon": _plain(run.get("epsilon")), "achieved": run.get("achieved_sparsity"),
-            "perplexity": run.get("perplexity"), "prune_seconds": run.get("prune_seconds"),
-            "eval_seconds": run.get("eval_seconds"), "run_id": run_id}
-
-
 def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
                    epsilons: list[float] | Mapping[str, list[float]] | None = None, dense: bool = True,
                    ray: str | bool | None = None, devices: Sequence[str] | None = None,
@@ -251,46 +227,41 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
                    progress: Progress = None, cancel: object = None) -> pd.DataFrame:
     """``core.sweeps.sweep`` with its runs in parallel: as Ray tasks (``ray``: ``True`` or an
     address; one GPU per task where the cluster has GPUs) or one run per local device
-    (``devices``). Same table (rows in the sweep's order) and the same registry records.
+    (``devices``). The same jobs, the same registry records and the same table
+    (``core.sweeps.sweep_table``, rows in the sweep's order, the same columns and dtypes).
 
     The driver loads the model once for the shared inputs (alpha metrics, calibration, OWL
     scores). Ray workers load the spec's model themselves, unless ``ship_model`` (default:
     when ``loaded`` was given) sends the driver's model through the object store."""
     if not ray and not devices:
         raise ValueError("sweep_parallel: give ray=True/ADDRESS or devices=[...]")
-    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
+    jobs = sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
+                      dense=dense)
     registry = registry or Registry()
     ship_model = loaded is not None if ship_model is None else ship_model
-    loaded = loaded if loaded is not None else load_for(base, progress)
-    if calibration is None and any(s.needs_calibration for s in specs):
-        calibration = calibration_for(base, loaded)
-    inputs = {"loaded": loaded, "calibration": calibration, "owl": None, "metrics": metrics}
-    if "owl" in allocations:
-        inputs["owl"] = owl_scores_for(loaded, calibration, device=base.device, progress=progress, cancel=cancel)
-    if "alpha" in allocations:
-        inputs["metrics"] = alpha_metrics(base, loaded, metrics, progress)
-    jobs = ([("eval", base)] if dense else []) + [("prune", s) for s in specs]
-    rows: list[dict | None] = [None] * len(jobs)
+    inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
+                          cancel=cancel)
+    runs: list[dict | None] = [None] * len(jobs)
 
     def finished(i: int, result: object) -> None:
         kind, spec = jobs[i]
-        if isinstance(result, BaseException):
-            if isinstance(result, (Cancelled, KeyboardInterrupt)):
-                raise result
-            log.warning("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, result)
-            run = {}   # locally the run recorded its own failure; a Ray worker's registry is gone
-            run_id = _record_failure(registry, kind, spec, result, loaded.source) if ray else None
+        if isinstance(result, (Cancelled, KeyboardInterrupt)):
+            raise result
+        if isinstance(result, BaseException):     # a Ray task that failed twice: its worker's registry is gone
+            log.info("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, result)
+            run_id = record_failure(registry, kind, spec, _error_text(result), inputs["loaded"])
+        elif ray:
+            run_id = copy_run(registry, *result)
         else:
-            run, mats = result
-            run_id = copy_run(registry, run, mats) if ray else int(run["id"])
-        rows[i] = _table_row(kind, spec, run, run_id)
-        report(progress, sum(r is not None for r in rows), len(jobs), "sweep runs")
+            run_id = int(result["id"])
+        runs[i] = registry.get(run_id)
+        report(progress, sum(r is not None for r in runs), len(jobs), "sweep runs")
 
     if ray:
         _sweep_on_ray(connect(ray), jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
     else:
         _sweep_on_devices(parse_devices(devices), jobs, inputs, registry, finished)
-    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+    return sweep_table(jobs, runs)
 
 
 def _sweep_on_ray(ray, jobs: list, inputs: dict, finished: Callable, cancel: object) -> None:
@@ -305,9 +276,9 @@ def _sweep_on_ray(ray, jobs: list, inputs: dict, finished: Callable, cancel: obj
 
 def _sweep_on_devices(devices: list[str], jobs: list, inputs: dict, registry: Registry,
                       finished: Callable) -> None:
-    def run(job: tuple[str, PruneSpec], device: str) -> tuple[dict, pd.DataFrame]:
-        kind, spec = job   # a failure is recorded by the run itself (registry.record)
-        return registry.get(_run_one(kind, replace(spec, device=device), inputs, registry)), pd.DataFrame()
+    def run(job: tuple[str, PruneSpec], device: str) -> dict:
+        kind, spec = job
+        return run_job(kind, replace(spec, device=device), inputs, registry)
 
     for i, result in map_on_devices(run, jobs, devices):
         finished(i, result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .analysis import COLUMNS, Analysis, analyze, cache_folder
 from .compare import Entry
 from .config import home
 from .experiments import read_metrics
+from .models import REPORT_NAME
 from .progress import Progress
 from .registry import Registry
 
@@ -42,20 +44,84 @@ def _entry(a: Analysis, label: str, source: str, kind: str, step: int | None = N
     return Entry(label, a.table, a.eigs, source, kind, a.identity, a.xmin, step)
 
 
+RUNS_HINT = "`spectrascope runs --status done` lists the finished runs"
+
+
+def resolve_run(run_id: int, registry: Registry | None = None) -> tuple[dict, Path | None]:
+    """The registry row of the run ``run:ID`` names and its saved output folder (None for a run
+    pruned without ``--save`` whose analysis was recorded). Strict: only a finished prune run
+    whose saved ``spectrascope_report.json`` names that run (or, unsaved, whose recorded
+    analysis was made by that run); anything else is a one-line ``ValueError``, never another
+    run's output under this run's label."""
+    registry = registry or Registry()
+    found = registry.query(ids=[int(run_id)])
+    name = f"run:{run_id}"
+    if found.empty:
+        raise ValueError(f"{name}: no run {run_id} in {registry.path}; {RUNS_HINT}")
+    run = found.iloc[0].to_dict()
+    if run.get("kind") != "prune":
+        raise ValueError(f"{name} is an {run.get('kind')} run (the model as it is, nothing saved); compare the "
+                         f"model itself, or a prune run: {RUNS_HINT}")
+    if run.get("status") != "done":
+        raise ValueError(f"{name} is {run.get('status')}, not done: it has no saved output to compare; {RUNS_HINT}")
+    out = run.get("output_dir")
+    if isinstance(out, str) and out:
+        folder = Path(out)
+        if not folder.is_dir():
+            raise ValueError(f"{name} saved its output to {folder}, which no longer exists; {RUNS_HINT}")
+        report = _saved_report(folder)
+        named, model = report.get("run_id"), report.get("model_identity")
+        if named != int(run_id) or (model and run.get("model_identity") and model != run["model_identity"]):
+            holds = (f"no {REPORT_NAME} of a prune run" if named is None else f"the output of run {named}"
+                     + ("" if named != int(run_id) else f" of another model ({model}; another registry's run?)"))
+            raise ValueError(f"{name}: its output folder {folder} now holds {holds}, not run {run_id}'s; "
+                             f"{RUNS_HINT}")
+        return run, folder
+    if _recorded_analysis(run) is None:
+        raise ValueError(f"{name} saved no output (pruned without --save) and has no analysis recorded by that "
+                         f"run; prune with --save DIR --analyze-output, or {RUNS_HINT}")
+    return run, None
+
+
+def _saved_report(folder: Path) -> dict:
+    """``run_id`` (an int) and ``model_identity`` of ``folder``'s saved report ({} when unreadable)."""
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text())
+        return {"run_id": int(report["run_id"]), "model_identity": report.get("model_identity")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _recorded_analysis(run: dict, xmin: str | None = None) -> Analysis | None:
+    """The cached analysis an unsaved run recorded (``--analyze-output``): only one keyed by
+    that run and its model, made while or after the run ran (a reset registry reuses ids)."""
+    recorded = (run.get("allocation_params") or {}).get("analysis") or {}
+    identity = recorded.get("identity")
+    want = f"run{run['id']}-{str(run.get('model_identity')).replace(':', '-')}"
+    if identity != want or (xmin is not None and recorded.get("xmin", "peak") != xmin):
+        return None
+    cached = read_cached(cache_folder(identity, recorded.get("xmin", "peak")))
+    if cached is None:
+        return None
+    try:
+        created = time.mktime(time.strptime(str(cached.meta.get("created")), "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+    return cached if created >= float(run["started_at"]) - 1 else None
+
+
 def analysis_of_run(run_id: int, *, registry: Registry | None = None, xmin: str = "peak", device: str = "auto",
                     progress: Progress = None) -> tuple[Analysis, dict]:
-    """The analysis of a prune run's output (recorded by ``--analyze-output``, else of its saved
-    folder) and the run's registry row."""
-    run = (registry or Registry()).get(int(run_id))
-    recorded = (run.get("allocation_params") or {}).get("analysis") or {}
-    if recorded.get("identity") and recorded.get("xmin", "peak") == xmin:
-        cached = read_cached(cache_folder(recorded["identity"], xmin))
-        if cached is not None:
-            return cached, run
-    out = run.get("output_dir")
-    if not out or not Path(out).is_dir():
-        raise ValueError(f"run:{run_id} has no analysed or saved output; prune with --save DIR --analyze-output")
-    return analyze(out, xmin=xmin, device=device, progress=progress), run
+    """The analysis of a prune run's output (of its saved folder, else the analysis the run
+    recorded) and the run's registry row; ``resolve_run`` decides which run output that is."""
+    run, folder = resolve_run(run_id, registry)
+    if folder is not None:
+        return analyze(folder, xmin=xmin, device=device, progress=progress), run
+    a = _recorded_analysis(run, xmin)
+    if a is None:
+        raise ValueError(f"run:{run_id} saved no output and recorded its analysis with another xmin; compare with "
+                         f"--xmin {((run.get('allocation_params') or {}).get('analysis') or {}).get('xmin')}")
+    return a, run
 
 
 def run_label(run: dict) -> str:
@@ -68,15 +134,20 @@ def run_label(run: dict) -> str:
     return f"run {run['id']}: {run.get('method')} {run.get('allocation')}{sparsity}"
 
 
+def split_label(source: str) -> tuple[str | None, str]:
+    """``(LABEL, SOURCE)`` of ``LABEL=SOURCE`` (``(None, source)`` otherwise, or for a path that exists)."""
+    text = str(source).strip()
+    m = _LABELLED.match(text)
+    if m and not Path(text).expanduser().exists():
+        return m.group(1).strip(), m.group(2).strip()
+    return None, text
+
+
 def load_entries(source: str, *, base: str | None = None, xmin: str = "peak", device: str = "auto",
                  first: bool = True, progress: Progress = None) -> list[Entry]:
     """The entries one command-line source stands for (a series or an adapter gives several;
     an adapter given ``first`` also gives its base, the reference)."""
-    text = str(source).strip()
-    label = None
-    m = _LABELLED.match(text)
-    if m and not Path(text).expanduser().exists():
-        label, text = m.group(1).strip(), m.group(2).strip()
+    label, text = split_label(source)
     step = int(label) if label is not None and label.lstrip("-").isdigit() else None
     if (r := _RUN.match(text)):
         a, run = analysis_of_run(int(r.group(1)), xmin=xmin, device=device, progress=progress)
@@ -100,6 +171,9 @@ def load_entries(source: str, *, base: str | None = None, xmin: str = "peak", de
 def entries_for(sources: list[str], *, base: str | None = None, xmin: str = "peak", device: str = "auto",
                 progress: Progress = None) -> list[Entry]:
     """Every source's entries, in order (labels made unique by a suffix where two coincide)."""
+    for s in sources:    # every run:ID resolved before any analysis
+        if (r := _RUN.match(split_label(s)[1])):
+            resolve_run(int(r.group(1)))
     out: list[Entry] = []
     for i, s in enumerate(sources):
         out += load_entries(s, base=base, xmin=xmin, device=device, first=i == 0, progress=progress)

@@ -26,12 +26,12 @@ from .spec import PruneSpec
 from .checks import whole
 from .fit import XMIN_METHODS
 from .models import LoadedModel, MatrixInfo
-from .progress import Progress
+from .progress import Cancelled, Progress
 from .pruning import METHODS as PRUNE_METHODS
 from .owlcache import owl_scores_for
 from .pruning import prune
 from .registry import Registry
-from .runkey import RunKey, run_key
+from .runkey import RunKey, missing, run_key
 from .spectra import Spectrum
 from .texts import load_text
 
@@ -55,32 +55,139 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     (metric, mapping, r_max, ...); each run replaces its method, allocation, sparsity and
     epsilon. ``epsilons``: one list for every method, or ``{method: list}`` (each method with
     the epsilon tuned for it; a method left out gets the default epsilon). ``loaded``,
-    ``metrics`` and ``calibration`` are computed from ``base`` when not given."""
-    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
+    ``metrics`` and ``calibration`` are computed from ``base`` when not given. A failed run is
+    recorded and the sweep goes on (its row has no perplexity); when every run failed,
+    ``ValueError`` says so (``sweep_table``). ``core.cluster.sweep_parallel`` runs the same
+    jobs in parallel into the same table."""
+    jobs = sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
+                      dense=dense)
     registry = registry or Registry()
+    inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
+                          cancel=cancel)
+    runs = []
+    for kind, spec in jobs:
+        log.info("sweep: %s %s %s S=%g eps=%s", kind, spec.method, spec.allocation, spec.sparsity, spec.epsilon)
+        runs.append(run_job(kind, spec, inputs, registry, progress=progress, cancel=cancel))
+    return sweep_table(jobs, runs)
+
+
+# --- one sweep's jobs, runs and table, for every route (here and core.cluster) ----------------
+
+#: dtype of each column of a sweep table, whichever route computed it
+SWEEP_DTYPES = {"method": "str", "allocation": "str", "sparsity": "float64", "epsilon": "float64",
+                "achieved": "float64", "perplexity": "float64", "prune_seconds": "float64",
+                "eval_seconds": "float64", "run_id": "int64", "key": "str", "settings": "str"}
+FAILED_HINT = "spectrascope runs --status failed"
+
+
+def sweep_jobs(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
+               epsilons: list[float] | Mapping[str, list[float]] | None = None,
+               dense: bool = True) -> list[tuple[str, PruneSpec]]:
+    """``(kind, spec)`` of every run of a sweep in the order of its table: ``eval`` of the
+    dense model first (when ``dense``), then one ``prune`` per spec of ``sweep_specs``."""
+    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
+    return ([("eval", base)] if dense else []) + [("prune", s) for s in specs]
+
+
+def sweep_inputs(base: PruneSpec, jobs: list[tuple[str, PruneSpec]], *, loaded: LoadedModel | None = None,
+                 metrics: pd.DataFrame | None = None, calibration: object = None, progress: Progress = None,
+                 cancel: object = None) -> dict:
+    """What every run of a sweep shares, computed once: the model (``loaded``), the calibration,
+    the OWL scores and the metrics table AlphaPruning scores."""
     loaded = loaded if loaded is not None else load_for(base, progress)   # once every spec is valid
+    specs = [s for kind, s in jobs if kind == "prune"]
+    allocations = {s.allocation for s in specs}
     if calibration is None and any(s.needs_calibration for s in specs):
         calibration = calibration_for(base, loaded)
-    rows = []
-    if dense:
-        run_id, ppl = eval_run(base, loaded, registry=registry, progress=progress, cancel=cancel)
-        key = run_key(registry.get(run_id))
-        rows.append({"method": "dense", "allocation": "-", "sparsity": 0.0, "epsilon": None, "achieved": 0.0,
-                     "perplexity": ppl.perplexity, "prune_seconds": 0.0, "eval_seconds": ppl.seconds,
-                     "run_id": run_id, "key": key.key, "settings": key.settings})
     owl = owl_scores_for(loaded, calibration, device=base.device, progress=progress, cancel=cancel) \
         if "owl" in allocations else None
     if "alpha" in allocations:
         metrics = alpha_metrics(base, loaded, metrics, progress)
-    for spec in specs:
-        log.info("sweep: %s %s S=%g eps=%s", spec.method, spec.allocation, spec.sparsity, spec.epsilon)
-        run = prune_and_eval(spec, loaded, registry=registry, metrics=metrics, owl_scores=owl,
-                             calibration=calibration, progress=progress, cancel=cancel)
-        rows.append({"method": spec.method, "allocation": spec.allocation, "sparsity": spec.sparsity,
-                     "epsilon": run.epsilon, "achieved": run.achieved, "perplexity": run.perplexity.perplexity,
-                     "prune_seconds": run.prune_seconds, "eval_seconds": run.perplexity.seconds,
-                     "run_id": run.run_id, "key": run.key.key, "settings": run.key.settings})
-    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+    return {"loaded": loaded, "calibration": calibration, "owl": owl, "metrics": metrics}
+
+
+class _Recording(Registry):
+    """``registry`` as one run sees it: the same database, remembering the id of the run it
+    starts (so a run's failure is found where the run recorded it)."""
+
+    def __init__(self, registry: Registry) -> None:   # noqa: D107 - shares the registry's state
+        self.__dict__.update(vars(registry))
+        self.run_id: int | None = None
+
+    def start(self, kind: str, **fields: object) -> int:
+        self.run_id = super().start(kind, **fields)
+        return self.run_id
+
+
+def run_job(kind: str, spec: PruneSpec, inputs: dict, registry: Registry, *, progress: Progress = None,
+            cancel: object = None) -> dict:
+    """One sweep run (``eval`` of the dense model or ``prune``) recorded in ``registry``;
+    returns its registry row: done, or failed with its error (a failure raised before the run
+    recorded itself is recorded here). Cancelling raises."""
+    recording = _Recording(registry)
+    try:
+        if kind == "eval":
+            run_id = eval_run(spec, inputs["loaded"], registry=recording, progress=progress, cancel=cancel)[0]
+        else:
+            run_id = prune_and_eval(spec, inputs["loaded"], registry=recording, metrics=inputs["metrics"],
+                                    owl_scores=inputs["owl"], calibration=inputs["calibration"], progress=progress,
+                                    cancel=cancel).run_id
+    except (Cancelled, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded with its error; the sweep goes on
+        log.info("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, exc)
+        run_id = recording.run_id
+        if run_id is None:
+            run_id = record_failure(registry, kind, spec, f"{type(exc).__name__}: {exc}", inputs["loaded"])
+    return registry.get(run_id)
+
+
+def record_failure(registry: Registry, kind: str, spec: PruneSpec, error: str, loaded: LoadedModel | None) -> int:
+    """Record a run that failed before it recorded itself (or whose worker's record is lost)."""
+    prune = kind == "prune"
+    run_id = registry.start(kind, model=loaded.source if loaded is not None else spec.model,
+                            model_identity=loaded.identity if loaded is not None else None,
+                            method=spec.method if prune else "dense", allocation=spec.allocation if prune else None,
+                            sparsity=spec.sparsity if prune else None, epsilon=spec.epsilon if prune else None,
+                            device=spec.device)
+    registry.finish(run_id, "failed", error=error)
+    return run_id
+
+
+def _number(value: object) -> float:
+    return float("nan") if missing(value) else float(value)
+
+
+def sweep_row(kind: str, spec: PruneSpec, run: Mapping) -> dict:
+    """The table row of one sweep run, from its registry row (done or failed) and its spec:
+    the one row builder of every route (one process, several devices, Ray)."""
+    key = run_key(run)
+    dense = kind == "eval"
+    return {"method": "dense" if dense else spec.method, "allocation": "-" if dense else spec.allocation,
+            "sparsity": 0.0 if dense else float(spec.sparsity),
+            "epsilon": float("nan") if dense else _number(run.get("epsilon")),
+            "achieved": 0.0 if dense else _number(run.get("achieved_sparsity")),
+            "perplexity": _number(run.get("perplexity")),
+            "prune_seconds": 0.0 if dense else _number(run.get("prune_seconds")),
+            "eval_seconds": _number(run.get("eval_seconds")), "run_id": int(run["id"]),
+            "key": key.key, "settings": key.settings}
+
+
+def sweep_table(jobs: list[tuple[str, PruneSpec]], runs: list[Mapping]) -> pd.DataFrame:
+    """The table of a sweep (``SWEEP_COLUMNS`` with ``SWEEP_DTYPES``) from its jobs and their
+    registry rows, in job order. Failed runs are logged in one warning; when every run failed,
+    ``ValueError`` names them and where their errors are recorded."""
+    failed = [r for r in runs if r.get("status") != "done"]
+    ids = ", ".join(str(int(r["id"])) for r in failed)
+    if runs and len(failed) == len(runs):
+        first = " ".join(str(failed[0].get("error") or "").split())[:300]
+        raise ValueError(f"every run of the sweep failed (runs {ids}); nothing written. The errors are recorded: "
+                         f"{FAILED_HINT} (the first: {first})")
+    if failed:
+        log.warning("%d of %d sweep runs failed (runs %s): their rows have no perplexity; errors: %s",
+                    len(failed), len(runs), ids, FAILED_HINT)
+    rows = [sweep_row(kind, spec, run) for (kind, spec), run in zip(jobs, runs)]
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS).astype(SWEEP_DTYPES)
 
 
 def _epsilons_of(epsilons: list[float] | Mapping[str, list[float]] | None, method: str) -> list[float | None]:

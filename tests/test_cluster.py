@@ -127,9 +127,10 @@ def test_a_task_failing_twice_is_recorded_as_failed_with_its_error(local_ray, ti
     loaded = load_model(tiny_folder)
     missing = PruneSpec(model=str(tmp_path / "not-here"), device="cpu",
                         evaluation=EvaluationSpec(dataset="wiki", seqlen=64, max_windows=2))
-    table = sweep_parallel(missing, ray=True, registry=reg, loaded=loaded, ship_model=False, dense=False,
-                           methods=["magnitude"], allocations=["uniform"], sparsities=[0.5, 0.6])
-    assert table["perplexity"].isna().all() and len(table) == 2
+    with pytest.raises(ValueError, match="every run of the sweep failed") as failed:
+        sweep_parallel(missing, ray=True, registry=reg, loaded=loaded, ship_model=False, dense=False,
+                       methods=["magnitude"], allocations=["uniform"], sparsities=[0.5, 0.6])
+    assert "spectrascope runs --status failed" in str(failed.value)
     runs = reg.query()
     assert runs["status"].tolist() == ["failed", "failed"]
     assert all("model path not found" in e and "after 2 attempts" in e for e in runs["error"])
