@@ -193,9 +193,16 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             raise ValueError(f"--streaming reads safetensors checkpoints; {src.label!r} is a {src.kind} source")
         label, identity = src.label, src.identity()
     folder = cache_folder(identity, xmin)
+    quant = quant_types(_weights_folder(source))
+    stale = False
     if use_cache:
         cached = _load_cached(folder)
-        if cached is not None:
+        # an entry written on Ray before the quantization types reached every route has none: recompute it
+        stale = cached is not None and bool(quant) and cached.table["quant"].isna().all()
+        if stale:
+            log.warning("the cached analysis %s lacks the quantization types (written on Ray by an older "
+                        "version); recomputing it", folder)
+        elif cached is not None:
             log.info("analysis of %s from cache %s", label, folder)
             return cached
 
@@ -219,7 +226,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     # one table builder whichever route computed the spectra; the quantization types come from the source
     # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
     return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
-                           quant=quant_types(_weights_folder(source)), store=True, replace=not use_cache,
+                           quant=quant, store=True, replace=stale or not use_cache,
                            budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, spectra=spectra,
                            progress=progress)
 

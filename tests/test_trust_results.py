@@ -188,6 +188,24 @@ def test_analysis_is_the_same_table_on_every_route_and_ray_caches_quant(tmp_path
     pd.testing.assert_frame_equal(again.table, local.table)
 
 
+def test_a_cached_table_that_lost_quant_on_ray_is_recomputed(tmp_path, caplog):
+    """An entry an older version wrote from Ray (no ``quant``) is not served as is: a warning, then recomputed."""
+    from core.analysis import _load_cached, _store, analyze, cache_folder
+
+    folder = _quant_folder(tmp_path / "q")
+    first = analyze(folder, device="cpu", use_cache=False)
+    entry = cache_folder(first.identity, "peak")
+    lost = _load_cached(entry)
+    lost.table["quant"] = np.nan                            # as the Ray route used to write it
+    _store(entry, lost, keep_existing=False)
+    assert _load_cached(entry).table["quant"].isna().all()
+    with caplog.at_level("WARNING"):
+        again = analyze(folder, device="cpu")
+    assert not again.cached and "lacks the quantization types" in caplog.text
+    pd.testing.assert_frame_equal(again.table, first.table)
+    assert set(_load_cached(entry).table["quant"]) == {"Q4_K", "Q6_K"}   # the cache is mended
+
+
 # --- sweeps: one row builder for every route -------------------------------------------------
 
 def _sweep_args(model, text_file, out, *extra):
