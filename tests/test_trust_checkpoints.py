@@ -124,8 +124,10 @@ def _sharded_with_absent_shard(folder: Path) -> Path:
 @pytest.mark.parametrize("command", ["prune-streaming", "prune", "analyze-streaming"])
 def test_an_index_naming_an_absent_shard_is_refused(tmp_path, capsys, command):
     model = _sharded_with_absent_shard(tmp_path / "m")
+    before = registry_rows()
     refused(capsys, COMMANDS[command](model, tmp_path / "out"), "model-00099-of-00099.safetensors")
     assert not (tmp_path / "out").exists()
+    assert len(registry_rows()) == len(before)          # refused before a run is recorded
 
 
 def test_the_adapter_base_is_checked_too(tmp_path):
@@ -172,8 +174,10 @@ def test_tied_embeddings_still_load_and_a_missing_tied_source_is_refused(tmp_pat
         folder, embed = tmp_path / "m", EMBED
     assert "lm_head.weight" not in load_file(str(folder / "model.safetensors"))
     assert cli(COMMANDS["analyze"](folder, None)) == 0
+    before = registry_rows()
     assert cli(COMMANDS["prune-streaming"](folder, tmp_path / "out")) == 0
     assert (tmp_path / "out" / "config.json").is_file()
+    assert [r["status"] for r in registry_rows()[len(before):]] == ["done"]
     damaged = tmp_path / "d"
     shutil.copytree(folder, damaged)
     refused(capsys, COMMANDS["analyze"](drop(damaged, embed), None), embed)
