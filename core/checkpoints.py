@@ -362,6 +362,23 @@ def _ignored(patterns: object, name: str) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
 
 
+def refuse_missing(label: object, model: torch.nn.Module, missing: object,
+                   groups: list[list[str]] | None = None) -> None:
+    """The one refusal of a checkpoint without some of the tensors ``model``'s architecture
+    expects (``check_complete``'s, and that of the sources whose files are only known to
+    transformers: hub downloads and GGUF files, from its loading info)."""
+    missing = list(missing or ())
+    if not missing:
+        return
+    state = model.state_dict(keep_vars=True)
+    groups = groups if groups is not None else _tensor_groups(model, state)
+    order = {name: i for i, name in enumerate(state)}
+    missing.sort(key=lambda name: order.get(name, len(order)))
+    raise ValueError(f"checkpoint {label} is missing {len(missing)} of {len(groups)} tensors the "
+                     f"{type(model).__name__} config expects, first {missing[0]}: the file is damaged or "
+                     "incomplete; re-download it")
+
+
 def check_complete(folder: str | Path, model: torch.nn.Module | None = None, *, label: str | None = None,
                    trust_remote_code: bool = False) -> None:
     """Refuse a checkpoint that lacks a tensor its architecture expects, before any work.
@@ -380,15 +397,17 @@ def check_complete(folder: str | Path, model: torch.nn.Module | None = None, *, 
     if not files:
         raise ValueError(f"checkpoint {label} has no weight files (model.safetensors, sharded safetensors with "
                          "their index, or pytorch_model.bin); re-download it")
+    keys = stored_keys(files)             # headers checked: a forged or truncated file is named
+    if getattr(model.config, "quantization_config", None) is not None:
+        log.info("%s: a quantized checkpoint; its tensor names are the quantizer's, not checked", label)
+        return
     rename = _renamer(model, state)
-    stored = {rename(key) for key in stored_keys(files)}
+    stored = {rename(key) for key in keys}
     ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
     missing = [names[0] for names in groups
                if not any(n in stored for n in names) and not _ignored(ignore_missing, names[0])]
+    refuse_missing(label, model, missing, groups)
     arch = type(model).__name__
-    if missing:
-        raise ValueError(f"checkpoint {label} is missing {len(missing)} of {len(groups)} tensors the {arch} config "
-                         f"expects, first {missing[0]}: the file is damaged or incomplete; re-download it")
     ignore_extra = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
     extra = sorted(k for k in stored if k not in state and not _ignored(ignore_extra, k))
     if extra:

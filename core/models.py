@@ -245,6 +245,8 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
         log.warning("the converted model %s is damaged (%s); converting %s again", dest, problem, gguf.name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoints import refuse_missing
+
     log.warning("converting %s once into a float32 safetensors folder at %s (about a minute)", gguf.name, dest)
     report(progress, 0, 3, "reading GGUF")
     try:
@@ -253,7 +255,7 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ValueError(f"could not read GGUF file {gguf}: {exc}") from exc
-    refuse_missing(gguf, gmodel, info.get("missing_keys", ()))
+    refuse_missing(gguf, gmodel, info.get("missing_keys", ()))      # the same message as a folder's check
     report(progress, 1, 3, "converting")
     config = gmodel.config
     if hasattr(config, "quantization_config"):
@@ -337,7 +339,7 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
     """Load a causal LM for analysis, pruning or evaluation (weights on ``device`` in ``dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoints import check_complete
+    from .checkpoints import check_complete, refuse_missing
 
     src = resolve_source(source)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -410,18 +412,6 @@ def load_skeleton(source: str | os.PathLike = "demo", *, dtype: str | torch.dtyp
             log.warning("no tokenizer for %s: %s", src.label, exc)
     family = family_of(model)
     return LoadedModel(model, tok, family, src.label, src.identity(), prunable_matrices(model, family), folder)
-
-
-def refuse_missing(label: object, model: nn.Module, missing: object) -> None:
-    """Refuse a model transformers loaded with ``missing`` tensors (randomly initialised), for the
-    sources whose files are not checked beforehand (hub downloads, GGUF files); same message as
-    ``checkpoints.check_complete``."""
-    missing = sorted(missing or ())
-    if missing:
-        total = len({id(t) for t in model.state_dict(keep_vars=True).values()})
-        raise ValueError(f"checkpoint {label} is missing {len(missing)} of {total} tensors the "
-                         f"{type(model).__name__} config expects, first {missing[0]}: the file is damaged or "
-                         "incomplete; re-download it")
 
 
 def is_skeleton(loaded: LoadedModel) -> bool:
