@@ -146,6 +146,18 @@ def test_the_adapter_base_is_checked_too(tmp_path):
         adapter_analyses(adapter, device="cpu")
 
 
+def test_a_forged_adapter_header_is_named(tmp_path):
+    from core.adapters import read_adapter
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    forge(adapter / "adapter_model.safetensors", "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+          [2 ** 32, 2 ** 32], [0, 0])
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors has a corrupt safetensors header.*lora_A"):
+        read_adapter(adapter)
+
+
 def test_the_streamed_skeleton_is_checked_before_pruning(tmp_path):
     """``load_skeleton`` (the streamed prune's and the cluster workers' loader) refuses at once."""
     from core.models import load_skeleton
