@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .analysis import Analysis, analyze, analyze_weights
+from .checkpoints import stored_keys
 from .models import LoadedModel, MatrixInfo, file_identity, load_model
 from .progress import Progress
 
@@ -68,6 +69,7 @@ def read_adapter(folder: str | Path) -> Adapter:
     config = json.loads((folder / CONFIG).read_text())
     if config.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"{folder}: peft_type {config.get('peft_type')!r}; only LoRA adapters are read")
+    stored_keys([folder / WEIGHTS])        # its header checked first: a forged or truncated file is named
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(folder / WEIGHTS)).items():
         m = _KEY.match(key)

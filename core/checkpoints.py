@@ -12,6 +12,8 @@ single ``.safetensors`` file; ``config.json`` beside it names the family.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 
 from .models import FAMILIES, Family, MatrixInfo
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -66,7 +70,7 @@ def _entry(path: Path, key: object, value: object, base: int, data_size: int) ->
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_size):
         raise bad(f"has data_offsets {offsets} outside the file's {data_size} data bytes")
-    if dtype in _ITEMSIZE and offsets[1] - offsets[0] != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]:
+    if dtype in _ITEMSIZE and offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:   # exact, no wrap
         raise bad(f"has shape {shape} ({dtype}) that does not match its {offsets[1] - offsets[0]} bytes")
     return TensorEntry(path, str(key), dtype, tuple(shape), base + offsets[0], base + offsets[1])
 
@@ -91,9 +95,22 @@ def _header(path: Path) -> dict[str, TensorEntry]:
     return {k: _entry(path, k, v, base, data_size) for k, v in header.items() if k != "__metadata__"}
 
 
+def read_config(folder: Path) -> dict:
+    """``folder``'s ``config.json`` as a dict; a file that is not a JSON object is named."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the model's config.json is damaged, re-download it") \
+            from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; the model's config.json is "
+                         "damaged, re-download it")
+    return config
+
+
 def _family(folder: Path) -> Family:
-    cfg = folder / "config.json"
-    model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    model_type = read_config(folder).get("model_type") if (folder / "config.json").is_file() else None
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
@@ -182,6 +199,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not files:
         raise ValueError(f"{folder} has no .safetensors files; the streaming path reads safetensors only")
     family = _family(folder)
+    if (folder / "config.json").is_file():   # the tensors its architecture expects are all there
+        try:
+            model = expected_model(folder)
+        except (ValueError, KeyError, ImportError, OSError) as exc:   # an architecture only its own code builds
+            log.warning("%s: cannot check that the checkpoint is complete (%s); reading its matrices as stored",
+                        folder, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            weight_files(folder)                                        # an absent shard is still refused
+        else:
+            check_complete(folder, model)
     entries: dict[str, TensorEntry] = {}
     found: list[tuple[int, int, MatrixInfo]] = []
     for file in files:
@@ -202,3 +228,188 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                          "model.layers.0.self_attn.q_proj.weight)")
     found.sort(key=lambda t: (t[0], t[1], t[2].name))
     return Checkpoint(folder, family, entries, [t[2] for t in found])
+
+
+# --- completeness: the checkpoint holds every tensor its architecture expects -----------------
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files an index JSON maps tensors to; an absent shard is refused by name."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} is not a checkpoint index (no weight_map of tensor -> shard file); "
+                         "the checkpoint is damaged, re-download it")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    absent = [p for p in shards if not p.is_file()]
+    if absent:
+        raise ValueError(f"checkpoint {index.parent}: its index {index.name} names {len(absent)} shard file(s) that "
+                         f"are absent, first {absent[0].name}: the checkpoint is incomplete; re-download it")
+    return shards
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The files a load reads the weights from, as transformers chooses them: the safetensors
+    index's shards (each must exist), ``model.safetensors``, any ``*.safetensors``, then the
+    ``.bin`` equivalents."""
+    folder = Path(folder)
+    if (folder / SAFE_INDEX).is_file():
+        return _index_shards(folder / SAFE_INDEX)
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if (folder / BIN_INDEX).is_file():
+        return _index_shards(folder / BIN_INDEX)
+    return [folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").is_file() else []
+
+
+def stored_keys(files: list[Path]) -> list[str]:
+    """Every tensor name stored in ``files`` (headers only: no weights are read); a damaged
+    safetensors header is refused naming its file and tensor."""
+    keys: list[str] = []
+    for file in files:
+        if file.suffix == ".safetensors":
+            keys += _header(file)
+        else:
+            try:
+                keys += _pickled_keys(file)
+            except Exception as exc:  # noqa: BLE001 - pickle and zip raise many types for a damaged file
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise ValueError(f"{file} is not a readable PyTorch checkpoint ({type(exc).__name__}: {first}); "
+                                 "re-download it") from None
+    return keys
+
+
+def _pickled_keys(file: Path) -> list[str]:
+    """The tensor names of a ``torch.save`` file (tensors on the meta device: no data read,
+    except from the legacy non-zip format, which cannot be memory-mapped)."""
+    import zipfile
+
+    mmap = zipfile.is_zipfile(file)
+    state = torch.load(file, map_location="meta", weights_only=True, mmap=mmap)
+    if not isinstance(state, dict):
+        raise ValueError(f"a {type(state).__name__}, not a state dict")
+    return [str(k) for k in state]
+
+
+def expected_model(folder: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model ``folder``'s config describes, built on the meta device (no weights allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    read_config(folder)                 # a damaged config.json is named before transformers reads it
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _renamer(model: torch.nn.Module, expected: dict) -> Callable[[str], str]:
+    """Checkpoint key -> model tensor name, as transformers renames on load (legacy names,
+    a missing or extra ``base_model_prefix``)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    try:   # transformers >= 5: its own renaming rules
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        return lambda key: rename_source_key(key, renamings, converters, prefix or None, expected)[0]
+    except (ImportError, AttributeError, TypeError):
+        pass
+
+    def rename(key: str) -> str:
+        if key in expected or not prefix:
+            return key
+        if f"{prefix}.{key}" in expected:
+            return f"{prefix}.{key}"
+        short = key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
+        return short if short in expected else key
+    return rename
+
+
+def _tensor_groups(model: torch.nn.Module, state: dict) -> list[list[str]]:
+    """The state dict's names grouped by the tensor they hold: tied names (the same object, or
+    tied by the model's declaration, e.g. ``lm_head.weight`` -> the embeddings) share a group."""
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    tied = getattr(model, "all_tied_weights_keys", None)       # transformers >= 5, per the config
+    if tied is None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        group_of = {name: key for key, names in groups.items() for name in names}
+        for target, source in tied.items():
+            a, b = group_of.get(target), group_of.get(source)
+            if a is not None and b is not None and a != b:
+                groups[b] += groups.pop(a)
+                group_of.update((n, b) for n in groups[b])
+    elif isinstance(tied, (list, tuple)):                     # older transformers: the head names
+        heads = {name for name in tied if name in state}
+        if heads and getattr(model, "get_input_embeddings", None) is not None:
+            return [names for names in groups.values() if not set(names) <= heads]
+    order = {name: i for i, name in enumerate(state)}
+    return sorted(groups.values(), key=lambda names: order[names[0]])
+
+
+def _ignored(patterns: object, name: str) -> bool:
+    return any(re.search(p, name) for p in (patterns or ()))
+
+
+def refuse_missing(label: object, model: torch.nn.Module, missing: object,
+                   groups: list[list[str]] | None = None) -> None:
+    """The one refusal of a checkpoint without some of the tensors ``model``'s architecture
+    expects (``check_complete``'s, and that of the sources whose files are only known to
+    transformers: hub downloads and GGUF files, from its loading info)."""
+    missing = list(missing or ())
+    if not missing:
+        return
+    state = model.state_dict(keep_vars=True)
+    groups = groups if groups is not None else _tensor_groups(model, state)
+    order = {name: i for i, name in enumerate(state)}
+    missing.sort(key=lambda name: order.get(name, len(order)))
+    raise ValueError(f"checkpoint {label} is missing {len(missing)} of {len(groups)} tensors the "
+                     f"{type(model).__name__} config expects, first {missing[0]}: the file is damaged or "
+                     "incomplete; re-download it")
+
+
+def check_complete(folder: str | Path, model: torch.nn.Module | None = None, *, label: str | None = None,
+                   trust_remote_code: bool = False) -> None:
+    """Refuse a checkpoint that lacks a tensor its architecture expects, before any work.
+
+    The expected names are ``model``'s state dict (default: the config's model built on the
+    meta device): parameters and persistent buffers (non-persistent ones such as rotary
+    tables are not stored). Tied tensors (an output head sharing the embeddings) count once:
+    any one of their names suffices. The stored names come from the weight files' headers,
+    renamed as transformers renames them on load. Extra tensors are reported, not fatal."""
+    folder = Path(folder)
+    label = label or str(folder)
+    model = model if model is not None else expected_model(folder, trust_remote_code)
+    state = model.state_dict(keep_vars=True)
+    groups = _tensor_groups(model, state)
+    files = weight_files(folder)
+    if not files:
+        raise ValueError(f"checkpoint {label} has no weight files (model.safetensors, sharded safetensors with "
+                         "their index, or pytorch_model.bin); re-download it")
+    keys = stored_keys(files)             # headers checked: a forged or truncated file is named
+    if getattr(model.config, "quantization_config", None) is not None:
+        log.info("%s: a quantized checkpoint; its tensor names are the quantizer's, not checked", label)
+        return
+    rename = _renamer(model, state)
+    stored = {rename(key) for key in keys}
+    ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+    missing = [names[0] for names in groups
+               if not any(n in stored for n in names) and not _ignored(ignore_missing, names[0])]
+    refuse_missing(label, model, missing, groups)
+    arch = type(model).__name__
+    ignore_extra = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    extra = sorted(k for k in stored if k not in state and not _ignored(ignore_extra, k))
+    if extra:
+        log.warning("checkpoint %s has %d tensor%s the %s config does not expect, first %s; %s ignored", label,
+                    len(extra), "s" if len(extra) > 1 else "", arch, extra[0], "they are" if len(extra) > 1 else "it is")

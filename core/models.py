@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -202,9 +203,26 @@ def _weight_files(folder: Path) -> list[Path]:
                   if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file())
 
 
+def converted_problem(folder: Path) -> str | None:
+    """What is wrong with the converted model in ``folder`` (None: a config and safetensors
+    weights whose headers fit their files, so a truncated file is found without reading it)."""
+    from .checkpoints import stored_keys
+
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "no .safetensors weights"
+    try:
+        stored_keys(files)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def is_converted(folder: Path) -> bool:
     """True if ``folder`` is a complete converted model (a config and its safetensors weights)."""
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    return converted_problem(folder) is None
 
 
 def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
@@ -220,17 +238,24 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
     dest = home() / "models" / f"{gguf.stem}-{file_identity([gguf])}"
-    if is_converted(dest):
+    problem = converted_problem(dest) if dest.exists() else "absent"
+    if problem is None:
         return dest
+    if dest.exists():
+        log.warning("the converted model %s is damaged (%s); converting %s again", dest, problem, gguf.name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoints import refuse_missing
 
     log.warning("converting %s once into a float32 safetensors folder at %s (about a minute)", gguf.name, dest)
     report(progress, 0, 3, "reading GGUF")
     try:
-        gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        gmodel, info = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                            dtype=torch.float32, output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ValueError(f"could not read GGUF file {gguf}: {exc}") from exc
+    refuse_missing(gguf, gmodel, info.get("missing_keys", ()))      # the same message as a folder's check
     report(progress, 1, 3, "converting")
     config = gmodel.config
     if hasattr(config, "quantization_config"):
@@ -291,19 +316,43 @@ def resolve_source(source: str | os.PathLike = "demo") -> Source:
     return Source("hub", None, text)
 
 
+class _NoLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT table held back: ``checkpoints.check_complete`` has already
+    refused missing tensors and reported extra ones in one line, and hub models' missing ones
+    are refused from the loading info."""
+    logger, quiet = logging.getLogger("transformers.modeling_utils"), _NoLoadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                trust_remote_code: bool = False, tokenizer: bool = True, progress: Progress = None) -> LoadedModel:
     """Load a causal LM for analysis, pruning or evaluation (weights on ``device`` in ``dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoints import check_complete, refuse_missing
+
     src = resolve_source(source)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     folder = gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
     where = str(folder) if folder is not None else src.label
+    if folder is not None:       # before any work: a damaged checkpoint is never completed at random
+        check_complete(folder, label=where if src.kind == "folder" else f"{src.label} ({folder})",
+                       trust_remote_code=trust_remote_code)
     report(progress, 0, 1, "loading model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
-                                                     low_cpu_mem_usage=True)
+        with _without_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
+                                                               low_cpu_mem_usage=True, output_loading_info=True)
     except Exception as exc:  # transformers and safetensors raise many types for bad files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if src.kind == "hub" and "/" not in src.label:
@@ -313,6 +362,8 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
         hint = (" (no network, or not a model id? give a local folder or a .gguf file)"
                 if src.kind == "hub" else "")
         raise ValueError(f"could not load model {src.label!r}{hint}: {first}") from exc
+    if folder is None:           # a hub model: its files are known only once downloaded
+        refuse_missing(src.label, model, info.get("missing_keys", ()))
     model.eval().requires_grad_(False).to(dev)
     tok = None
     if tokenizer:
@@ -341,13 +392,17 @@ def load_skeleton(source: str | os.PathLike = "demo", *, dtype: str | torch.dtyp
         raise ValueError(f"model {src.label!r}: streaming reads a local safetensors folder; download the model "
                          "first (huggingface-cli download) and give its folder")
     folder = gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
+    from .checkpoints import check_complete, read_config
+
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"{folder} has no .safetensors files; streaming reads safetensors only (re-save the "
                          "model with save_pretrained(safe_serialization=True))")
+    read_config(folder)          # a damaged config.json is named before transformers reads it
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
+    check_complete(folder, model, label=str(folder) if src.kind == "folder" else f"{src.label} ({folder})")
     model.eval().requires_grad_(False)
     tok = None
     if tokenizer:

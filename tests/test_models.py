@@ -83,7 +83,7 @@ def test_bad_sources_have_clear_messages(tmp_path):
     bad = tmp_path / "bad"
     tiny_model("llama").save_pretrained(bad)
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    with pytest.raises(ValueError, match="could not load model"):
+    with pytest.raises(ValueError, match="model.safetensors has a corrupt safetensors header"):   # names the file
         load_model(bad, tokenizer=False)
     # a GGUF file that is not one
     (tmp_path / "fake.gguf").write_bytes(b"GGUF but not really")
