@@ -17,14 +17,14 @@ start=$(date +%s)
 for m in wanda sparsegpt magnitude; do
   t0=$(date +%s)
   $PY -m core.cli tune --method "$m" --sparsity 0.7 --epsilons 0,0.1,0.2,0.3,0.4,0.5 --xmins peak,full \
-      --metrics-cols alpha "${CAL[@]}" --holdout-windows 8 --out "$R/demo-tune-$m.csv" --json --quiet \
+      --metrics-cols alpha "${CAL[@]}" --holdout-windows 8 --out "$R/demo-tune-$m.csv" --overwrite --json --quiet \
       > "$R/demo-tune-$m.json"
   read -r eps xmin < <($PY -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b['epsilon'], b['xmin'])" \
       "$R/demo-tune-$m.json")
   echo "$m: tuned in $(( $(date +%s) - t0 )) s: epsilon $eps, xmin $xmin"
   t0=$(date +%s)
   $PY -m core.cli sweep --methods "$m" --allocations uniform,alpha,owl --sparsities 0.5,0.6,0.7 \
-      --epsilons "$eps" --xmin "$xmin" "${CAL[@]}" --max-windows 24 --out "$R/demo-sweep-$m" --quiet > /dev/null
+      --epsilons "$eps" --xmin "$xmin" "${CAL[@]}" --max-windows 24 --out "$R/demo-sweep-$m" --overwrite --quiet > /dev/null
   echo "$m: swept in $(( $(date +%s) - t0 )) s"
 done
 $PY - "$R" "$(( $(date +%s) - start ))" <<'PY'
