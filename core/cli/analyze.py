@@ -7,6 +7,7 @@ import argparse
 from ..allocation import MAPPINGS, allocate
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..analysis import analyze
+from ..checks import output_file
 from ..devices import devices_of
 from ..experiments import read_metrics
 from ..fit import XMIN_METHODS
@@ -31,13 +32,15 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
+    out = output_file(args.out, "--out", (".csv", ".parquet")) if args.out else None   # before the work
+    eigs = output_file(args.eigs, "--eigs", (".npz",)) if args.eigs else None
     result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
                      use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
                      devices=devices_of(args.device, args.devices), ray=args.ray, progress=progress)
-    if args.out:
-        result.save_table(args.out)
-    if args.eigs:
-        result.save_eigs(args.eigs)
+    if out is not None:
+        result.save_table(out)
+    if eigs is not None:
+        result.save_eigs(eigs)
     return "" if args.quiet else result.summary()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from ..checks import output_file
 from ..compare import compare
 from ..compare_sources import entries_for
 from ..fit import XMIN_METHODS
@@ -17,6 +19,9 @@ SOURCES_HELP = ("demo, a Hugging Face folder, a .gguf or .safetensors file, a hu
                 "is a training step); the first is the reference")
 
 
+TABLES = ("long", "deltas", "missing")     # the files of --out STEM: STEM-long.csv, ...
+
+
 def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("--base", metavar="SOURCE", help="base model of a LoRA adapter (default: the one its config names)")
@@ -24,24 +29,45 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--metric", default="alpha", help="the metric of the summary (default alpha)")
     p.add_argument("--out", metavar="STEM", help="write STEM-long, STEM-deltas and STEM-missing tables")
-    p.add_argument("--format", default="csv", help="csv (default), parquet or csv,parquet for --out")
+    p.add_argument("--format", help="csv (default), parquet or csv,parquet for --out")
     p.add_argument("--html", metavar="FILE.html", help="a self-contained HTML report (plotly.js inline, offline)")
     p.add_argument("--json", action="store_true", help="print the per-kind summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
+FORMATS = ("csv", "parquet")
+
+
+def output_files(args: argparse.Namespace) -> tuple[tuple[str, ...], Path | None]:
+    """The ``--out`` formats and the ``--html`` file, checked before any analysis."""
+    if args.format is not None and not args.out:
+        raise ValueError(f"--format {args.format} only matters with --out, which is not given; add --out STEM "
+                         "or drop --format")
+    formats = tuple(f.strip() for f in (args.format or "csv").split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format {args.format!r}: {'unknown ' + repr(bad[0]) if bad else 'no format'}; use csv, "
+                         "parquet or csv,parquet")
+    if args.out:
+        for name in TABLES:
+            for fmt in formats:
+                output_file(f"{args.out}-{name}.{fmt}", "--out")
+    return formats, output_file(args.html, "--html", (".html", ".htm")) if args.html else None
+
+
 def run_compare(args: argparse.Namespace, progress: Progress) -> str:
+    formats, html = output_files(args)
     entries = entries_for(args.sources, base=args.base, xmin=args.xmin, device=args.device, progress=progress)
     result = compare(entries)
     if args.metric not in result.long.columns:
         raise ValueError(f"--metric {args.metric}: not a column of the tables; use e.g. alpha, log_norm")
     written = []
     if args.out:
-        written = result.save(args.out, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()))
-    if args.html:
+        written = result.save(args.out, formats=formats)
+    if html is not None:
         from dashboard.compare_figures import write_report   # plotting stays out of the engine's import graph
 
-        written.append(write_report(result, args.html, metric=args.metric))
+        written.append(write_report(result, html, metric=args.metric))
     notes = [f"{e.label}: {msg}" for e in entries if (msg := quant_alpha_message(e.table, args.metric))]
     if args.json:
         return json.dumps({"sources": result.labels, "by_kind": result.by_kind(args.metric).to_dict(orient="records"),
