@@ -67,6 +67,9 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
+    from .prune import only_with
+
+    only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)
     options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
     result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,

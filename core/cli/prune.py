@@ -87,15 +87,25 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
-def only_with(args: argparse.Namespace, needed: str, *options: str) -> None:
-    """Refuse ``options`` given without ``needed`` (the option they only matter with): they would
-    silently do nothing. Options are named as on the command line (``--max-windows``)."""
-    if getattr(args, needed.lstrip("-").replace("-", "_"), None):
-        return
-    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_"), None) not in (None, False)]
-    if given:
+def only_with(args: argparse.Namespace, needed: str, *options: str, holds: bool | None = None) -> None:
+    """Refuse ``options`` given while ``needed`` (what they only matter with) does not hold: they
+    would silently do nothing. ``holds`` defaults to whether the option ``needed`` is given;
+    options are named as on the command line (``--max-windows``)."""
+    if holds is None:
+        holds = bool(getattr(args, _dest(needed), None))
+    given = [o for o in options if getattr(args, _dest(o), None) not in (None, False)]
+    if given and not holds:
         raise ValueError(f"{', '.join(given)} only matter{'s' if len(given) == 1 else ''} with {needed}, which is "
                          f"not given; add {needed} or drop {', '.join(given)}")
+
+
+def _dest(option: str) -> str:
+    return option.split()[0].lstrip("-").replace("-", "_")
+
+
+def alpha_options(args: argparse.Namespace, allocation: str) -> None:
+    """AlphaPruning's own options are refused with another allocation (see ``core.allocation.allocate``)."""
+    only_with(args, "--allocation alpha", "--epsilon", "--metrics", "--reverse", holds=allocation == "alpha")
 
 
 def _zeroshot_options(args: argparse.Namespace) -> None:
@@ -150,6 +160,7 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
     only_with(args, "--eval", "--dataset", "--eval-seqlen", "--eval-bos", "--max-windows")
     _zeroshot_options(args)
+    alpha_options(args, args.allocation or ("file" if args.ratios else "uniform"))
     run = prune_and_eval(PruneSpec.from_args(args), progress=progress)
     if args.json:
         return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
