@@ -15,6 +15,11 @@ BOS, and for prune runs the calibration text, windows, seqlen, seed and BOS. Per
 are comparable only within one key; ``Registry.compare`` adds it, ``Registry.baseline``
 finds the dense or uniform run of the same key.
 
+Trust: a ``schema_version`` that is not a version number is refused in one line naming the
+file (which is kept); ``Registry(read_only=True)`` lists a registry the user cannot write; a
+writing ``Registry`` fails on open, before a command's work, if it cannot write; and a registry
+deleted or replaced during a run is recreated with this process's runs (``Registry._ensure``).
+
 Liveness: a run records its process (host, pid, start time) and a heartbeat renewed every
 ``HEARTBEAT_S`` while it runs; a ``running`` run whose process is gone is marked
 ``interrupted`` when the registry is read.
@@ -502,7 +507,7 @@ class Registry:
                     with self._connect() as con:
                         con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ? AND status = 'running'",
                                     (time.time(), self._id(run_id)))
-                except (sqlite3.Error, ValueError, OSError) as exc:      # a busy or vanished database: try again next time
+                except (sqlite3.Error, ValueError, OSError) as exc:   # busy, or being recreated: next time
                     log.debug("heartbeat of run %d: %s", run_id, exc)
 
         threading.Thread(target=beat, name=f"registry-heartbeat-{run_id}", daemon=True).start()
