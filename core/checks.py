@@ -2,6 +2,7 @@
 what to give instead (``name=value: hint``); used by the run specs of ``core.experiments``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -52,4 +53,51 @@ def path(name: str, value: object, *, must_exist: bool) -> Path | None:
         raise FileNotFoundError(f"{name}={str(value)!r}: no such file")
     if not must_exist and path.exists():
         fail(name, str(value), "already exists; choose a new folder (nothing is overwritten)")
+    return path
+
+
+def is_model_folder(folder: Path) -> bool:
+    """True if ``folder`` holds a model (a ``config.json`` or weights): never written into."""
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / "config.json").is_file() or any(folder.glob("*.safetensors"))
+                                or any(folder.glob("pytorch_model*.bin")))
+
+
+def new_folder(name: str, value: object, *, source: Path | None = None) -> Path:
+    """``value`` as an absolute path where a new output folder can be made (missing parents are
+    created): nothing there yet, its nearest existing parent a writable folder, and not inside
+    ``source`` (the model's own folder, never written into). Checked before any work."""
+    path = Path(value).expanduser().resolve()
+    if path.exists() or path.is_symlink():
+        fail(name, str(value), "already exists; choose a new folder (nothing is overwritten)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(name, str(value), f"{parent} is a file, not a folder; choose a folder whose parents are folders")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(name, str(value), f"folder {parent} is not writable; choose another folder")
+    if source is not None:
+        source = Path(source).resolve()
+        if path == source or source in path.parents:
+            fail(name, str(value), f"inside the source model's folder {source}; the source is never touched: "
+                 "choose a folder outside it")
+    return path
+
+
+def output_file(value: object, name: str, suffixes: tuple[str, ...] = (), *, overwrite: bool = False) -> Path:
+    """``value`` as an absolute path a command's output file can be written to, checked before
+    the work that produces it: one of ``suffixes`` (when given), not a folder, in an existing
+    writable folder that is not a model's folder, not an existing file or link unless ``overwrite``
+    (``config.writable_file``: a link itself is replaced, never its target). ``name`` (e.g.
+    ``--out``) starts the error."""
+    from .config import writable_file
+
+    path = Path(str(value)).expanduser()
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"cannot write {name} {path}: use a {' or '.join(suffixes)} file name")
+    path = writable_file(path, name, overwrite=overwrite)
+    if is_model_folder(path.parent):
+        raise ValueError(f"cannot write {name} {path}: {path.parent} is a model folder, never written into; "
+                         "choose another folder")
     return path

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import atomic_file, writable_file
+from .checks import output_file
+from .config import atomic_file
 
 #: numeric columns compared matrix by matrix (when both sources have them)
 DELTA_METRICS = ("alpha", "alpha_hat", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
@@ -109,12 +110,12 @@ TABLES = ("long", "deltas", "missing")
 
 def output_paths(stem: str | os.PathLike, formats: tuple[str, ...] = ("csv",), *,
                  overwrite: bool = False) -> dict[tuple[str, str], Path]:
-    """``(table, format) -> STEM-table.format``, each checked as ``--out`` (``writable_file``): call
+    """``(table, format) -> STEM-table.format``, each checked as ``--out`` (``checks.output_file``): call
     it before the work that produces the tables."""
     bad = [f for f in formats if f not in ("csv", "parquet")]
     if bad or not formats:
         raise ValueError(f"--format {','.join(formats)!r}: use csv, parquet or csv,parquet")
-    return {(name, fmt): writable_file(f"{stem}-{name}.{fmt}", "--out", overwrite=overwrite)
+    return {(name, fmt): output_file(f"{stem}-{name}.{fmt}", "--out", overwrite=overwrite)
             for name in TABLES for fmt in formats}
 
 
@@ -127,9 +128,7 @@ def write_html(path: str | os.PathLike, html: str, *, overwrite: bool = False) -
 
 def html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``path`` checked as ``--html`` before any work: a ``.html`` name that can be written."""
-    if Path(path).suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--html {path}: use a .html file name")
-    return writable_file(path, "--html", overwrite=overwrite)
+    return output_file(path, "--html", (".html", ".htm"), overwrite=overwrite)
 
 
 def status_group(status: object) -> str:

@@ -52,9 +52,15 @@ class FileTooLarge(OSError, ValueError):
     during a write (also a ValueError: callers report it in one line)."""
 
 
+def home_path() -> Path:
+    """Where Spectrascope's own folder is (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``),
+    neither created nor checked (for reading only)."""
+    return Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope").expanduser()
+
+
 def home() -> Path:
-    """Spectrascope's own folder (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``), writable."""
-    path = Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope").expanduser()
+    """Spectrascope's own folder (``home_path``), created if missing, writable."""
+    path = home_path()
     fix = "set SPECTRASCOPE_HOME to a writable folder"
     try:
         path.mkdir(parents=True, exist_ok=True)

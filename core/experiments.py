@@ -14,10 +14,10 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, Allocation, allocate, m
                          ratios_from_file)
 from .analysis import analyze, analyze_copy
 from .calibration import Calibration, calibration_data
-from .checks import fail as _fail
+from .checks import fail as _fail, new_folder
 from .evaluation import Perplexity, perplexity
 from .metricsfile import read_metrics
-from .models import LoadedModel, is_skeleton, load_model, load_skeleton, save_model
+from .models import LoadedModel, is_skeleton, load_model, load_skeleton, resolve_source, save_model
 from .progress import Progress
 from .owlcache import owl_scores_for
 from .pruning import PruneResult, prune, prune_to_folder
@@ -126,6 +126,19 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
 
 # --- pipelines ---------------------------------------------------------------------------
 
+def check_save(spec: PruneSpec, loaded: LoadedModel | None = None) -> None:
+    """Refuse, before any work, a ``save`` folder that cannot be made: one that exists, whose
+    parent is a file or not writable, or inside the source model's folder (``loaded``'s, else
+    the spec's model's, found without loading it)."""
+    if spec.save is None:
+        return
+    source = loaded.path if loaded is not None else None
+    if loaded is None:
+        src = resolve_source(spec.model)
+        source = src.path if src.kind == "folder" else None
+    new_folder("save", spec.save, source=source)
+
+
 def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, registry: Registry | None = None,
                    metrics: pd.DataFrame | None = None, owl_scores: dict[int, float] | None = None,
                    calibration: object = None, progress: Progress = None, cancel: object = None) -> RunResult:
@@ -135,11 +148,10 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
     ``metrics`` (an analysis table), ``owl_scores`` and ``calibration`` (a ``Calibration`` or
     token ids ``nsamples x seqlen``) are precomputed inputs to reuse across runs; by default
     they are computed from the spec."""
-    if spec.save is not None and spec.save.exists():
-        _fail("save", str(spec.save), "already exists; choose a new folder (nothing is overwritten)")
+    check_save(spec, loaded)
     if spec.streaming and spec.save is None:
         _fail("streaming", True, "a streamed prune writes the pruned model as it goes; give save (--save DIR)")
-    registry = registry or Registry()
+    registry = registry or Registry()     # a read-only or damaged registry is refused here, before the work
     loaded = loaded if loaded is not None else load_for(spec, progress)
     if not spec.needs_calibration:
         calibration = None

@@ -296,7 +296,10 @@ class Source:
 def resolve_source(source: str | os.PathLike = "demo") -> Source:
     """Classify ``source`` without loading anything; raises a clear error for bad input."""
     text = str(source).strip() if source is not None else "demo"
-    if text in ("", "demo"):
+    if not text:    # never the demo in disguise: an empty setting is a mistake
+        raise ValueError(f"model {str(source)!r}: empty; give demo, a Hugging Face folder, a .gguf or .safetensors "
+                         "file or a hub id")
+    if text == "demo":
         return Source("demo", demo_gguf(), DEMO_NAME)
     path = Path(text).expanduser()
     if path.exists():

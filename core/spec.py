@@ -13,7 +13,7 @@ from .allocation import MAPPINGS
 from .allocation import METHODS as ALLOCATION_METHODS
 from .calibration import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
-from .checks import path as _path, text as _text, whole as _whole
+from .checks import new_folder as _new_folder, path as _path, text as _text, whole as _whole
 from .config import DTYPES
 from .fit import XMIN_METHODS
 from .pruning import METHODS as PRUNE_METHODS
@@ -131,6 +131,9 @@ class PruneSpec:
                 _fail("nm", self.nm, "write N:M with 1 <= N < M, e.g. 2:4 or 4:8")
             if self.ratios_file is not None:
                 _fail("nm", self.nm, "N:M sparsity does not use a ratios file; drop one of them")
+            if self.dense_kinds:   # the N:M pattern is applied to every matrix: k and v would be pruned anyway
+                _fail("nm", self.nm, f"N:M sparsity prunes every matrix in its pattern, so dense kinds "
+                      f"({','.join(self.dense_kinds)}) cannot be kept dense; drop the dense kinds or N:M")
         if not isinstance(self.calibration, CalibrationSpec):
             _fail("calibration", self.calibration, "give a CalibrationSpec")
         if not isinstance(self.evaluation, EvaluationSpec):
@@ -138,7 +141,7 @@ class PruneSpec:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip().lower()):
             _fail("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
         _choice("dtype", self.dtype, DTYPES)
-        put(self, "save", _path("save", self.save, must_exist=False))
+        put(self, "save", None if self.save is None else _new_folder("save", self.save))
         _flag("trust_remote_code", self.trust_remote_code)
         _flag("analyze_output", self.analyze_output)
         _flag("streaming", self.streaming)
@@ -170,10 +173,11 @@ class PruneSpec:
         argv += ["--metrics", str(self.metrics_file)] if self.metrics_file else []
         argv += ["--nm", self.nm] if self.nm else []
         argv += ["--calib", c.dataset, "--nsamples", str(c.nsamples), "--seqlen", str(c.seqlen), "--seed", str(c.seed)]
-        argv += ["--bos", c.bos] + (["--eval-bos", e.bos] if e.bos != c.bos else [])
-        argv += ["--eval"] if e.evaluate else []
-        argv += ["--dataset", e.dataset, "--eval-seqlen", str(e.seqlen)]
-        argv += ["--max-windows", str(e.max_windows)] if e.max_windows is not None else []
+        argv += ["--bos", c.bos]
+        if e.evaluate:     # the evaluation's options are refused without --eval (they would do nothing)
+            argv += ["--eval", "--dataset", e.dataset, "--eval-seqlen", str(e.seqlen)]
+            argv += ["--max-windows", str(e.max_windows)] if e.max_windows is not None else []
+            argv += ["--eval-bos", e.bos] if e.bos != c.bos else []
         argv += ["--zeroshot", ",".join(e.zeroshot)] if e.zeroshot else []
         argv += ["--zeroshot-limit", str(e.zeroshot_limit)] if e.zeroshot_limit is not None else []
         argv += ["--task-dir", str(e.task_dir)] if e.task_dir else []

@@ -7,6 +7,7 @@ import argparse
 from ..allocation import MAPPINGS, allocate
 from ..allocation import METHODS as ALLOCATION_METHODS
 from ..analysis import analyze
+from ..checks import output_file
 from ..config import writable_file
 from ..devices import devices_of
 from ..experiments import read_metrics
@@ -33,16 +34,15 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
-    for option, name in (("--out", args.out), ("--eigs", args.eigs)):
-        if name:
-            writable_file(name, option, overwrite=args.overwrite)
+    out = output_file(args.out, "--out", (".csv", ".parquet"), overwrite=args.overwrite) if args.out else None
+    eigs = output_file(args.eigs, "--eigs", (".npz",), overwrite=args.overwrite) if args.eigs else None
     result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
                      use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
                      devices=devices_of(args.device, args.devices), ray=args.ray, progress=progress)
-    if args.out:
-        result.save_table(args.out, overwrite=args.overwrite)
-    if args.eigs:
-        result.save_eigs(args.eigs, overwrite=args.overwrite)
+    if out is not None:
+        result.save_table(out, overwrite=args.overwrite)
+    if eigs is not None:
+        result.save_eigs(eigs, overwrite=args.overwrite)
     return "" if args.quiet else result.summary()
 
 
@@ -70,6 +70,9 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
+    from .prune import only_with
+
+    only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
     if args.out:
         writable_file(args.out, "--out", overwrite=args.overwrite)
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)

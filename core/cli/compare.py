@@ -25,7 +25,7 @@ def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--metric", default="alpha", help="the metric of the summary (default alpha)")
     p.add_argument("--out", metavar="STEM", help="write STEM-long, STEM-deltas and STEM-missing tables")
-    p.add_argument("--format", default="csv", help="csv (default), parquet or csv,parquet for --out")
+    p.add_argument("--format", help="csv (default), parquet or csv,parquet for --out")
     p.add_argument("--html", metavar="FILE.html", help="a self-contained HTML report (plotly.js inline, offline)")
     p.add_argument("--json", action="store_true", help="print the per-kind summary as JSON")
     add_overwrite(p)
@@ -33,7 +33,10 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace, progress: Progress) -> str:
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if args.format is not None and not args.out:
+        raise ValueError(f"--format {args.format} only matters with --out, which is not given; add --out STEM "
+                         "or drop --format")
+    formats = tuple(f.strip() for f in (args.format or "csv").split(",") if f.strip())
     if args.out:           # every output checked before any work
         output_paths(args.out, formats, overwrite=args.overwrite)
     if args.html:

@@ -11,7 +11,8 @@ from pathlib import Path
 from ..allocation import MAPPINGS
 from ..calibration import BOS_MODES
 from ..allocation import METHODS as ALLOCATION_METHODS
-from ..config import DTYPES, atomic_file, writable_file
+from ..checks import output_file
+from ..config import DTYPES, atomic_file
 from ..fit import XMIN_METHODS
 from ..experiments import calibration_for, eval_run, load_for, prune_and_eval
 from ..spec import ALLOCATIONS, PruneSpec
@@ -51,7 +52,7 @@ def _opts_calib(p: argparse.ArgumentParser) -> None:
 
 
 def _opts_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="wiki", metavar="NAME|FILE",
+    p.add_argument("--dataset", metavar="NAME|FILE",
                    help="evaluation text: wiki (embedded eval part, default), wikitext2, c4 or a text FILE")
     p.add_argument("--max-windows", type=int, help="evaluate only the first K windows (quick looks)")
 
@@ -84,6 +85,31 @@ def _floats(text: str, name: str) -> list[float]:
         what = f"{', '.join(bad)} not in [0, 1)" if bad else "no value"
         raise ValueError(f"{name} {text!r}: {what}; give comma-separated fractions in [0, 1), e.g. 0.5,0.6,0.7")
     return values
+
+
+def only_with(args: argparse.Namespace, needed: str, *options: str, holds: bool | None = None) -> None:
+    """Refuse ``options`` given while ``needed`` (what they only matter with) does not hold: they
+    would silently do nothing. ``holds`` defaults to whether the option ``needed`` is given;
+    options are named as on the command line (``--max-windows``)."""
+    if holds is None:
+        holds = bool(getattr(args, _dest(needed), None))
+    given = [o for o in options if getattr(args, _dest(o), None) not in (None, False)]
+    if given and not holds:
+        raise ValueError(f"{', '.join(given)} only matter{'s' if len(given) == 1 else ''} with {needed}, which is "
+                         f"not given; add {needed} or drop {', '.join(given)}")
+
+
+def _dest(option: str) -> str:
+    return option.split()[0].lstrip("-").replace("-", "_")
+
+
+def alpha_options(args: argparse.Namespace, allocation: str) -> None:
+    """AlphaPruning's own options are refused with another allocation (see ``core.allocation.allocate``)."""
+    only_with(args, "--allocation alpha", "--epsilon", "--metrics", "--reverse", holds=allocation == "alpha")
+
+
+def _zeroshot_options(args: argparse.Namespace) -> None:
+    only_with(args, "--zeroshot", "--zeroshot-limit", "--task-dir")
 
 
 def _names(text: str) -> list[str]:
@@ -132,6 +158,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
+    only_with(args, "--eval", "--dataset", "--eval-seqlen", "--eval-bos", "--max-windows")
+    _zeroshot_options(args)
+    alpha_options(args, args.allocation or ("file" if args.ratios else "uniform"))
     run = prune_and_eval(PruneSpec.from_args(args), progress=progress)
     if args.json:
         return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
@@ -186,10 +215,12 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     methods, allocations = _names(args.methods), _names(args.allocations)
-    out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out", overwrite=args.overwrite)
+    out_csv, out_md = (output_file(Path(args.out).with_suffix(s), "--out", overwrite=args.overwrite)
                        for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
+    _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    registry = Registry()     # a read-only or damaged registry is refused before the model loads
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
@@ -198,9 +229,9 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
                 epsilons=epsilons, calibration=calib, progress=progress)
     if args.ray or devices_of(args.device, args.devices):   # parallel runs (core.cluster)
         table = sweep_parallel(base, ray=args.ray, devices=devices_of(args.device, args.devices), loaded=loaded,
-                               ship_model=False, **grid)
+                               ship_model=False, registry=registry, **grid)
     else:
-        table = sweep(base, loaded=loaded, **grid)
+        table = sweep(base, loaded=loaded, registry=registry, **grid)
     seconds = time.perf_counter() - start
     table = with_accuracy(table)
     atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False), overwrite=args.overwrite)
@@ -235,13 +266,13 @@ def add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
-    out = writable_file(args.out, "--out", overwrite=args.overwrite) if args.out else None
+    out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
     result = run(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
                  holdout_windows=args.holdout_windows, progress=progress)
-    if args.out:
+    if out is not None:
         atomic_file(out, lambda tmp: result.table.to_csv(tmp, index=False), overwrite=args.overwrite)
     if args.json:
         return json.dumps(result.to_dict(), default=str)
-    return result.summary() + (f"\nwrote {args.out}" if args.out else "")
+    return result.summary() + (f"\nwrote {out}" if out else "")

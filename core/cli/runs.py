@@ -52,7 +52,7 @@ def select_runs(registry: Registry, *, status: str | None = None, model: str | N
 
 
 def run_runs(args: argparse.Namespace, progress: Progress) -> str:
-    registry = Registry()
+    registry = Registry(read_only=True)      # listing works on a registry the user cannot write
     table = select_runs(registry, status=args.status, model=args.model, last=args.last)
     if args.json:
         rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
@@ -78,7 +78,7 @@ def clean_roots() -> list[Path]:
     recorded runs saved models into."""
     roots = default_roots(home())
     try:
-        saved = Registry().query(kind="prune")["output_dir"].dropna()
+        saved = Registry(read_only=True).query(kind="prune")["output_dir"].dropna()
     except ValueError as exc:         # an unusable registry: still clean Spectrascope's own folder
         log.warning("%s; only %s is cleaned", exc, home())
         return roots

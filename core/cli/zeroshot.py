@@ -8,6 +8,7 @@ import json
 from ..config import DTYPES
 from ..models import load_model
 from ..progress import Progress
+from ..registry import Registry
 from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, zeroshot_run
 
 
@@ -40,8 +41,9 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    registry = Registry()     # a read-only or damaged registry is refused before the model loads
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         progress=progress)
-    run_id, result = zeroshot_run(loaded, args.tasks, task_dir=args.task_dir, limit=args.limit, device=args.device,
-                                  batch_size=args.batch_size, progress=progress)
+    run_id, result = zeroshot_run(loaded, args.tasks, registry=registry, task_dir=args.task_dir, limit=args.limit,
+                                  device=args.device, batch_size=args.batch_size, progress=progress)
     return json.dumps({"run_id": run_id, **result.to_dict()}) if args.json else f"run {run_id}: {result.summary()}"
