@@ -304,9 +304,14 @@ def expected_model(folder: Path, trust_remote_code: bool = False) -> torch.nn.Mo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     read_config(folder)                 # a damaged config.json is named before transformers reads it
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, ImportError, OSError) as exc:   # an unknown model_type, a bad field, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not load model {folder}: its config.json describes no causal LM this "
+                         f"transformers can build ({first})") from exc
 
 
 def _renamer(model: torch.nn.Module, expected: dict) -> Callable[[str], str]:

@@ -53,7 +53,7 @@ def resolve_run(run_id: int, registry: Registry | None = None) -> tuple[dict, Pa
     whose saved ``spectrascope_report.json`` names that run (or, unsaved, whose recorded
     analysis was made by that run); anything else is a one-line ``ValueError``, never another
     run's output under this run's label."""
-    registry = registry or Registry()
+    registry = registry or Registry(read_only=True)     # resolving a run only reads the registry
     found = registry.query(ids=[int(run_id)])
     name = f"run:{run_id}"
     if found.empty:
@@ -225,7 +225,7 @@ def cached_analyses() -> pd.DataFrame:
 
 def analysed_runs(registry: Registry | None = None) -> pd.DataFrame:
     """Finished prune runs whose output was analysed: id, label, model_identity, identity, xmin."""
-    t = (registry or Registry()).query(kind="prune", status="done")
+    t = (registry or Registry(read_only=True)).query(kind="prune", status="done")
     rows = []
     for run in t.to_dict("records"):
         rec = (run.get("allocation_params") or {}).get("analysis")

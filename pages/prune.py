@@ -129,7 +129,7 @@ jobs.panel(("prune", "eval", "owl-scores"), finished, follow=ss[State.p_job])
 
 # --- results from the registry, like with like -------------------------------------------------
 st.subheader("Results")
-registry = Registry()
+registry = Registry(read_only=True)     # the page only reads the registry; its jobs record their runs
 stopped = registry.query(status="interrupted", model_identity=identity)
 if not stopped.empty:
     st.caption(f"Interrupted (the process ended without finishing, e.g. killed): run "
