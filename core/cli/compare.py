@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..compare import compare
-from ..compare_sources import entries_for
-from ..fit import XMIN_METHODS
+from ..choices import XMIN_METHODS
 from ..progress import Progress
-from ..quant import quant_alpha_message
 
 SOURCES_HELP = ("demo, a Hugging Face folder, a .gguf or .safetensors file, a hub id, a table of "
                 "`spectrascope analyze --out` (.csv/.parquet), run:ID (a pruned output of the runs registry), "
@@ -31,6 +28,10 @@ def add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace, progress: Progress) -> str:
+    from ..compare import compare
+    from ..compare_sources import entries_for
+    from ..quant import quant_alpha_message
+
     entries = entries_for(args.sources, base=args.base, xmin=args.xmin, device=args.device, progress=progress)
     result = compare(entries)
     if args.metric not in result.long.columns:

@@ -8,20 +8,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ..allocation import MAPPINGS
-from ..calibration import BOS_MODES
-from ..allocation import METHODS as ALLOCATION_METHODS
+from ..choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, MAPPINGS
+from ..choices import PRUNE_METHODS, XMIN_METHODS
 from ..config import DTYPES, atomic_file, writable_file
-from ..fit import XMIN_METHODS
-from ..experiments import calibration_for, eval_run, load_for, prune_and_eval
 from ..spec import ALLOCATIONS, PruneSpec
-from ..cluster import sweep_parallel, tune_on_ray
-from ..devices import devices_of
 from ..progress import Progress
-from ..pruning import METHODS as PRUNE_METHODS
-from ..registry import Registry
 from ..runkey import run_key
-from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
 from .analyze import add_parallel
 from .zeroshot import opts_zeroshot
@@ -132,7 +124,10 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
-    run = prune_and_eval(PruneSpec.from_args(args), progress=progress)
+    spec = PruneSpec.from_args(args)     # the checks: a refusal loads nothing (nor torch)
+    from ..experiments import prune_and_eval
+
+    run = prune_and_eval(spec, progress=progress)
     if args.json:
         return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
     m = run.matrices
@@ -158,8 +153,12 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:
+    spec = PruneSpec.from_args(args)     # the checks: a refusal loads nothing (nor torch)
+    from ..experiments import eval_run
+    from ..registry import Registry
+
     registry = Registry()
-    run_id, ppl = eval_run(PruneSpec.from_args(args), registry=registry, progress=progress)
+    run_id, ppl = eval_run(spec, registry=registry, progress=progress)
     if args.json:
         return json.dumps({"run_id": run_id, **ppl.to_dict(), **run_key(registry.get(run_id))._asdict()})
     return f"run {run_id}: {ppl.summary()}"
@@ -188,6 +187,11 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out") for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    from ..cluster import sweep_parallel
+    from ..devices import devices_of
+    from ..experiments import calibration_for, load_for
+    from ..sweeps import sweep, sweep_report
+
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
@@ -232,8 +236,12 @@ def add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
+    spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
+    from ..cluster import tune_on_ray
+    from ..sweeps import tune
+
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
-    result = run(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
+    result = run(spec, epsilons=epsilons,
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
                  holdout_windows=args.holdout_windows, progress=progress)
     if args.out:

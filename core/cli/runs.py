@@ -6,13 +6,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
+from ..choices import STATUSES
 from ..config import home
 from ..housekeeping import clean, default_roots, human_size
 from ..progress import Progress
-from ..registry import STATUSES, Registry
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ def add_runs(p: argparse.ArgumentParser) -> None:
 
 def _settings(run: pd.Series) -> str:
     """What was run, in a few words: ``wanda alpha S=0.7 eps=0.3`` or ``dense``."""
+    import pandas as pd
+
     if run["kind"] == "eval":
         return str(run["method"] or "dense")
     words = [str(run["method"]), str(run["allocation"])]
@@ -51,6 +57,10 @@ def select_runs(registry: Registry, *, status: str | None = None, model: str | N
 
 
 def run_runs(args: argparse.Namespace, progress: Progress) -> str:
+    import pandas as pd
+
+    from ..registry import Registry
+
     registry = Registry()
     table = select_runs(registry, status=args.status, model=args.model, last=args.last)
     if args.json:
@@ -74,6 +84,8 @@ def add_clean(p: argparse.ArgumentParser) -> None:
 def clean_roots() -> list[Path]:
     """Where leftovers can lie: Spectrascope's folder and its subfolders, and the folders that
     recorded runs saved models into."""
+    from ..registry import Registry
+
     roots = default_roots(home())
     try:
         saved = Registry().query(kind="prune")["output_dir"].dropna()

@@ -6,9 +6,8 @@ import argparse
 import json
 
 from ..config import DTYPES
-from ..models import load_model
 from ..progress import Progress
-from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, zeroshot_run
+from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS
 
 
 def opts_task_dir(p: argparse.ArgumentParser) -> None:
@@ -40,6 +39,9 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    from ..models import load_model
+    from ..zeroshot import zeroshot_run
+
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         progress=progress)
     run_id, result = zeroshot_run(loaded, args.tasks, task_dir=args.task_dir, limit=args.limit, device=args.device,
