@@ -211,16 +211,18 @@ class _OnImport(importlib.abc.MetaPathFinder):
 @contextmanager
 def _output(args: argparse.Namespace) -> Iterator[None]:
     """Logging to stderr for one command (JSON lines with ``--progress-json``), one line per
-    message, each once; ``--quiet`` keeps our warnings and anyone's errors. The libraries in
-    ``LIBRARIES`` are set up now if loaded, else when loaded."""
-    handler = _JsonLogHandler() if args.progress_json else _StderrLines()
-    handler.setFormatter(_OneLine(None if args.progress_json else "%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_Once())
-    if getattr(args, "quiet", False):
-        handler.addFilter(_ours_or_error)
+    message, each once; ``--quiet`` keeps our warnings and anyone's errors (a program that calls
+    ``main`` with its own logging set up keeps it, as with ``logging.basicConfig``). The
+    libraries in ``LIBRARIES`` are set up now if loaded, else when loaded."""
     root = logging.getLogger()
+    handler = _JsonLogHandler() if args.progress_json else _StderrLines() if not root.handlers else None
+    if handler is not None:
+        handler.setFormatter(_OneLine(None if args.progress_json else "%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_Once())
+        if getattr(args, "quiet", False):
+            handler.addFilter(_ours_or_error)
+        root.addHandler(handler)
     level = root.level
-    root.addHandler(handler)
     root.setLevel(logging.INFO if args.verbose else logging.WARNING)
     hook = _OnImport({name: setup for name, setup in LIBRARIES.items() if name not in sys.modules})
     for name, setup in LIBRARIES.items():
