@@ -179,8 +179,20 @@ def _quiet_hub() -> None:
     disable_progress_bars()
 
 
+def _quiet_datasets() -> None:
+    """datasets' messages through our logging (its logger has a stderr handler of its own), no bars."""
+    from datasets.utils import disable_progress_bars
+
+    disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    for own in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+        logger.removeHandler(own)
+    logger.propagate = True
+
+
 #: Set-ups of libraries, each run once the library is imported (by the command that needs it).
-LIBRARIES: dict[str, Callable[[], None]] = {"transformers": _quiet_transformers, "huggingface_hub": _quiet_hub}
+LIBRARIES: dict[str, Callable[[], None]] = {"transformers": _quiet_transformers, "huggingface_hub": _quiet_hub,
+                                            "datasets": _quiet_datasets}
 
 
 class _OnImport(importlib.abc.MetaPathFinder):
