@@ -205,7 +205,6 @@ class _OnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (importlib's protocol)
         if name not in self.setups:
             return None
-        setup = self.setups.pop(name)
         for finder in sys.meta_path:
             spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(name, path, target)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
@@ -213,7 +212,9 @@ class _OnImport(importlib.abc.MetaPathFinder):
 
                 def exec_module(module, run=run) -> None:  # noqa: ANN001
                     run(module)
-                    setup()
+                    setup = self.setups.pop(name, None)   # find_spec alone (an availability check) is no import
+                    if setup is not None:
+                        setup()
 
                 spec.loader.exec_module = exec_module
                 return spec
