@@ -85,13 +85,13 @@ COMMANDS: dict[str, Command] = {
 def progress_bar() -> Iterator[Progress]:
     """A ``Progress`` callback drawing a tqdm bar on stderr, drawn on the first report (so a
     cached result prints no empty bar) and removed at the end."""
-    from tqdm import tqdm
-
     bar = None
 
     def update(done: int, total: int, message: str) -> None:
         nonlocal bar
         if bar is None:
+            from tqdm import tqdm
+
             bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
         if bar.total != total:
             bar.reset(total=total)
