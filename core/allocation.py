@@ -32,15 +32,15 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from .choices import ALLOCATION_METHODS as METHODS
+from .choices import MAPPINGS
 from .config import atomic_file
 from .ratiofile import read_ratio_file
 from .ratiofile import some as _some
 
 logger = logging.getLogger(__name__)
 
-#: The allocation methods (the CLI and the dashboard read this list).
-METHODS = ("uniform", "alpha", "owl")
-MAPPINGS = ("block", "matrix")
+#: The allocation methods (the CLI and the dashboard read this list) and ``MAPPINGS``: in ``core.choices``.
 #: Default tau range. The paper's tuned values at 70 % sparsity lie in 0.2-0.5; 0.3 is the
 #: value it chose most often (LLaMA-7B magnitude, LLaMA-13B and LLaMA-2-7B Wanda, ...).
 DEFAULT_EPSILON = 0.3

@@ -21,14 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .texts import EMBEDDED, load_text
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NSAMPLES = 128
-DEFAULT_SEQLEN = 2048
-DEFAULT_SEED = 0
-BOS_MODES = ("auto", "paper", "none")
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,21 @@ def output_file(value: object, name: str, suffixes: tuple[str, ...] = (), *, ove
         raise ValueError(f"cannot write {name} {path}: {path.parent} is a model folder, never written into; "
                          "choose another folder")
     return path
+
+
+def table_files(stem: object, names: tuple[str, ...], formats: tuple[str, ...], *,
+                overwrite: bool = False) -> dict[tuple[str, str], Path]:
+    """``(name, format) -> STEM-name.format`` for tables written as .csv and/or .parquet, each
+    checked as ``--out`` (``output_file``) before the work that produces them."""
+    from .choices import TABLE_FORMATS
+
+    bad = [f for f in formats if f not in TABLE_FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format {','.join(formats)!r}: use csv, parquet or csv,parquet")
+    return {(name, fmt): output_file(f"{stem}-{name}.{fmt}", "--out", overwrite=overwrite)
+            for name in names for fmt in formats}
+
+
+def html_file(value: object, *, overwrite: bool = False) -> Path:
+    """``value`` checked as ``--html`` before any work: a .html name that can be written."""
+    return output_file(value, "--html", (".html", ".htm"), overwrite=overwrite)

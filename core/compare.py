@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checks import output_file
+from .checks import html_file, table_files
+from .choices import COMPARE_TABLES
 from .config import atomic_file
 
 #: numeric columns compared matrix by matrix (when both sources have them)
@@ -98,37 +99,18 @@ class Comparison:
              overwrite: bool = False) -> list[Path]:
         """Write ``STEM-long``, ``STEM-deltas`` and ``STEM-missing`` as .csv and/or .parquet, each
         atomically; existing files are refused unless ``overwrite`` (checked for all before any is written)."""
-        paths = output_paths(stem, formats, overwrite=overwrite)
+        paths = table_files(stem, COMPARE_TABLES, formats, overwrite=overwrite)
         tables = {"long": self.long, "deltas": self.deltas, "missing": self.missing}
         return [atomic_file(path, lambda tmp, t=tables[name], f=fmt: t.to_csv(tmp, index=False) if f == "csv"
                             else t.to_parquet(tmp, index=False), overwrite=overwrite)
                 for (name, fmt), path in paths.items()]
 
 
-TABLES = ("long", "deltas", "missing")
-
-
-def output_paths(stem: str | os.PathLike, formats: tuple[str, ...] = ("csv",), *,
-                 overwrite: bool = False) -> dict[tuple[str, str], Path]:
-    """``(table, format) -> STEM-table.format``, each checked as ``--out`` (``checks.output_file``): call
-    it before the work that produces the tables."""
-    bad = [f for f in formats if f not in ("csv", "parquet")]
-    if bad or not formats:
-        raise ValueError(f"--format {','.join(formats)!r}: use csv, parquet or csv,parquet")
-    return {(name, fmt): output_file(f"{stem}-{name}.{fmt}", "--out", overwrite=overwrite)
-            for name in TABLES for fmt in formats}
-
-
 def write_html(path: str | os.PathLike, html: str, *, overwrite: bool = False) -> Path:
     """Write the report ``html`` to ``path`` (``.html``) atomically: whole or not at all (a full
     disk or a file-size limit leaves nothing); an existing file is refused unless ``overwrite``."""
-    path = html_path(path, overwrite=overwrite)
+    path = html_file(path, overwrite=overwrite)
     return atomic_file(path, lambda tmp: tmp.write_text(html, encoding="utf-8"), overwrite=overwrite)
-
-
-def html_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """``path`` checked as ``--html`` before any work: a ``.html`` name that can be written."""
-    return output_file(path, "--html", (".html", ".htm"), overwrite=overwrite)
 
 
 def status_group(status: object) -> str:

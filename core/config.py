@@ -11,19 +11,20 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .housekeeping import clean, discard, forget, temp_path
 
+if TYPE_CHECKING:   # torch is imported where a device or dtype is resolved: the CLI parses without it
+    import torch
+
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+_DTYPES = {   # name -> torch's name of the dtype
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
 }
 
 #: The dtype names a user chooses from (``_DTYPES`` also takes their short aliases).
@@ -75,6 +76,8 @@ def home() -> Path:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; anything else must exist on this machine."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     name = (device or "auto").strip().lower()
@@ -102,10 +105,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
     """Accepts a torch dtype or a name such as float32, fp16, bf16."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).strip().lower()]
+        return getattr(torch, _DTYPES[str(dtype).strip().lower()])
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is unknown; use one of {', '.join(DTYPES)}") from None
 

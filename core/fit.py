@@ -59,15 +59,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .choices import XMIN_METHODS
 from .config import resolve_device
 from .fit_kernels import SpectrumBatch, ks_distances, ks_exact, pad_rows
 
 log = logging.getLogger(__name__)
 
 __all__ = ["XMIN_METHODS", "MIN_EIGENVALUES", "PowerLawFit", "fit_power_law", "fit_power_laws", "xmin_scan"]
-
-#: the xmin methods (module docstring); the one list the CLI and the pages offer
-XMIN_METHODS = ("full", "peak", "peak-compat", "mid")
 
 #: fewer positive eigenvalues than this give no fit
 MIN_EIGENVALUES = 10

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 import transformers
 
+from .choices import STATUSES
 from .config import home, home_path
 from .liveness import HEARTBEAT_S, gone, this_process
 from .progress import Cancelled
@@ -51,7 +52,6 @@ from .runkey import RunKey, missing, run_key
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-STATUSES = ("running", "done", "failed", "cancelled", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);

@@ -9,14 +9,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocation import MAPPINGS
-from .allocation import METHODS as ALLOCATION_METHODS
-from .calibration import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
 from .checks import new_folder as _new_folder, path as _path, text as _text, whole as _whole
+from .choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, MAPPINGS
+from .choices import PRUNE_METHODS, XMIN_METHODS
 from .config import DTYPES
-from .fit import XMIN_METHODS
-from .pruning import METHODS as PRUNE_METHODS
 from .texts import EMBEDDED
 from .zeroshot import task_folder, task_names
 

@@ -24,6 +24,7 @@ from .experiments import (alpha_metrics, calibration_for, choose_allocation, eva
                           read_metrics)
 from .spec import PruneSpec
 from .checks import whole
+from .choices import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS
 from .fit import XMIN_METHODS
 from .models import LoadedModel, MatrixInfo
 from .progress import Cancelled, Progress
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexity", "prune_seconds",
                  "eval_seconds", "run_id", "key", "settings"]
-DEFAULT_EPSILONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_METRIC_COLUMNS = ("alpha", "alpha_hat")
 TUNE_COLUMNS = ["epsilon", "xmin", "metric", "perplexity", "achieved"]
 
 

@@ -17,14 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .config import resolve_device
-from .models import LoadedModel
 from .progress import Progress, report
-from .registry import Registry
+
+if TYPE_CHECKING:   # the CLI checks task names and folders without loading these
+    import pandas as pd
+
+    from .models import LoadedModel
+    from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,8 @@ def record_zeroshot(loaded: LoadedModel, registry: Registry, run_id: int, tasks:
 def zeroshot_run(loaded: LoadedModel, tasks: str | Sequence[str] = PAPER_TASKS, *, registry: Registry | None = None,
                  device: str = "auto", **kwargs) -> tuple[int, ZeroShot]:
     """Zero-shot scores of the model as it is, recorded as an ``eval`` run."""
+    from .registry import Registry
+
     registry = registry or Registry()
     with registry.record("eval", model=loaded.source, model_identity=loaded.identity, method="dense",
                          device=device, dtype=loaded.dtype_name) as run_id:
@@ -249,6 +253,8 @@ def zeroshot_run(loaded: LoadedModel, tasks: str | Sequence[str] = PAPER_TASKS, 
 def with_accuracy(table: pd.DataFrame, registry: Registry | None = None, metric: str = "acc") -> pd.DataFrame:
     """``table`` (runs, with a ``run_id`` column) plus one column ``<metric>:<task>`` per
     zero-shot task recorded for those runs (``table`` unchanged when there are none)."""
+    from .registry import Registry
+
     registry = registry or Registry()
     rows = registry.zeroshot([int(i) for i in table["run_id"].dropna()])
     rows = rows[rows["metric"] == metric]

@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.analysis import ZERO_RTOL
-from core.compare import Comparison, delta_pivot, html_path, series_table, write_html
+from core.checks import html_file
+from core.compare import Comparison, delta_pivot, series_table, write_html
 from dashboard.figures import LAYOUT, esd_figure, kind_order, palette
 
 
@@ -128,5 +129,5 @@ def report_html(result: Comparison, metric: str = "alpha") -> str:
 def write_report(result: Comparison, path: str | os.PathLike, metric: str = "alpha", *,
                  overwrite: bool = False) -> Path:
     """The HTML report, written atomically (``core.compare.write_html``)."""
-    html_path(path, overwrite=overwrite)
+    html_file(path, overwrite=overwrite)          # before building the report
     return write_html(path, report_html(result, metric), overwrite=overwrite)

@@ -7,12 +7,19 @@ path, ...) end the command with one line on stderr and exit code 2; any other er
 line naming the log file that holds its traceback, exit code 1. SIGTERM stops a command like
 Ctrl-C (the run is recorded as cancelled, temporaries are removed). ``--progress-json`` (``EPILOG``) turns
 progress and errors into JSON lines for programs such as the dashboard.
+
+Help, argument errors and the checks before any work import nothing heavy (torch, transformers,
+pandas, ...): each command imports what it needs when it starts working. Everything a library
+says goes through our logging, one line per message, each message once; ``--quiet`` keeps
+only Spectrascope's own warnings and errors (``_output``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import json
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -21,10 +28,6 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
-
-import transformers
-from huggingface_hub.utils import disable_progress_bars
-from tqdm import tqdm
 
 from ..config import home
 from ..progress import Progress, install_sigterm_handler
@@ -87,6 +90,8 @@ def progress_bar() -> Iterator[Progress]:
     def update(done: int, total: int, message: str) -> None:
         nonlocal bar
         if bar is None:
+            from tqdm import tqdm
+
             bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
         if bar.total != total:
             bar.reset(total=total)
@@ -113,20 +118,136 @@ def progress_json(done: int, total: int, message: str) -> None:
 
 class _JsonLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        _json_line({"event": "log", "level": record.levelname, "message": " ".join(self.format(record).split())})
+        _json_line({"event": "log", "level": record.levelname, "message": self.format(record)})
 
 
-def _json_stderr(level: int) -> logging.Handler:
-    """Make every line of stderr a JSON event: logging as ``log`` events (transformers'
-    messages included) and no library progress bars. Returns the handler to remove."""
-    handler = _JsonLogHandler()
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(level)
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.enable_propagation()
-    transformers.utils.logging.disable_progress_bar()
+# --- what the libraries print ----------------------------------------------------------------
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _StderrLines(logging.Handler):
+    """Log lines on stderr, written above the progress bar rather than into its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler does not end the program
+            self.handleError(record)
+
+
+class _OneLine(logging.Formatter):
+    """A message as one line without terminal colours (transformers' LOAD REPORT is a coloured table)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(_COLOUR.sub("", super().format(record)).split())
+
+
+class _Once(logging.Filter):
+    """Each message once per command (several steps may find the same damaged cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        new = key not in self.seen
+        self.seen.add(key)
+        return new
+
+
+def _ours_or_error(record: logging.LogRecord) -> bool:
+    """--quiet: Spectrascope's warnings (they change what a result means), other libraries' errors."""
+    return record.name.partition(".")[0] == __name__.partition(".")[0] or record.levelno >= logging.ERROR
+
+
+def _quiet_transformers() -> None:
+    """transformers' messages through our logging (not its own handler), and none of its bars."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()
+
+
+def _quiet_hub() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
     disable_progress_bars()
-    return handler
+
+
+def _quiet_datasets() -> None:
+    """datasets' messages through our logging (its logger has a stderr handler of its own), no bars."""
+    from datasets.utils import disable_progress_bars
+
+    disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    for own in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+        logger.removeHandler(own)
+    logger.propagate = True
+
+
+#: Set-ups of libraries, each run once the library is imported (by the command that needs it).
+LIBRARIES: dict[str, Callable[[], None]] = {"transformers": _quiet_transformers, "huggingface_hub": _quiet_hub,
+                                            "datasets": _quiet_datasets}
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    """Runs ``setups[name]()`` right after module ``name`` is imported: a library is set up
+    when a command first loads it, and help or a refusal never loads it."""
+
+    def __init__(self, setups: dict[str, Callable[[], None]]) -> None:
+        self.setups = dict(setups)
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (importlib's protocol)
+        if name not in self.setups:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                run = spec.loader.exec_module
+
+                def exec_module(module, run=run) -> None:  # noqa: ANN001
+                    run(module)
+                    setup = self.setups.pop(name, None)   # find_spec alone (an availability check) is no import
+                    if setup is not None:
+                        setup()
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+@contextmanager
+def _output(args: argparse.Namespace) -> Iterator[None]:
+    """Logging to stderr for one command (JSON lines with ``--progress-json``), one line per
+    message, each once; ``--quiet`` keeps our warnings and anyone's errors (a program that calls
+    ``main`` with its own logging set up keeps it, as with ``logging.basicConfig``). The
+    libraries in ``LIBRARIES`` are set up now if loaded, else when loaded."""
+    root = logging.getLogger()
+    handler = _JsonLogHandler() if args.progress_json else _StderrLines() if not root.handlers else None
+    if handler is not None:
+        handler.setFormatter(_OneLine(None if args.progress_json else "%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_Once())
+        if getattr(args, "quiet", False):
+            handler.addFilter(_ours_or_error)
+        root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    hook = _OnImport({name: setup for name, setup in LIBRARIES.items() if name not in sys.modules})
+    for name, setup in LIBRARIES.items():
+        if name in sys.modules:
+            setup()
+    sys.meta_path.insert(0, hook)
+    try:
+        yield
+    finally:   # main() may be called again in one process
+        sys.meta_path.remove(hook)
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @contextmanager
@@ -165,16 +286,12 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
-    handler = _json_stderr(level) if args.progress_json else None
-    if handler is None:
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     sigterm = signal.getsignal(signal.SIGTERM)
     installed = install_sigterm_handler()
     try:
-        return _run(args)
+        with _output(args):
+            return _run(args)
     finally:
-        logging.getLogger().removeHandler(handler)   # main() may be called again in one process
         if installed:
             signal.signal(signal.SIGTERM, sigterm)
 

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..allocation import MAPPINGS, allocate
-from ..allocation import METHODS as ALLOCATION_METHODS
-from ..analysis import analyze
 from ..checks import output_file
+from ..choices import ALLOCATION_METHODS, MAPPINGS, XMIN_METHODS
 from ..config import writable_file
-from ..devices import devices_of
-from ..experiments import read_metrics
-from ..fit import XMIN_METHODS
-from ..profiles import load_profile
 from ..progress import Progress
 
 
@@ -36,6 +30,9 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", (".csv", ".parquet"), overwrite=args.overwrite) if args.out else None
     eigs = output_file(args.eigs, "--eigs", (".npz",), overwrite=args.overwrite) if args.eigs else None
+    from ..analysis import analyze
+    from ..devices import devices_of
+
     result = analyze(args.model, xmin=args.xmin, device=args.device, streaming=args.streaming,
                      use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
                      devices=devices_of(args.device, args.devices), ray=args.ray, progress=progress)
@@ -75,6 +72,10 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
     if args.out:
         writable_file(args.out, "--out", overwrite=args.overwrite)
+    from ..allocation import allocate
+    from ..experiments import read_metrics
+    from ..profiles import load_profile
+
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)
     options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
     result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..compare import compare, html_path, output_paths
-from ..compare_sources import entries_for
-from ..fit import XMIN_METHODS
+from ..checks import html_file, table_files
+from ..choices import COMPARE_TABLES, XMIN_METHODS
 from ..progress import Progress
-from ..quant import quant_alpha_message
 from .analyze import add_overwrite
 
 SOURCES_HELP = ("demo, a Hugging Face folder, a .gguf or .safetensors file, a hub id, a table of "
@@ -38,9 +36,13 @@ def run_compare(args: argparse.Namespace, progress: Progress) -> str:
                          "or drop --format")
     formats = tuple(f.strip() for f in (args.format or "csv").split(",") if f.strip())
     if args.out:           # every output checked before any work
-        output_paths(args.out, formats, overwrite=args.overwrite)
+        table_files(args.out, COMPARE_TABLES, formats, overwrite=args.overwrite)
     if args.html:
-        html_path(args.html, overwrite=args.overwrite)
+        html_file(args.html, overwrite=args.overwrite)
+    from ..compare import compare
+    from ..compare_sources import entries_for
+    from ..quant import quant_alpha_message
+
     entries = entries_for(args.sources, base=args.base, xmin=args.xmin, device=args.device, progress=progress)
     result = compare(entries)
     if args.metric not in result.long.columns:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..experiments import load_for
-from ..spec import PruneSpec
-from ..owlcache import OwlSettings, owl_scores_cached
+from ..choices import OWL_M
 from ..progress import Progress
-from ..pruning import OWL_M
+from ..spec import PruneSpec
 from .prune import _opts_calib, _opts_model
 
 
@@ -21,11 +19,14 @@ def add_owl_scores(p: argparse.ArgumentParser) -> None:
 
 def run_owl_scores(args: argparse.Namespace, progress: Progress) -> str:
     spec = PruneSpec.from_args(args, method="wanda", allocation="owl")   # validates model, calibration, device
+    if not args.m > 0:
+        raise ValueError(f"--m {args.m!r}: the outlier threshold multiple must be positive (OWL uses 5)")
+    from ..experiments import load_for
+    from ..owlcache import OwlSettings, owl_scores_cached
+
     c = spec.calibration
     settings = OwlSettings(dataset=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, bos=c.bos,
                            m=args.m)
-    if not settings.m > 0:
-        raise ValueError(f"--m {args.m!r}: the outlier threshold multiple must be positive (OWL uses 5)")
     result = owl_scores_cached(load_for(spec, progress), settings, device=spec.device, progress=progress)
     if args.json:
         return json.dumps(result.to_dict())

@@ -8,21 +8,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ..allocation import MAPPINGS
-from ..calibration import BOS_MODES
-from ..allocation import METHODS as ALLOCATION_METHODS
 from ..checks import output_file
+from ..choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, MAPPINGS
+from ..choices import PRUNE_METHODS, XMIN_METHODS
 from ..config import DTYPES, atomic_file
-from ..fit import XMIN_METHODS
-from ..experiments import calibration_for, eval_run, load_for, prune_and_eval
 from ..spec import ALLOCATIONS, PruneSpec
-from ..cluster import sweep_parallel, tune_on_ray
-from ..devices import devices_of
 from ..progress import Progress
-from ..pruning import METHODS as PRUNE_METHODS
-from ..registry import Registry
 from ..runkey import run_key
-from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
 from .analyze import add_overwrite, add_parallel
 from .zeroshot import opts_zeroshot
@@ -161,7 +153,10 @@ def run_prune(args: argparse.Namespace, progress: Progress) -> str:
     only_with(args, "--eval", "--dataset", "--eval-seqlen", "--eval-bos", "--max-windows")
     _zeroshot_options(args)
     alpha_options(args, args.allocation or ("file" if args.ratios else "uniform"))
-    run = prune_and_eval(PruneSpec.from_args(args), progress=progress)
+    spec = PruneSpec.from_args(args)     # the checks: a refusal loads nothing (nor torch)
+    from ..experiments import prune_and_eval
+
+    run = prune_and_eval(spec, progress=progress)
     if args.json:
         return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
     m = run.matrices
@@ -187,8 +182,12 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:
+    spec = PruneSpec.from_args(args)     # the checks: a refusal loads nothing (nor torch)
+    from ..experiments import eval_run
+    from ..registry import Registry
+
     registry = Registry()
-    run_id, ppl = eval_run(PruneSpec.from_args(args), registry=registry, progress=progress)
+    run_id, ppl = eval_run(spec, registry=registry, progress=progress)
     if args.json:
         return json.dumps({"run_id": run_id, **ppl.to_dict(), **run_key(registry.get(run_id))._asdict()})
     return f"run {run_id}: {ppl.summary()}"
@@ -220,6 +219,12 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    from ..cluster import sweep_parallel
+    from ..devices import devices_of
+    from ..experiments import calibration_for, load_for
+    from ..registry import Registry
+    from ..sweeps import sweep, sweep_report
+
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
     start = time.perf_counter()
     loaded = load_for(base, progress)
@@ -267,8 +272,12 @@ def add_tune(p: argparse.ArgumentParser) -> None:
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
+    spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
+    from ..cluster import tune_on_ray
+    from ..sweeps import tune
+
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
-    result = run(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
+    result = run(spec, epsilons=epsilons,
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
                  holdout_windows=args.holdout_windows, progress=progress)
     if out is not None:

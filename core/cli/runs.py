@@ -7,13 +7,17 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
+from ..choices import STATUSES
 from ..config import home
 from ..housekeeping import clean, default_roots, human_size, left_alone
 from ..progress import Progress
-from ..registry import STATUSES, Registry
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ def add_runs(p: argparse.ArgumentParser) -> None:
 
 def _settings(run: pd.Series) -> str:
     """What was run, in a few words: ``wanda alpha S=0.7 eps=0.3`` or ``dense``."""
+    import pandas as pd
+
     if run["kind"] == "eval":
         return str(run["method"] or "dense")
     words = [str(run["method"]), str(run["allocation"])]
@@ -52,6 +58,10 @@ def select_runs(registry: Registry, *, status: str | None = None, model: str | N
 
 
 def run_runs(args: argparse.Namespace, progress: Progress) -> str:
+    import pandas as pd
+
+    from ..registry import Registry
+
     registry = Registry(read_only=True)      # listing works on a registry the user cannot write
     table = select_runs(registry, status=args.status, model=args.model, last=args.last)
     if args.json:
@@ -76,6 +86,8 @@ def clean_roots() -> list[Path]:
     """Where look-alikes of temporaries are looked for (to list them, never to remove them):
     Spectrascope's folder and its subfolders (not through symbolic links), and the folders that
     recorded runs saved models into."""
+    from ..registry import Registry
+
     roots = default_roots(home())
     try:
         saved = Registry(read_only=True).query(kind="prune")["output_dir"].dropna()

@@ -6,10 +6,8 @@ import argparse
 import json
 
 from ..config import DTYPES
-from ..models import load_model
 from ..progress import Progress
-from ..registry import Registry
-from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, zeroshot_run
+from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS
 
 
 def opts_task_dir(p: argparse.ArgumentParser) -> None:
@@ -41,6 +39,10 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    from ..models import load_model
+    from ..registry import Registry
+    from ..zeroshot import zeroshot_run
+
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         progress=progress)

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import pandas as pd
 import torch
 
+from ..choices import OWL_M
 from ..config import atomic_dir, resolve_device
 from ..models import REPORT_NAME, LoadedModel, output_folder
 from ..progress import Progress
@@ -36,7 +37,6 @@ __all__ = ["METHODS", "NM_PATTERNS", "OWL_M", "HessianCollector", "NormCollector
 
 log = logging.getLogger(__name__)
 
-OWL_M = 5.0            # OWL: a Wanda score is an outlier above OWL_M times its block's mean
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 
+from ..choices import PRUNE_METHODS
 from ..models import LoadedModel, MatrixInfo
 from .engine import Collector
 from .selection import lowest_in_groups, lowest_in_rows, mask_lowest
@@ -166,7 +167,8 @@ class SparseGPT(Method):
 
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in (Magnitude(), Wanda(), SparseGPT())}
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
+METHODS: tuple[str, ...] = PRUNE_METHODS   # the CLI's choices, read without torch: the same names
+assert tuple(_REGISTRY) == METHODS, "core.choices.PRUNE_METHODS must name the registered methods"
 #: the N:M patterns the dashboard offers (any valid N:M works through ``parse_nm``)
 NM_PATTERNS: tuple[str, ...] = ("2:4", "4:8")
 
