@@ -24,7 +24,7 @@ from ..runkey import run_key
 from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
 from .analyze import add_parallel
-from .zeroshot import opts_zeroshot
+from .zeroshot import check_zeroshot, opts_zeroshot
 
 
 # --- shared options ------------------------------------------------------------------------
@@ -132,7 +132,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
-    run = prune_and_eval(PruneSpec.from_args(args), progress=progress)
+    spec = PruneSpec.from_args(args)
+    check_zeroshot(spec)
+    run = prune_and_eval(spec, progress=progress)
     if args.json:
         return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
     m = run.matrices
@@ -188,6 +190,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     out_csv, out_md = (writable_file(Path(args.out).with_suffix(s), "--out") for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    check_zeroshot(base)
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
