@@ -20,8 +20,8 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -336,7 +336,7 @@ def _walk(value: object, key: str) -> Iterator[tuple[str, str, str]]:
     elif isinstance(value, dict):
         for k, v in value.items():
             name = f"{key}.{k}" if key else str(k)
-            if k == "metric_list" and isinstance(v, list):
+            if k == "metric_list" and isinstance(v, list) and "process_results" not in value:   # else unused
                 yield from ((name, m, "code") for m in _script_metrics(v))
             yield from _walk(v, name)
     elif isinstance(value, list):
