@@ -235,7 +235,7 @@ def _zeroshot(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
     if not e.zeroshot:
         return None
     return record_zeroshot(loaded, registry, run_id, e.zeroshot, task_dir=e.task_dir, limit=e.zeroshot_limit,
-                           device=spec.device, progress=progress)
+                           device=spec.device, trust_task_code=e.trust_task_code, progress=progress)
 
 
 def _report(spec: PruneSpec, loaded: LoadedModel, out: RunResult, params: dict, result: PruneResult) -> dict:

@@ -15,7 +15,7 @@ from .choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SE
 from .choices import PRUNE_METHODS, XMIN_METHODS
 from .config import DTYPES
 from .texts import EMBEDDED
-from .zeroshot import task_folder, task_names
+from .zeroshot import check_task_folder, task_folder, task_names
 
 #: Where a run's per-matrix ratios come from: an allocation method or a ratios file.
 ALLOCATIONS = (*ALLOCATION_METHODS, "file")
@@ -49,7 +49,7 @@ class EvaluationSpec:
     """Perplexity of the pruned model (``evaluate``) on the evaluation part of ``dataset``, BOS by
     ``bos`` (``core.calibration.BOS_MODES``); zero-shot accuracy on the ``zeroshot`` tasks (none:
     not measured; ``core.zeroshot``), the first ``zeroshot_limit`` documents of each, tasks also
-    read from ``task_dir``."""
+    read from ``task_dir``, whose Python code runs only with ``trust_task_code``."""
 
     evaluate: bool = False
     dataset: str = EMBEDDED
@@ -59,6 +59,7 @@ class EvaluationSpec:
     zeroshot: tuple[str, ...] = ()
     zeroshot_limit: int | None = None
     task_dir: Path | None = None
+    trust_task_code: bool = False
 
     def __post_init__(self) -> None:
         _flag("evaluation.evaluate", self.evaluate)
@@ -69,6 +70,9 @@ class EvaluationSpec:
         object.__setattr__(self, "zeroshot", task_names(self.zeroshot) if self.zeroshot else ())
         _whole("evaluation.zeroshot_limit", self.zeroshot_limit, 1, optional=True)
         object.__setattr__(self, "task_dir", task_folder(self.task_dir))
+        _flag("evaluation.trust_task_code", self.trust_task_code)
+        if self.zeroshot and self.task_dir is not None:   # a task folder is data: its code is refused here
+            check_task_folder(self.task_dir, trust_task_code=self.trust_task_code)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class PruneSpec:
         argv += ["--zeroshot", ",".join(e.zeroshot)] if e.zeroshot else []
         argv += ["--zeroshot-limit", str(e.zeroshot_limit)] if e.zeroshot_limit is not None else []
         argv += ["--task-dir", str(e.task_dir)] if e.task_dir else []
+        argv += ["--trust-task-code"] if e.trust_task_code else []
         argv += ["--device", self.device, "--dtype", self.dtype]
         argv += ["--save", str(self.save)] if self.save else []
         argv += ["--trust-remote-code"] if self.trust_remote_code else []
@@ -206,7 +211,8 @@ class PruneSpec:
                                         get("seed", DEFAULT_SEED), bos),
             evaluation=EvaluationSpec(get("eval", False), get("dataset", EMBEDDED), get("eval_seqlen", seqlen),
                                       get("max_windows", None), get("eval_bos", bos), zeroshot=get("zeroshot", ()),
-                                      zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None)),
+                                      zeroshot_limit=get("zeroshot_limit", None), task_dir=get("task_dir", None),
+                                      trust_task_code=get("trust_task_code", False)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
             trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False),
             streaming=get("streaming", False))

@@ -6,18 +6,30 @@ task files: a folder (``task_dir``) of the harness's YAML task configs whose dat
 e.g. ``dataset_path: json`` with ``dataset_kwargs: {data_files: {test: items.json}}``;
 relative data paths are read from that folder. ``PAPER_TASKS`` are the seven tasks the
 AlphaPruning, Wanda and OWL papers report.
+
+A task folder is data: ``check_task_folder`` refuses the Python it would make the harness run
+(``!function`` hooks, also through ``include``, and metrics HF Evaluate would load as scripts)
+unless ``trust_task_code``, and templates that reach Python internals; every template renders
+in Jinja's immutable sandbox. ``check_tasks`` does all checks before any work.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
+
+import yaml
+from jinja2 import nodes
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .config import resolve_device
 from .progress import Progress, report
@@ -34,6 +46,7 @@ PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_chall
 DEFAULT_BATCH_SIZE = 8
 _INSTALL = "install the extra: pip install 'spectrascope[zeroshot]'"
 _LOCAL = "give a local task folder with --task-dir (see the README, 'Zero-shot accuracy')"
+_TRUST = "a task folder is data: read that code, then pass --trust-task-code to run it"
 
 
 @dataclass(frozen=True)
@@ -103,11 +116,25 @@ class ZeroShot:
 def _harness():
     try:
         import lm_eval
+        import lm_eval.utils
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ImportError(f"zero-shot accuracy needs lm-evaluation-harness ({exc}); {_INSTALL}") from None
+    _sandbox_templates(lm_eval.utils)
     return lm_eval, HFLM, TaskManager
+
+
+def _sandbox_templates(utils: object) -> None:
+    """The harness renders every task template with the module-level ``lm_eval.utils.env``
+    (``apply_template``): make it Jinja's immutable sandbox, with the harness's filters."""
+    env = utils.env
+    if isinstance(env, ImmutableSandboxedEnvironment):
+        return
+    sandbox = ImmutableSandboxedEnvironment(undefined=env.undefined, keep_trailing_newline=env.keep_trailing_newline)
+    for name, fn in env.filters.items():
+        sandbox.filters.setdefault(name, fn)     # the harness's own (regex_replace); Jinja's stay sandboxed
+    utils.env = sandbox
 
 
 def task_names(tasks: str | Sequence[str]) -> tuple[str, ...]:
@@ -142,30 +169,237 @@ def _working_dir(path: Path | None) -> Iterator[None]:
         os.chdir(before)
 
 
-def load_tasks(names: Sequence[str], task_dir: Path | None = None) -> tuple[object, dict]:
+def load_tasks(names: Sequence[str], task_dir: Path | None = None, *, trust_task_code: bool = False
+               ) -> tuple[object, dict]:
     """The harness's task manager and ``{name: Task}`` with each task's data loaded; one
-    clear ``ValueError`` for an unknown task or data that cannot be loaded."""
+    clear ``ValueError`` for an unknown task, a task folder's code (unless ``trust_task_code``),
+    a template the sandbox stopped or data that cannot be loaded."""
     _, _, TaskManager = _harness()
-    manager = None
-    if task_dir is not None:   # indexing only the local folder is much faster than all built-in tasks
-        manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        if not set(names) <= set(manager.all_tasks):
-            manager = None
-    if manager is None:
-        manager = TaskManager(include_path=str(task_dir) if task_dir else None)
-    where = f" or in {task_dir}" if task_dir else ""
+    if task_dir is not None:
+        check_task_folder(task_dir, trust_task_code=trust_task_code)
+    manager = _task_manager(names, task_dir, TaskManager)
     tasks: dict = {}
     for name in names:
-        if name not in manager.all_tasks:
-            raise ValueError(f"task {name!r}: not a task of lm-evaluation-harness {_harness_version()}{where}; "
-                             f"check the name, or {_LOCAL}")
         try:
             with _working_dir(task_dir):
                 tasks.update(manager.load([name])["tasks"])
         except Exception as exc:   # the hub, datasets and the file system raise many kinds
+            if _template_error(exc):
+                raise _template_failed(name, exc) from exc
             why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             raise ValueError(f"task {name}: its data could not be loaded (no network?): {why}; {_LOCAL}") from exc
     return manager, tasks
+
+
+@lru_cache(maxsize=1)
+def _default_manager(TaskManager: type) -> object:
+    """The harness's own tasks (installed files: indexed once per process, ~10 s)."""
+    return TaskManager()
+
+
+def _task_manager(names: Sequence[str], task_dir: Path | None, TaskManager: type, *, build: bool = True
+                  ) -> object | None:
+    """A task manager that knows every name (``ValueError`` naming the first unknown one;
+    ``None`` when not ``build`` and the names mix local and built-in tasks); indexing only
+    the local folder is much faster than all built-in tasks."""
+    local = TaskManager(include_path=str(task_dir), include_defaults=False) if task_dir is not None else None
+    if local is not None and set(names) <= set(local.all_tasks):
+        return local
+    known = set(_default_manager(TaskManager).all_tasks) | set(local.all_tasks if local is not None else ())
+    for name in names:
+        if name not in known:
+            where = f" or in {task_dir}" if task_dir else ""
+            raise ValueError(f"task {name!r}: not a task of lm-evaluation-harness {_harness_version()}{where}; "
+                             f"check the name, or {_LOCAL}")
+    if task_dir is None:
+        return _default_manager(TaskManager)
+    return TaskManager(include_path=str(task_dir)) if build else None
+
+
+def check_tasks(tasks: str | Sequence[str], task_dir: str | os.PathLike | None = None, *,
+                trust_task_code: bool = False) -> tuple[str, ...]:
+    """Every check of zero-shot ``tasks`` that needs no model, for a command to run before any
+    work: the harness is installed, ``task_dir``'s code is trusted (or absent) and every task
+    is known. Returns the task names; ``ImportError`` / ``ValueError`` in one line."""
+    names = task_names(tasks)
+    folder = task_folder(task_dir)
+    _, _, TaskManager = _harness()
+    if folder is not None:
+        check_task_folder(folder, trust_task_code=trust_task_code)
+    _task_manager(names, folder, TaskManager, build=False)
+    return names
+
+
+def _template_error(exc: BaseException | None) -> TemplateError | None:
+    """The Jinja error behind ``exc`` (the harness may wrap it), if any."""
+    while exc is not None and not isinstance(exc, TemplateError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _template_failed(tasks: str, exc: BaseException) -> ValueError:
+    err = _template_error(exc)
+    why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return ValueError(f"task {tasks}: a template could not be rendered in Jinja's sandbox ({why}); task templates "
+                      "may read the document's fields, not Python internals")
+
+
+# --- a task folder is data -------------------------------------------------------------------
+
+_IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}    # as the harness's index
+_INTERNALS = {"mro", "func_globals", "func_code", "f_globals", "f_locals", "f_builtins", "f_code", "tb_frame",
+              "gi_frame", "gi_code", "cr_frame", "cr_code", "ag_frame", "ag_code"}
+
+
+@dataclass(frozen=True)
+class _Tag:
+    """A YAML value with a tag the harness resolves as code (``!function``, ``!!python/...``)."""
+
+    tag: str
+    value: object
+
+    def __str__(self) -> str:
+        tag = self.tag.replace("tag:yaml.org,2002:", "!!")
+        return f"{tag} {self.value}" if self.value not in ("", None) else tag
+
+
+class _Loader(yaml.SafeLoader):
+    """Plain YAML data; every tag other than YAML's own becomes a ``_Tag``."""
+
+
+def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> _Tag:
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node)
+    else:
+        value = loader.construct_mapping(node)
+    return _Tag(node.tag, value)
+
+
+_Loader.add_multi_constructor("", _tagged)
+
+
+def check_task_folder(task_dir: str | os.PathLike, *, trust_task_code: bool = False) -> None:
+    """Refuse (``ValueError``, one line naming the file and the hook or template) a task folder
+    that would make the harness run Python: ``!function`` (or ``!!python/``) values anywhere in
+    its YAML files or the files they ``include``, metrics that HF Evaluate would load as
+    scripts, unless ``trust_task_code``; and templates that reach Python internals (always:
+    they also render in Jinja's sandbox). The harness's own installed task files are trusted."""
+    folder = Path(task_dir).expanduser().resolve()
+    for path, key, what, kind in _findings(folder):
+        where = f"task folder {folder}: {path.relative_to(folder) if path.is_relative_to(folder) else path}"
+        if kind == "template":
+            raise ValueError(f"{where}: the template of {key} reaches {what!r}, a Python internal; task templates "
+                             "may read the document's fields only")
+        if not trust_task_code:
+            raise ValueError(f"{where}: {key}: {what} runs Python code; {_TRUST}")
+
+
+def _findings(folder: Path) -> Iterator[tuple[Path, str, str, str]]:
+    """``(file, key, what, kind)`` for each hook (``kind`` "code") or unsafe template of the
+    folder's YAML files (as the harness indexes them) and the files they include."""
+    trusted = _harness_tasks()
+    todo = sorted(p for p in folder.glob("**/*.yaml") if not _IGNORED_DIRS & set(p.parts))
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop(0).resolve()
+        if path in seen or not path.is_file() or (trusted is not None and path.is_relative_to(trusted)):
+            continue
+        seen.add(path)
+        try:
+            data = yaml.load(path.read_bytes(), Loader=_Loader)  # noqa: S506 (a safe loader)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue   # the harness skips a file it cannot read as well
+        if not isinstance(data, dict):
+            continue
+        todo += [path.parent / inc for inc in _includes(data)]
+        for key, what, kind in _walk(data, ""):
+            yield path, key, what, kind
+
+
+def _includes(value: object) -> Iterator[str]:
+    """The files ``include``d anywhere in ``value`` (a task's top level or a group's inline tasks)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "include":
+                yield from (inc for inc in (v if isinstance(v, list) else [v]) if isinstance(inc, str))
+            else:
+                yield from _includes(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _includes(v)
+
+
+def _walk(value: object, key: str) -> Iterator[tuple[str, str, str]]:
+    if isinstance(value, _Tag):
+        if value.tag == "!function" or value.tag.startswith("tag:yaml.org,2002:python/"):
+            yield key, str(value), "code"
+        yield from _walk(value.value, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{key}.{k}" if key else str(k)
+            if k == "metric_list" and isinstance(v, list) and "process_results" not in value:   # else unused
+                yield from ((name, m, "code") for m in _script_metrics(v))
+            yield from _walk(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{key}[{i}]")
+    elif isinstance(value, str) and ("{{" in value or "{%" in value):
+        for internal in _internals(value):
+            yield key, internal, "template"
+
+
+def _script_metrics(metrics: list) -> Iterator[str]:
+    """Metrics the harness would hand to HF Evaluate (``hf_evaluate: true``, or a name not
+    in its registry), which loads them as Python scripts (local or from the hub)."""
+    known = _harness_metrics()
+    for m in metrics:
+        if isinstance(m, dict) and isinstance(m.get("metric"), str):
+            if m.get("hf_evaluate") is True or (known is not None and m["metric"] not in known):
+                yield f"metric {m['metric']!r} (HF Evaluate loads it as a Python script)"
+
+
+def _internals(template: str) -> Iterator[str]:
+    """Attribute and item names in ``template`` that reach Python internals (dunder names and
+    frame/code attributes): the ones written in it; names computed at render time are the
+    sandbox's to stop."""
+    try:
+        tree = _SANDBOX.parse(template)
+    except TemplateSyntaxError:
+        return     # not a template the harness could render either
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            names = [node.attr]
+        elif isinstance(node, nodes.Getitem):
+            names = [node.arg.value] if isinstance(node.arg, nodes.Const) else []
+        else:
+            names = [a.value for a in node.args if isinstance(a, nodes.Const)] if node.name == "attr" else []
+        for name in names:
+            if isinstance(name, str) and ((name.startswith("__") and name.endswith("__")) or name in _INTERNALS):
+                yield name
+
+
+_SANDBOX = ImmutableSandboxedEnvironment()
+
+
+def _harness_tasks() -> Path | None:
+    """The installed harness's own task folder (its code is the installed package's)."""
+    try:
+        spec = importlib.util.find_spec("lm_eval")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve().parent / "tasks" if spec is not None and spec.origin else None
+
+
+def _harness_metrics() -> set[str] | None:
+    """The harness's registered metric names (None without the harness)."""
+    try:
+        import lm_eval.api.metrics  # noqa: F401  (registers them)
+        from lm_eval.api.registry import metric_registry
+    except ImportError:
+        return None
+    return set(metric_registry.keys())
 
 
 def _harness_version() -> str:
@@ -191,11 +425,13 @@ def _score(name: str, results: dict, n: int, samples: list[dict] | None) -> Task
 
 def zeroshot(loaded: LoadedModel, tasks: str | Sequence[str] = PAPER_TASKS, *,
              task_dir: str | os.PathLike | None = None, limit: int | None = None, device: str = "auto",
-             batch_size: int = DEFAULT_BATCH_SIZE, progress: Progress = None) -> ZeroShot:
+             batch_size: int = DEFAULT_BATCH_SIZE, trust_task_code: bool = False, progress: Progress = None
+             ) -> ZeroShot:
     """Zero-shot scores of ``loaded`` (as it is: dense or pruned) on ``tasks`` through
     lm-evaluation-harness, on the first ``limit`` documents of each (all when ``None``). The
     model is moved to ``device`` for the evaluation and back afterwards; the tokenizer's
-    defaults decide BOS (the harness's own protocol)."""
+    defaults decide BOS (the harness's own protocol). Python code in ``task_dir`` runs only
+    with ``trust_task_code`` (``check_task_folder``); templates render sandboxed."""
     lm_eval, HFLM, _ = _harness()
     names = task_names(tasks)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -206,7 +442,7 @@ def zeroshot(loaded: LoadedModel, tasks: str | Sequence[str] = PAPER_TASKS, *,
         raise ValueError(f"model {loaded.source}: no tokenizer was loaded; zero-shot tasks need one")
     folder = task_folder(task_dir)
     report(progress, 0, 2, "zero-shot: loading tasks")
-    manager, loaded_tasks = load_tasks(names, folder)
+    manager, loaded_tasks = load_tasks(names, folder, trust_task_code=trust_task_code)
     dev = resolve_device(device)
     model = loaded.model
     home_device, was_training = next(model.parameters()).device, model.training
@@ -217,6 +453,10 @@ def zeroshot(loaded: LoadedModel, tasks: str | Sequence[str] = PAPER_TASKS, *,
         lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(loaded_tasks.values()), task_manager=manager,
                                       num_fewshot=0, limit=limit, bootstrap_iters=1000, log_samples=True)
+    except Exception as exc:
+        if _template_error(exc):
+            raise _template_failed(", ".join(names), exc) from exc
+        raise
     finally:
         model.to(home_device).train(was_training)
     seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ from ..progress import Progress
 from ..runkey import run_key
 from ..zeroshot import with_accuracy
 from .analyze import add_overwrite, add_parallel
-from .zeroshot import opts_zeroshot
+from .zeroshot import check_zeroshot, opts_zeroshot
 
 
 # --- shared options ------------------------------------------------------------------------
@@ -154,6 +154,7 @@ def run_prune(args: argparse.Namespace, progress: Progress) -> str:
     _zeroshot_options(args)
     alpha_options(args, args.allocation or ("file" if args.ratios else "uniform"))
     spec = PruneSpec.from_args(args)     # the checks: a refusal loads nothing (nor torch)
+    check_zeroshot(spec)
     from ..experiments import prune_and_eval
 
     run = prune_and_eval(spec, progress=progress)
@@ -219,6 +220,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    check_zeroshot(base)
     from ..cluster import sweep_parallel
     from ..devices import devices_of
     from ..experiments import calibration_for, load_for

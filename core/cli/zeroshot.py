@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from ..config import DTYPES
 from ..progress import Progress
-from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS
+from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, check_tasks
+
+if TYPE_CHECKING:
+    from ..spec import PruneSpec
 
 
 def opts_task_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-dir", metavar="DIR", help="a folder of lm-evaluation-harness task YAML files with local "
                    "data (when the hub is not reachable; see the README)")
+    p.add_argument("--trust-task-code", action="store_true", help="allow the Python code a --task-dir names "
+                   "(!function hooks, HF Evaluate metric scripts); without it such a folder is refused")
+
+
+def check_zeroshot(spec: PruneSpec) -> None:
+    """The spec's zero-shot tasks checked before any work (``core.zeroshot.check_tasks``)."""
+    e = spec.evaluation
+    if e.zeroshot:
+        check_tasks(e.zeroshot, e.task_dir, trust_task_code=e.trust_task_code)
 
 
 def opts_zeroshot(p: argparse.ArgumentParser) -> None:
@@ -39,6 +52,7 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    check_tasks(args.tasks, args.task_dir, trust_task_code=args.trust_task_code)   # before the model loads
     from ..models import load_model
     from ..registry import Registry
     from ..zeroshot import zeroshot_run
@@ -47,5 +61,6 @@ def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         progress=progress)
     run_id, result = zeroshot_run(loaded, args.tasks, registry=registry, task_dir=args.task_dir, limit=args.limit,
-                                  device=args.device, batch_size=args.batch_size, progress=progress)
+                                  device=args.device, batch_size=args.batch_size,
+                                  trust_task_code=args.trust_task_code, progress=progress)
     return json.dumps({"run_id": run_id, **result.to_dict()}) if args.json else f"run {run_id}: {result.summary()}"
