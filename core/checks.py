@@ -119,3 +119,13 @@ def table_files(stem: object, names: tuple[str, ...], formats: tuple[str, ...], 
 def html_file(value: object, *, overwrite: bool = False) -> Path:
     """``value`` checked as ``--html`` before any work: a .html name that can be written."""
     return output_file(value, "--html", (".html", ".htm"), overwrite=overwrite)
+
+
+def model_source(value: object, name: str = "model") -> str:
+    """A model source as given (``demo``, a folder, a file or a hub id), stripped; an empty or
+    blank one is refused, never read as the demo in disguise. Cheap: checked before any import."""
+    text = str(value).strip() if value is not None else "demo"
+    if not text:
+        raise ValueError(f"{name} {str(value)!r}: empty; give demo, a Hugging Face folder, a .gguf or .safetensors "
+                         "file or a hub id")
+    return text

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .checks import model_source
 from .config import atomic_dir, home, resolve_device, resolve_dtype
 from .progress import Progress, report
 from .quant import write_quant_types
@@ -295,10 +296,7 @@ class Source:
 
 def resolve_source(source: str | os.PathLike = "demo") -> Source:
     """Classify ``source`` without loading anything; raises a clear error for bad input."""
-    text = str(source).strip() if source is not None else "demo"
-    if not text:    # never the demo in disguise: an empty setting is a mistake
-        raise ValueError(f"model {str(source)!r}: empty; give demo, a Hugging Face folder, a .gguf or .safetensors "
-                         "file or a hub id")
+    text = model_source(source)    # never the demo in disguise: an empty setting is a mistake
     if text == "demo":
         return Source("demo", demo_gguf(), DEMO_NAME)
     path = Path(text).expanduser()

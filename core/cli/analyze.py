@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks import output_file
+from ..checks import model_source, output_file, path
 from ..choices import ALLOCATION_METHODS, MAPPINGS, XMIN_METHODS
 from ..config import writable_file
 from ..progress import Progress
@@ -28,6 +28,7 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
 
 
 def run_analyze(args: argparse.Namespace, progress: Progress) -> str:
+    model_source(args.model, "--model")
     out = output_file(args.out, "--out", (".csv", ".parquet"), overwrite=args.overwrite) if args.out else None
     eigs = output_file(args.eigs, "--eigs", (".npz",), overwrite=args.overwrite) if args.eigs else None
     from ..analysis import analyze
@@ -72,6 +73,7 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
     if args.out:
         writable_file(args.out, "--out", overwrite=args.overwrite)
+    path("--metrics", args.metrics, must_exist=True)      # before the imports: a refusal answers at once
     from ..allocation import allocate
     from ..experiments import read_metrics
     from ..profiles import load_profile

@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ..checks import output_file
+from ..checks import choice, output_file
 from ..choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, MAPPINGS
 from ..choices import PRUNE_METHODS, XMIN_METHODS
 from ..config import DTYPES, atomic_file
@@ -215,6 +215,9 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     methods, allocations = _names(args.methods), _names(args.allocations)
+    for option, names, known in (("--methods", methods, PRUNE_METHODS), ("--allocations", allocations, ALLOCATION_METHODS)):
+        for name in names or [""]:
+            choice(option, name, known)         # every name, before the model loads
     out_csv, out_md = (output_file(Path(args.out).with_suffix(s), "--out", overwrite=args.overwrite)
                        for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..checks import whole
 from ..choices import STATUSES
 from ..config import home
 from ..housekeeping import clean, default_roots, human_size, left_alone
@@ -49,8 +50,7 @@ def _settings(run: pd.Series) -> str:
 def select_runs(registry: Registry, *, status: str | None = None, model: str | None = None,
                 last: int | None = None) -> pd.DataFrame:
     """The registry's runs (oldest first), filtered like ``spectrascope runs``."""
-    if last is not None and last < 1:
-        raise ValueError(f"--last {last}: give a whole number >= 1")
+    whole("--last", last, 1, optional=True)
     table = registry.query(status=status)
     if model:
         table = table[table["model"].fillna("").str.contains(model, regex=False) | (table["model_identity"] == model)]
@@ -58,6 +58,7 @@ def select_runs(registry: Registry, *, status: str | None = None, model: str | N
 
 
 def run_runs(args: argparse.Namespace, progress: Progress) -> str:
+    whole("--last", args.last, 1, optional=True)     # before the imports: a refusal answers at once
     import pandas as pd
 
     from ..registry import Registry

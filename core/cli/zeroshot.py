@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from ..checks import model_source
 from ..config import DTYPES
 from ..progress import Progress
 from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, check_tasks
@@ -52,6 +53,7 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
+    model_source(args.model, "--model")
     check_tasks(args.tasks, args.task_dir, trust_task_code=args.trust_task_code)   # before the model loads
     from ..models import load_model
     from ..registry import Registry
