@@ -129,8 +129,9 @@ def cache_folder(identity: str, xmin: str) -> Path:
 _META_KEYS = {"model": str, "identity": str, "xmin": str, "device": str, "seconds": (int, float)}
 
 
-def _load_cached(folder: Path) -> Analysis | None:
-    """The cached analysis in ``folder``, or None (with a warning) if it is missing or damaged."""
+def _load_cached(folder: Path, *, warn: bool = True) -> Analysis | None:
+    """The cached analysis in ``folder``, or None (with a warning unless not ``warn``) if it is
+    missing or damaged."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in _META_KEYS.items()):
@@ -141,7 +142,7 @@ def _load_cached(folder: Path) -> Analysis | None:
         if list(table.columns) != COLUMNS or set(eigs) != set(table["name"]):
             raise ValueError("its table and eigenvalues do not match")
     except Exception as exc:  # noqa: BLE001 - parquet, zip and numpy raise many types for a damaged file
-        if (folder / "meta.json").exists():
+        if warn and (folder / "meta.json").exists():
             log.warning("ignoring the damaged analysis cache %s (%s: %s); recomputing it", folder,
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return None
@@ -163,7 +164,7 @@ def _store(folder: Path, result: Analysis, *, keep_existing: bool = True) -> Non
 
     try:
         atomic_dir(folder, write, replace=True,
-                   keep=lambda d: keep_existing and _load_cached(d) is not None)
+                   keep=lambda d: keep_existing and _load_cached(d, warn=False) is not None)
     except OSError as exc:
         log.warning("could not cache the analysis in %s: %s", folder, exc)
 
@@ -226,7 +227,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     # one table builder whichever route computed the spectra; the quantization types come from the source
     # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
     return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
-                           quant=quant, store=True, replace=stale or not use_cache,
+                           quant=quant, store=True, replace=stale or not use_cache, lookup=False,
                            budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, spectra=spectra,
                            progress=progress)
 
@@ -256,13 +257,13 @@ def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, 
 
 def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,
                     identity: str, xmin: str = "peak", device: str = "auto", quant: Mapping[str, str] | None = None,
-                    store: bool = True, replace: bool = False, budget_bytes: int = 1 << 30,
+                    store: bool = True, replace: bool = False, lookup: bool = True, budget_bytes: int = 1 << 30,
                     devices: list[str] | None = None, spectra: list[Spectrum] | None = None,
                     progress: Progress = None) -> Analysis:
     """The analysis of any ``(info, weight)`` pairs (a model's, an adapter's updates, ...) named
     ``label``, cached under ``identity`` when ``store`` (and read from that cache unless ``replace``).
     ``devices``: several devices share the spectra; ``spectra``: already computed (Ray)."""
-    if store and not replace:
+    if store and lookup and not replace:     # (``analyze`` has looked already: each damage is reported once)
         cached = _load_cached(cache_folder(identity, xmin))
         if cached is not None:
             return cached

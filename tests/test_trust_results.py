@@ -297,3 +297,19 @@ def test_an_unsaved_copys_analysis_is_its_own_not_an_older_one_cached_under_the_
     second = analyze_copy(model, None, "run777", device="cpu")
     assert not second.cached
     assert np.allclose(second.table["log_spectral_norm"], first.table["log_spectral_norm"] + 2 * np.log10(3.0))
+
+
+def test_a_damaged_cache_entry_is_reported_once_by_the_library(tmp_path, caplog):
+    """Not only the CLI (which prints each message once): ``analyze`` itself reads a damaged entry once."""
+    from core.analysis import analyze, cache_folder
+
+    folder = _quant_folder(tmp_path / "q")
+    first = analyze(folder, device="cpu", use_cache=False)
+    eigs = cache_folder(first.identity, "peak") / "eigs.npz"
+    eigs.write_bytes(eigs.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = analyze(folder, device="cpu")
+    damaged = [r for r in caplog.records if "damaged analysis cache" in r.getMessage()]
+    assert len(damaged) == 1, [r.getMessage() for r in damaged]
+    assert not again.cached
+    pd.testing.assert_frame_equal(again.table, first.table)
