@@ -128,7 +128,13 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analyze-output", action="store_true", help="analyse the pruned model too (cached; "
                    "`spectrascope compare demo run:ID` then compares it with the dense model)")
     p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
-                   "time from the safetensors shards and write it pruned to --save (required)")
+                   "time from the safetensors shards and write it pruned to --save; --eval then evaluates each "
+                   "pruned block as it is written (--save or --eval required)")
+
+
+def _opts_streaming(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
+                   "time from the safetensors shards (evaluation block by block, same perplexity)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
@@ -155,6 +161,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     _opts_eval(p)
     p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the context (default 2048)")
+    _opts_streaming(p)
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:
@@ -182,6 +189,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     add_overwrite(p)
     opts_zeroshot(p)
     add_parallel(p)
+    _opts_streaming(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
@@ -190,6 +198,9 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
                        for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    if args.streaming and (args.ray or args.devices):
+        raise ValueError(f"--streaming with {'--ray' if args.ray else '--devices'}: a streamed sweep runs in one "
+                         "process, one block at a time; drop one of them")
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
