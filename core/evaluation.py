@@ -275,6 +275,15 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
     return result
 
 
+def _streamed_chunk(loaded: LoadedModel) -> int:
+    """Tokens per chunk of a streamed loss: about ``CHUNK_ELEMENTS`` logits, and no more
+    than the largest matrix of a block holds (the memory bound of the streamed pipeline)."""
+    head = _output_head(loaded.model)
+    vocab = head.weight.shape[0] if head is not None else 1
+    largest = max((m.params for m in loaded.matrices), default=CHUNK_ELEMENTS)
+    return max(1, min(CHUNK_ELEMENTS, largest) // vocab)
+
+
 class StreamedPerplexity:
     """``perplexity`` of a model whose blocks come one at a time from ``source``.
 
@@ -283,15 +292,17 @@ class StreamedPerplexity:
     run's ``along``), carries the windows' hidden states through it. ``result()``, after the
     last block, loads the tensors outside the blocks with the output head (``source.outside``)
     and runs the model's forward with every block standing in for the carried states, so the
-    final norm and the head's chunked loss are the model's own. Memory: one block, the
-    embeddings and head, and two buffers of ``windows x seqlen x hidden``.
+    final norm and the head's chunked loss are the model's own (chunks of at most the largest
+    matrix's size in logits, ``_streamed_chunk``). Memory: one block (the embeddings at the
+    capture, the head at the end), and two buffers of ``windows x seqlen x hidden``.
     """
 
     def __init__(self, loaded: LoadedModel, source: BlockSource, *, dataset: str = EMBEDDED,
                  ids: torch.Tensor | None = None, seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None,
                  device: str | torch.device = "auto", cancel: object = None, bos: str = "auto",
                  chunk_tokens: int | str | None = "auto") -> None:
-        self.loaded, self.source, self.cancel, self.bos, self.chunk_tokens = loaded, source, cancel, bos, chunk_tokens
+        self.loaded, self.source, self.cancel, self.bos = loaded, source, cancel, bos
+        self.chunk_tokens = _streamed_chunk(loaded) if chunk_tokens == "auto" else chunk_tokens
         self.windows, self.total, self.seqlen, self.label, self.plan = _windows(
             loaded, dataset, ids, seqlen, max_windows, bos, chunk_tokens)
         self.device = resolve_device(device)

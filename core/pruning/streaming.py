@@ -135,10 +135,16 @@ class ShardBlocks:
 
     @contextmanager
     def _with_head(self, device: torch.device) -> Iterator[None]:
-        """The tensors outside the blocks with the output head; a head the checkpoint does not
-        store is the input embeddings' when the config ties them, else refused."""
-        out = self.model.get_output_embeddings()
-        with self._loaded(self.model, self.before + self.head_keys, device):
+        """The tensors outside the blocks with the output head, for a loss computed from hidden
+        states carried through the blocks (which stand in for them): a head the checkpoint does
+        not store is the input embeddings' when the config ties them (else refused); input
+        embeddings that are not the head stay unloaded and give zeros (their output is unused)."""
+        out, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        keys = self.before + self.head_keys
+        emb_name = _module_name(self.model, emb) if self.head_keys else None
+        if emb_name:
+            keys = [key for key in keys if not self.name_of[key].startswith(emb_name + ".")]
+        with self._loaded(self.model, keys, device):
             tied = out is not None and out.weight.is_meta
             if tied:
                 cfg = self.model.config
@@ -146,12 +152,16 @@ class ShardBlocks:
                 if not getattr(cfg, "tie_word_embeddings", False):
                     raise ValueError(f"{self.loaded.path}: the checkpoint has no output head weight and the config "
                                      "does not tie it to the embeddings; is it the complete model?")
-                out.weight = self.model.get_input_embeddings().weight
+                out.weight = emb.weight
+            if emb_name:
+                width = emb.weight.shape[-1]
+                emb.forward = lambda ids, *a, **k: torch.zeros(*ids.shape, width, dtype=self.dtype, device=device)
             try:
                 yield
             finally:
                 if tied:
                     out.weight = nn.Parameter(torch.empty_like(out.weight, device="meta"), requires_grad=False)
+                emb.__dict__.pop("forward", None)
 
     def done(self, b: int) -> None:
         if self.along is not None:
