@@ -19,6 +19,13 @@ is the plain full-logits path. Logits are float32 whatever the model's dtype. Wi
 through the model in batches of about ``BATCH_TOKENS`` tokens (one window at a time from that
 length on), which changes nothing but speed. ``max_windows`` evaluates only the first K
 windows (quick looks; the result says how many were used).
+
+A model larger than memory (``core.models.load_skeleton``) is evaluated block by block
+(``StreamedPerplexity``), with the pruning engine's memory bound: the windows' hidden states
+are captured at block 0 and carried through each block as it is read from the checkpoint
+(``core.pruning.streaming``), or as it is pruned (``along``); then the model's own forward,
+its blocks stood in by the carried states, gives the final norm and the head's chunked loss
+as above. Same windows, same batches, same loss: the perplexity of the loaded model.
 """
 from __future__ import annotations
 
@@ -33,7 +40,9 @@ import torch.nn.functional as F
 from .calibration import DEFAULT_SEQLEN, bos_plan, cap_seqlen, prepend, tokenize
 from .config import resolve_device, window_batches
 from .progress import Progress, check_cancel, report
-from .models import LoadedModel
+from .models import LoadedModel, is_skeleton
+from .pruning.engine import BlockSource, _Windows, capture_inputs
+from .pruning.streaming import block_source
 from .texts import EMBEDDED, load_text
 
 log = logging.getLogger(__name__)
@@ -198,18 +207,11 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *,
     return total, int(t.numel())
 
 
-@torch.no_grad()
-def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tensor | None = None,
-               seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None, device: str | torch.device = "auto",
-               progress: Progress = None, cancel: object = None, bos: str = "auto",
-               chunk_tokens: int | str | None = "auto") -> Perplexity:
-    """Perplexity of ``loaded`` on the evaluation part of ``dataset`` (``wiki``, ``wikitext2``,
-    ``c4`` or a text file), or on given token ``ids`` (1-D; ``bos="paper"`` cuts them as given
-    and reports no BOS). The model is moved to ``device`` for the evaluation and back
-    afterwards. ``bos``: ``core.calibration.BOS_MODES``; ``chunk_tokens``: ``window_nll``."""
-
-    model = loaded.model
-    seqlen = cap_seqlen(seqlen, model)
+def _windows(loaded: LoadedModel, dataset: str, ids: torch.Tensor | None, seqlen: int, max_windows: int | None,
+             bos: str, chunk_tokens: int | str | None) -> tuple[torch.Tensor, int, int, str, object]:
+    """The evaluation windows of ``perplexity``'s arguments (checked): windows, how many the
+    text holds, the window length (capped at the context), the dataset's label, the BOS plan."""
+    seqlen = cap_seqlen(seqlen, loaded.model)
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ValueError(f"max_windows={max_windows!r}: give a whole number >= 1, or None for all windows")
     if chunk_tokens not in (None, "auto") and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
@@ -222,6 +224,35 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
         label = "given tokens"
         plan = plan if not plan.defaults else replace(plan, prepended=False)
     windows, total = eval_windows(ids, seqlen, bos_id=plan.token_id, max_windows=max_windows)
+    return windows, total, seqlen, label, plan
+
+
+@torch.no_grad()
+def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tensor | None = None,
+               seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None, device: str | torch.device = "auto",
+               progress: Progress = None, cancel: object = None, bos: str = "auto",
+               chunk_tokens: int | str | None = "auto") -> Perplexity:
+    """Perplexity of ``loaded`` on the evaluation part of ``dataset`` (``wiki``, ``wikitext2``,
+    ``c4`` or a text file), or on given token ``ids`` (1-D; ``bos="paper"`` cuts them as given
+    and reports no BOS). The model is moved to ``device`` for the evaluation and back
+    afterwards; a model without its weights (``load_skeleton``) is evaluated block by block
+    from its checkpoint (``StreamedPerplexity``). ``bos``: ``core.calibration.BOS_MODES``;
+    ``chunk_tokens``: ``window_nll``."""
+    if is_skeleton(loaded):
+        streamed = StreamedPerplexity(loaded, block_source(loaded), dataset=dataset, ids=ids, seqlen=seqlen,
+                                      max_windows=max_windows, device=device, cancel=cancel, bos=bos,
+                                      chunk_tokens=chunk_tokens)
+        n = len(loaded.blocks)
+        for b in range(n):
+            check_cancel(cancel, f"before block {b}")
+            with streamed.source.materialised(b, streamed.device):
+                streamed.block(b)
+            report(progress, b + 1, n + 1, f"perplexity: block {b + 1}/{n}")
+        result = streamed.result()
+        report(progress, n + 1, n + 1, f"perplexity {result.perplexity:.2f}")
+        return result
+    model = loaded.model
+    windows, total, seqlen, label, plan = _windows(loaded, dataset, ids, seqlen, max_windows, bos, chunk_tokens)
     n = windows.shape[0]
     dev = resolve_device(device)
     home_device = next(model.parameters()).device
@@ -242,3 +273,99 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
     result = Perplexity(math.exp(mean), mean, count, n, total, seqlen, label, seconds, str(dev), bos, plan.prepended)
     log.info(result.summary())
     return result
+
+
+def _streamed_chunk(loaded: LoadedModel) -> int:
+    """Tokens per chunk of a streamed loss: about ``CHUNK_ELEMENTS`` logits, and no more
+    than the largest matrix of a block holds (the memory bound of the streamed pipeline)."""
+    head = _output_head(loaded.model)
+    vocab = head.weight.shape[0] if head is not None else 1
+    largest = max((m.params for m in loaded.matrices), default=CHUNK_ELEMENTS)
+    return max(1, min(CHUNK_ELEMENTS, largest) // vocab)
+
+
+class StreamedPerplexity:
+    """``perplexity`` of a model whose blocks come one at a time from ``source``.
+
+    Built (same arguments as ``perplexity``): the windows' inputs of block 0 are captured.
+    ``block(b)``, while block ``b`` is on ``device`` (``source.materialised``, or a pruning
+    run's ``along``), carries the windows' hidden states through it. ``result()``, after the
+    last block, loads the tensors outside the blocks with the output head (``source.outside``)
+    and runs the model's forward with every block standing in for the carried states, so the
+    final norm and the head's chunked loss are the model's own (chunks of at most the largest
+    matrix's size in logits, ``_streamed_chunk``). Memory: one block (the embeddings at the
+    capture, the head at the end), and two buffers of ``windows x seqlen x hidden``.
+    """
+
+    def __init__(self, loaded: LoadedModel, source: BlockSource, *, dataset: str = EMBEDDED,
+                 ids: torch.Tensor | None = None, seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None,
+                 device: str | torch.device = "auto", cancel: object = None, bos: str = "auto",
+                 chunk_tokens: int | str | None = "auto") -> None:
+        self.loaded, self.source, self.cancel, self.bos = loaded, source, cancel, bos
+        self.chunk_tokens = _streamed_chunk(loaded) if chunk_tokens == "auto" else chunk_tokens
+        self.windows, self.total, self.seqlen, self.label, self.plan = _windows(
+            loaded, dataset, ids, seqlen, max_windows, bos, chunk_tokens)
+        self.device = resolve_device(device)
+        self.passes = _Windows()
+        self.structure: tuple | None = None        # a block's output other than the hidden states
+        self.next_block = 0
+        start = time.perf_counter()
+        captured = capture_inputs(loaded, self.windows, self.device, cancel, source)
+        self.args, self.kwargs, self.hidden = captured.args, captured.kwargs, captured.inputs
+        self.spare = torch.empty_like(self.hidden)
+        self.seconds = time.perf_counter() - start
+
+    @torch.no_grad()
+    def block(self, b: int) -> None:
+        """Carry the hidden states through block ``b`` (on the device now)."""
+        if b != self.next_block:
+            raise ValueError(f"block {b} given to the streamed evaluation, block {self.next_block} expected")
+        start = time.perf_counter()
+        blk = self.loaded.blocks[b]
+        handle = blk.register_forward_hook(self._keep_structure)
+        try:
+            self.passes.run(blk, self.hidden, self.spare, self.args[b], self.kwargs[b])
+        finally:
+            handle.remove()
+        self.hidden, self.spare = self.spare, self.hidden
+        self.next_block += 1
+        self.seconds += time.perf_counter() - start
+
+    def _keep_structure(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if self.structure is None:
+            self.structure = () if torch.is_tensor(output) else (type(output), tuple(output[1:]))
+
+    def _stand_in(self, *args: object, **kwargs: object) -> object:
+        """Every block in the final forward: the carried states of this batch of windows."""
+        hidden = self.hidden[self.rows]
+        return hidden if not self.structure else self.structure[0]((hidden, *self.structure[1]))
+
+    @torch.no_grad()
+    def result(self) -> Perplexity:
+        """The perplexity, once every block has been through ``block``."""
+        blocks = self.loaded.blocks
+        if self.next_block != len(blocks):
+            raise ValueError(f"the streamed evaluation saw {self.next_block} of {len(blocks)} blocks")
+        start = time.perf_counter()
+        self.spare = None
+        model, n = self.loaded.model, self.windows.shape[0]
+        for blk in blocks:
+            blk.forward = self._stand_in                # an instance attribute, removed below
+        nll, count = 0.0, 0
+        try:
+            with self.source.outside(self.device, head=True):
+                for rows in window_batches(n, self.seqlen):
+                    check_cancel(self.cancel, f"at window {rows.start}")
+                    self.rows = rows
+                    s, c = window_nll(model, self.windows[rows].to(self.device), chunk_tokens=self.chunk_tokens)
+                    nll, count = nll + s, count + c
+        finally:
+            for blk in blocks:
+                blk.__dict__.pop("forward", None)
+        self.hidden = None
+        seconds = self.seconds + time.perf_counter() - start
+        mean = nll / count
+        result = Perplexity(math.exp(mean), mean, count, n, self.total, self.seqlen, self.label, seconds,
+                            str(self.device), self.bos, self.plan.prepended)
+        log.info("%s (streamed block by block)", result.summary())
+        return result

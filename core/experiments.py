@@ -1,6 +1,8 @@
 """Experiments: ``prune_and_eval`` and ``eval_run`` carry out a ``PruneSpec`` (``core.spec``):
 load, allocate, prune a copy (or stream it block by block), evaluate, save, and record the
-run in the registry."""
+run in the registry. Both prune paths end in one run tail (``_record`` then ``_analyze_output``);
+a streamed run evaluates each pruned block as it is written (``StreamedPerplexity``), so
+neither the model nor its pruned output is ever whole in memory."""
 from __future__ import annotations
 
 import logging
@@ -15,12 +17,13 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, Allocation, allocate, m
 from .analysis import analyze, analyze_copy
 from .calibration import Calibration, calibration_data
 from .checks import fail as _fail, new_folder
-from .evaluation import Perplexity, perplexity
+from .evaluation import Perplexity, StreamedPerplexity, perplexity
 from .metricsfile import read_metrics
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton, resolve_source, save_model
 from .progress import Progress
 from .owlcache import owl_scores_for
 from .pruning import PruneResult, prune, prune_to_folder
+from .pruning.streaming import ShardBlocks
 from .registry import Registry, software_versions
 from .runkey import RunKey, run_key
 from .zeroshot import ZeroShot, record_zeroshot
@@ -149,8 +152,11 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
     token ids ``nsamples x seqlen``) are precomputed inputs to reuse across runs; by default
     they are computed from the spec."""
     check_save(spec, loaded)
-    if spec.streaming and spec.save is None:
-        _fail("streaming", True, "a streamed prune writes the pruned model as it goes; give save (--save DIR)")
+    if spec.streaming and spec.save is None and not spec.evaluation.evaluate:
+        _fail("streaming", True, "a streamed prune keeps nothing in memory; give save (--save DIR) to write the "
+              "pruned model, or evaluate it (--eval)")
+    if spec.streaming and spec.save is None and spec.analyze_output:
+        _fail("analyze_output", True, "a streamed prune analyses its saved output; give save (--save DIR)")
     registry = registry or Registry()     # a read-only or damaged registry is refused here, before the work
     loaded = loaded if loaded is not None else load_for(spec, progress)
     if not spec.needs_calibration:
@@ -176,27 +182,71 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
               "calib_bos_prepended": calib.get("bos_prepended") if calibration is not None else None,
               "device": spec.device, "dtype": loaded.dtype_name, "output_dir": str(spec.save) if spec.save else None}
     with registry.record("prune", **fields) as run_id:
+        run = _Run(spec, loaded, registry, run_id, params, epsilon, sparsity, calib, progress, cancel)
         if spec.streaming:
-            return _prune_streamed(spec, loaded, ratios, calibration, calib, registry, run_id, params, epsilon,
-                                   sparsity, progress, cancel)
+            return _prune_streamed(run, ratios, calibration)
         result = prune(loaded, ratios, method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
                        copy=True, progress=progress, cancel=cancel)
-        registry.add_matrices(run_id, result.matrices)
-        registry.update(run_id, achieved_sparsity=result.sparsity, prune_seconds=result.seconds)
-        ppl = None
-        if spec.evaluation.evaluate:
-            ppl = _evaluate(spec, result.model, registry, run_id, progress, cancel)
-        out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else sparsity,
-                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, calib,
-                        _zeroshot(spec, result.model, registry, run_id, progress), run_key(registry.get(run_id)))
+        out, report = _record(run, result, evaluated=result.model)
         if spec.save:
-            out.output_dir = save_model(result.model, spec.save, _report(spec, loaded, out, params, result))
-        if spec.analyze_output:   # the pruned model's spectra, cached; the run records where
-            a = analyze_copy(result.model, out.output_dir, f"run{run_id}", xmin=spec.xmin, device=spec.device,
-                             progress=progress)
-            registry.update(run_id, allocation_params={**params, "analysis": {"identity": a.identity, "xmin": a.xmin}})
+            out.output_dir = save_model(result.model, spec.save, report)
+        _analyze_output(run, out, result.model)
         del result
     return out
+
+
+# --- the run tail both prune paths share ---------------------------------------------------
+
+@dataclass
+class _Run:
+    """One prune run being recorded: its spec and model, where it is recorded, and what the
+    allocation decided (``params``, ``epsilon``, ``sparsity``) with the calibration settings."""
+
+    spec: PruneSpec
+    loaded: LoadedModel
+    registry: Registry
+    run_id: int
+    params: dict
+    epsilon: float | None
+    sparsity: float
+    calib: dict
+    progress: Progress = None
+    cancel: object = None
+
+
+def _record(run: _Run, result: PruneResult, *, evaluated: LoadedModel | None = None,
+            ppl: Perplexity | None = None) -> tuple[RunResult, dict]:
+    """The run tail, first part: record the pruned matrices and achieved sparsity, the
+    perplexity (``ppl`` already measured, else of ``evaluated`` when the spec evaluates) and
+    the zero-shot tasks (of ``evaluated``); the ``RunResult`` and the report saved with it."""
+    spec, registry, run_id = run.spec, run.registry, run.run_id
+    registry.add_matrices(run_id, result.matrices)
+    registry.update(run_id, achieved_sparsity=result.sparsity, prune_seconds=result.seconds)
+    if ppl is not None:
+        _record_perplexity(spec, ppl, registry, run_id, result.dtype)
+    elif spec.evaluation.evaluate and evaluated is not None:
+        ppl = _evaluate(spec, evaluated, registry, run_id, run.progress, run.cancel)
+    zeroshot = _zeroshot(spec, evaluated, registry, run_id, run.progress) if evaluated is not None else None
+    out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else run.sparsity,
+                    run.epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, None, run.calib,
+                    zeroshot, run_key(registry.get(run_id)))
+    return out, _report(spec, run.loaded, out, run.params, result)
+
+
+def _analyze_output(run: _Run, out: RunResult, model: LoadedModel | None) -> None:
+    """The run tail, second part (once the output is saved): with ``analyze_output``, the
+    pruned model's spectra (of its saved folder, streamed when the run streamed; else of
+    ``model`` in memory), cached; the run records where."""
+    spec = run.spec
+    if not spec.analyze_output:
+        return
+    if out.output_dir is not None:
+        a = analyze(out.output_dir, xmin=spec.xmin, device=spec.device, streaming=spec.streaming,
+                    progress=run.progress)
+    else:
+        a = analyze_copy(model, None, f"run{run.run_id}", xmin=spec.xmin, device=spec.device, progress=run.progress)
+    run.registry.update(run.run_id, allocation_params={**run.params,
+                                                       "analysis": {"identity": a.identity, "xmin": a.xmin}})
 
 
 def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: int, progress: Progress,
@@ -204,12 +254,17 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
     e = spec.evaluation
     ppl = perplexity(loaded, dataset=e.dataset, seqlen=e.seqlen, max_windows=e.max_windows, device=spec.device,
                      progress=progress, cancel=cancel, bos=e.bos)
+    return _record_perplexity(spec, ppl, registry, run_id, loaded.dtype_name)
+
+
+def _record_perplexity(spec: PruneSpec, ppl: Perplexity, registry: Registry, run_id: int, dtype: str) -> Perplexity:
+    """Record ``ppl`` with run ``run_id``; a perplexity that is not finite fails the run."""
     registry.update(run_id, eval_dataset=ppl.dataset, eval_seqlen=ppl.seqlen, eval_windows=ppl.windows,
                     eval_bos=ppl.bos, eval_bos_prepended=ppl.bos_prepended, perplexity=ppl.perplexity,
                     tokens_per_second=ppl.tokens_per_second, eval_seconds=ppl.seconds)
     if not math.isfinite(ppl.perplexity):
         raise ValueError(f"the perplexity of {spec.model} is {ppl.perplexity}: its outputs are not finite (NaN or "
-                         f"inf weights, or an overflow in {loaded.dtype_name}); check the model or use float32 "
+                         f"inf weights, or an overflow in {dtype}); check the model or use float32 "
                          f"(run {run_id} is recorded as failed)")
     return ppl
 
@@ -245,28 +300,30 @@ def _report(spec: PruneSpec, loaded: LoadedModel, out: RunResult, params: dict, 
             "matrices": result.matrices.to_dict(orient="records")}
 
 
-def _prune_streamed(spec: PruneSpec, loaded: LoadedModel, ratios: dict | None, calibration: object, calib: dict,
-                    registry: Registry, run_id: int, params: dict, epsilon: float | None, sparsity: float,
-                    progress: Progress, cancel: object) -> RunResult:
-    """``prune_and_eval``'s prune, evaluation and save for a skeleton: blocks stream from the
-    shards into ``spec.save``; the evaluation loads the complete output (before it is
-    published) normally, so it needs the pruned model's memory."""
+def _prune_streamed(run: _Run, ratios: dict | None, calibration: object) -> RunResult:
+    """``prune_and_eval`` for a skeleton: blocks stream from the shards into ``spec.save``
+    (when given); with ``evaluate`` each pruned block carries the evaluation windows as it is
+    written (``StreamedPerplexity``: the output is evaluated block by block, never loaded);
+    then the shared run tail."""
+    spec, loaded = run.spec, run.loaded
+    e = spec.evaluation
+    streamed = StreamedPerplexity(loaded, ShardBlocks(loaded), dataset=e.dataset, seqlen=e.seqlen,
+                                  max_windows=e.max_windows, device=spec.device, cancel=run.cancel,
+                                  bos=e.bos) if e.evaluate else None
+    along = streamed.block if streamed is not None else None
     runs: list[RunResult] = []
 
-    def finish(result: PruneResult, folder: Path) -> dict:
-        registry.add_matrices(run_id, result.matrices)
-        registry.update(run_id, achieved_sparsity=result.sparsity, prune_seconds=result.seconds)
-        ppl = None
-        if spec.evaluation.evaluate:
-            pruned = load_model(folder, device="cpu", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
-            ppl = _evaluate(spec, pruned, registry, run_id, progress, cancel)
-            del pruned
-        out = RunResult(run_id, spec.method, spec.recorded_allocation, result.sparsity if spec.nm else sparsity,
-                        epsilon, spec.nm, result.matrices, result.sparsity, result.seconds, ppl, spec.save, calib,
-                        key=run_key(registry.get(run_id)))
+    def finish(result: PruneResult, folder: Path | None = None) -> dict:
+        out, report = _record(run, result, ppl=streamed.result() if streamed is not None else None)
+        out.output_dir = spec.save
         runs.append(out)
-        return _report(spec, loaded, out, params, result)
+        return report
 
-    prune_to_folder(loaded, spec.save, ratios, method=spec.method, calibration=calibration, nm=spec.nm,
-                    device=spec.device, report=finish, progress=progress, cancel=cancel)
+    options = dict(method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
+                   progress=run.progress, cancel=run.cancel)
+    if spec.save is not None:
+        prune_to_folder(loaded, spec.save, ratios, report=finish, along=along, **options)
+    else:   # evaluated only (a sweep's run): nothing is written
+        finish(prune(loaded, ratios, source=ShardBlocks(loaded, along=along), **options))
+    _analyze_output(run, runs[0], None)
     return runs[0]

@@ -146,10 +146,10 @@ class PruneSpec:
         _flag("trust_remote_code", self.trust_remote_code)
         _flag("analyze_output", self.analyze_output)
         _flag("streaming", self.streaming)
-        if self.streaming and (self.analyze_output or self.evaluation.zeroshot):
-            # the streamed path evaluates the saved output but neither analyses it nor scores tasks
-            _fail("streaming", self.streaming, "--analyze-output and --zeroshot are not done while streaming; "
-                  "run `spectrascope analyze` or `spectrascope zeroshot` on the --save folder afterwards")
+        if self.streaming and self.evaluation.zeroshot:
+            # the zero-shot harness scores each document with the whole model's forward: not block by block
+            _fail("streaming", self.streaming, "--zeroshot needs the whole model in memory (the harness runs "
+                  "the full forward per document); run `spectrascope zeroshot` on the --save folder afterwards")
 
     @property
     def needs_calibration(self) -> bool:

@@ -228,10 +228,16 @@ def test_a_broken_config_is_named_in_streaming_mode(tmp_path, capsys, text, comm
 
 
 @pytest.mark.slow
-def test_a_truncated_converted_cache_is_converted_again(demo, capsys, caplog):
+def test_a_truncated_converted_cache_is_converted_again(demo, home, tmp_path, monkeypatch, capsys, caplog):
     """A damaged converted demo (truncated safetensors in the home) is named once and converted
-    again, instead of breaking every later demo command."""
-    weights = Path(demo.path) / "model.safetensors"
+    again, instead of breaking every later demo command. In a home of its own holding a copy of
+    the converted demo: the session's demo model maps the session's file, and truncating a
+    mapped file kills the process that reads it (SIGBUS)."""
+    own = tmp_path / "home"
+    converted = Path(demo.path)
+    shutil.copytree(converted, own / converted.relative_to(home))
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(own))
+    weights = own / converted.relative_to(home) / "model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)

@@ -146,7 +146,13 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analyze-output", action="store_true", help="analyse the pruned model too (cached; "
                    "`spectrascope compare demo run:ID` then compares it with the dense model)")
     p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
-                   "time from the safetensors shards and write it pruned to --save (required)")
+                   "time from the safetensors shards and write it pruned to --save; --eval then evaluates each "
+                   "pruned block as it is written (--save or --eval required)")
+
+
+def _opts_streaming(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
+                   "time from the safetensors shards (evaluation block by block, same perplexity)")
 
 
 def run_prune(args: argparse.Namespace, progress: Progress) -> str:
@@ -180,6 +186,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     _opts_eval(p)
     p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the context (default 2048)")
+    _opts_streaming(p)
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:
@@ -211,6 +218,7 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     add_overwrite(p)
     opts_zeroshot(p)
     add_parallel(p)
+    _opts_streaming(p)
 
 
 def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
@@ -223,6 +231,9 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    if args.streaming and (args.ray or args.devices):
+        raise ValueError(f"--streaming with {'--ray' if args.ray else '--devices'}: a streamed sweep runs in one "
+                         "process, one block at a time; drop one of them")
     check_zeroshot(base)
     from ..cluster import sweep_parallel
     from ..devices import devices_of

@@ -129,7 +129,7 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
                     method: str = "wanda", calibration: torch.Tensor | object | None = None,
                     nm: str | tuple[int, int] | None = None, device: str | torch.device = "auto",
                     report: Callable[[PruneResult, Path], dict] | None = None, progress: Progress = None,
-                    cancel: object = None) -> PruneResult:
+                    cancel: object = None, along: Callable[[int], None] | None = None) -> PruneResult:
     """Prune a model larger than memory into the new checkpoint folder ``dest``.
 
     ``loaded`` comes from ``load_skeleton``: each block is read from the source's shards onto
@@ -138,12 +138,13 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
     ``report(result, folder)``, called once the weights are complete in the not yet published
     folder, returns the JSON written as ``spectrascope_report.json``. Written atomically: an
     interrupted run leaves nothing at ``dest``. The result's model stays without weights.
+    ``along(b)`` is called with each pruned block ``b`` on the device (``ShardBlocks``).
     """
     dest = output_folder(dest, loaded)
     done: list[PruneResult] = []
 
     def write(tmp: Path) -> None:
-        source = ShardBlocks(loaded, CheckpointWriter(tmp, len(loaded.blocks) + 1))
+        source = ShardBlocks(loaded, CheckpointWriter(tmp, len(loaded.blocks) + 1), along)
         result = prune(loaded, ratios, method=method, calibration=calibration, nm=nm, device=device,
                        progress=progress, cancel=cancel, source=source)
         source.write_rest()

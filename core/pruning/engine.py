@@ -57,12 +57,13 @@ class StopForward(Exception):
 class BlockSource(Protocol):
     """Where the weights are: ``materialised(b, device)`` holds block ``b`` on ``device`` for
     the duration (then back where it was, or freed), ``outside(device)`` the rest of the
-    model that computes before the blocks (embeddings; for the capture only); ``done(b)``,
-    called inside, says block ``b`` is final (a streamed source writes it out)."""
+    model that computes before the blocks (embeddings; for the capture), with ``head`` the
+    output head too (an evaluation's loss); ``done(b)``, called inside, says block ``b`` is
+    final (a streamed source writes it out)."""
 
     def materialised(self, b: int, device: torch.device) -> ContextManager[nn.Module]: ...
 
-    def outside(self, device: torch.device) -> ContextManager[None]: ...
+    def outside(self, device: torch.device, head: bool = False) -> ContextManager[None]: ...
 
     def done(self, b: int) -> None: ...
 
@@ -84,7 +85,7 @@ class InMemoryBlocks:
             blk.to(home)
 
     @contextmanager
-    def outside(self, device: torch.device) -> Iterator[None]:
+    def outside(self, device: torch.device, head: bool = False) -> Iterator[None]:
         model = self.loaded.model
         home = _model_device(model)
         with _BlocksDetached(self.loaded):

@@ -4,7 +4,8 @@ device, written to the output checkpoint when pruned, then freed), and ``Checkpo
 writes the output as sharded safetensors with its index.
 
 Memory holds one block and the calibration activations; the embeddings are loaded only to
-compute block 0's inputs, the output head never.
+compute block 0's inputs, the output head only for a streamed evaluation's loss
+(``core.evaluation``), which ``along`` lets run through each pruned block as it is written.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import contextlib
 import ctypes
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -58,33 +60,41 @@ class ShardBlocks:
     """The blocks of a skeleton model, materialised one at a time from its checkpoint's shards.
 
     ``outside`` loads the tensors outside the blocks but the output head, which the pruning
-    engine never runs (embeddings, position tables, final norm), for the capture. With a
-    ``writer``, ``done(b)`` writes block ``b`` (as it is then: pruned) as shard ``b`` and
-    ``write_rest`` copies every other tensor of the checkpoint as the last shard.
+    engine never runs (embeddings, position tables, final norm), for the capture; with
+    ``head=True`` the head too (an evaluation's loss). ``done(b)`` first calls ``along(b)``
+    (block ``b`` is still on the device, as it is then: pruned); with a ``writer`` it writes
+    block ``b`` as shard ``b``, and ``write_rest`` copies every other tensor of the checkpoint
+    as the last shard.
     """
 
-    def __init__(self, loaded: LoadedModel, writer: CheckpointWriter | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, writer: CheckpointWriter | None = None,
+                 along: Callable[[int], None] | None = None) -> None:
         if loaded.path is None:
             raise ValueError(f"model {loaded.source!r} has no checkpoint folder; load it with load_skeleton")
-        self.loaded, self.writer, self.model = loaded, writer, loaded.model
+        self.loaded, self.writer, self.along, self.model = loaded, writer, along, loaded.model
         self.dtype = next(self.model.parameters()).dtype
         self.index = tensor_index(loaded.path)
         names = set(self.model.state_dict())
         prefix = getattr(self.model, "base_model_prefix", "")
+        renamed = _renaming(self.model)
         self.name_of: dict[str, str] = {}                        # checkpoint key -> model tensor name
         for key in self.index:
-            name = key if key in names else f"{prefix}.{key}"   # older checkpoints lack the prefix
-            if name in names:
-                self.name_of[key] = name
+            for name in (key, f"{prefix}.{key}", renamed(key)):  # older checkpoints lack the prefix
+                if name in names:
+                    self.name_of[key] = name
+                    break
         n = len(loaded.blocks)
         self.block_keys: list[list[str]] = [[] for _ in range(n)]
         head = _module_name(self.model, self.model.get_output_embeddings())
         self.before: list[str] = []                              # checkpoint keys the capture needs
+        self.head_keys: list[str] = []                           # the output head's (a loss needs them)
         for key, name in self.name_of.items():
             b = _block_of(name, loaded.family.blocks)
             if b is not None and b < n:
                 self.block_keys[b].append(key)
-            elif not (head and name.startswith(head + ".")):
+            elif head and name.startswith(head + "."):
+                self.head_keys.append(key)
+            else:
                 self.before.append(key)
         mapped = set(self.name_of.values())
         missing = [name for name in names if _block_of(name, loaded.family.blocks) is not None and name not in mapped]
@@ -118,10 +128,44 @@ class ShardBlocks:
         with self._loaded(blk, self.block_keys[b], device):
             yield blk
 
-    def outside(self, device: torch.device) -> ContextManager[None]:
-        return self._loaded(self.model, self.before, device)    # the blocks are meta: they stay
+    def outside(self, device: torch.device, head: bool = False) -> ContextManager[None]:
+        if not head:
+            return self._loaded(self.model, self.before, device)    # the blocks are meta: they stay
+        return self._with_head(device)
+
+    @contextmanager
+    def _with_head(self, device: torch.device) -> Iterator[None]:
+        """The tensors outside the blocks with the output head, for a loss computed from hidden
+        states carried through the blocks (which stand in for them): a head the checkpoint does
+        not store is the input embeddings' when the config ties them (else refused); input
+        embeddings that are not the head stay unloaded and give zeros (their output is unused)."""
+        out, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        keys = self.before + self.head_keys
+        emb_name = _module_name(self.model, emb) if self.head_keys else None
+        if emb_name:
+            keys = [key for key in keys if not self.name_of[key].startswith(emb_name + ".")]
+        with self._loaded(self.model, keys, device):
+            tied = out is not None and out.weight.is_meta
+            if tied:
+                cfg = self.model.config
+                cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+                if not getattr(cfg, "tie_word_embeddings", False):
+                    raise ValueError(f"{self.loaded.path}: the checkpoint has no output head weight and the config "
+                                     "does not tie it to the embeddings; is it the complete model?")
+                out.weight = emb.weight
+            if emb_name:
+                width = emb.weight.shape[-1]
+                emb.forward = lambda ids, *a, **k: torch.zeros(*ids.shape, width, dtype=self.dtype, device=device)
+            try:
+                yield
+            finally:
+                if tied:
+                    out.weight = nn.Parameter(torch.empty_like(out.weight, device="meta"), requires_grad=False)
+                emb.__dict__.pop("forward", None)
 
     def done(self, b: int) -> None:
+        if self.along is not None:
+            self.along(b)
         if self.writer is None:
             return
         tensors = {key: _get(self.model, self.name_of[key]) for key in self.block_keys[b]}
@@ -141,10 +185,11 @@ class ShardBlocks:
         self.writer.finish()
 
 
-def block_source(loaded: LoadedModel, writer: CheckpointWriter | None = None) -> BlockSource:
+def block_source(loaded: LoadedModel, writer: CheckpointWriter | None = None,
+                 along: Callable[[int], None] | None = None) -> BlockSource:
     """Where ``loaded``'s blocks are: its checkpoint's shards for a skeleton, else memory."""
     if is_skeleton(loaded):
-        return ShardBlocks(loaded, writer)
+        return ShardBlocks(loaded, writer, along)
     if writer is not None:
         raise ValueError(f"model {loaded.source!r} is loaded in memory; stream it with load_skeleton")
     return InMemoryBlocks(loaded)
@@ -156,6 +201,24 @@ def release_memory() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _renaming(model: nn.Module) -> Callable[[str], str]:
+    """The checkpoint key renamings transformers applies when it loads ``model``'s class
+    (GPT-NeoX: ``embed_out.`` -> ``lm_head.``), as one function of a key."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        rules = get_checkpoint_conversion_mapping(type(model).__name__) or []
+    except ImportError:
+        rules = []
+    pairs = [(re.compile(src), tgt) for r in rules if type(r).__name__ == "WeightRenaming"
+             for src, tgt in zip(r.source_patterns, r.target_patterns)]
+
+    def rename(key: str) -> str:
+        for src, tgt in pairs:
+            key = src.sub(tgt, key)
+        return key
+    return rename
 
 
 def _block_of(name: str, blocks: str) -> int | None:
