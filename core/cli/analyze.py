@@ -91,6 +91,14 @@ def add_parallel(p: argparse.ArgumentParser) -> None:
     """``--devices`` and ``--ray [ADDRESS]`` (analyze and sweep)."""
     p.add_argument("--devices", metavar="LIST", help="several devices at once: GPU numbers (0,1,2,3), names "
                    "(cuda:0,cuda:1) or cuda for every visible GPU")
+    add_ray(p, "run as Ray tasks")
+
+
+def add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``: the one rule of every sub-command (``core.cluster.connect``)."""
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run as Ray tasks: alone, on a local Ray instance; with ADDRESS (e.g. ray://head:10001 or "
-                   "auto), on that cluster (pip install 'spectrascope[cluster]')")
+                   help=f"{what} (pip install 'spectrascope[cluster]'): --ray alone or --ray local starts a new "
+                   "local Ray instance (even if a cluster runs here); --ray HOST:PORT joins the cluster whose head was "
+                   "started with `ray start --head --port PORT`; --ray auto joins $RAY_ADDRESS or the cluster `ray "
+                   "start` runs on this machine. A cluster with token authentication needs RAY_AUTH_MODE=token and "
+                   "its token (RAY_AUTH_TOKEN) here too; ray:// (Ray Client) addresses are not supported")

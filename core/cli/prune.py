@@ -15,7 +15,7 @@ from ..config import DTYPES, atomic_file, writable_file
 from ..fit import XMIN_METHODS
 from ..experiments import calibration_for, eval_run, load_for, prune_and_eval
 from ..spec import ALLOCATIONS, PruneSpec
-from ..cluster import sweep_parallel, tune_on_ray
+from ..cluster import connect, sweep_parallel, tune_on_ray
 from ..devices import devices_of
 from ..progress import Progress
 from ..pruning import METHODS as PRUNE_METHODS
@@ -23,7 +23,7 @@ from ..registry import Registry
 from ..runkey import run_key
 from ..sweeps import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS, sweep, sweep_report, tune
 from ..zeroshot import with_accuracy
-from .analyze import add_overwrite, add_parallel
+from .analyze import add_overwrite, add_parallel, add_ray
 from .zeroshot import opts_zeroshot
 
 
@@ -190,6 +190,8 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
                        for s in (".csv", ".md"))
     sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
+    if args.ray:
+        connect(args.ray)      # a wrong address fails in seconds, before the model loads
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
@@ -230,12 +232,13 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
     add_overwrite(p)
-    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="one Ray task per epsilon: alone, a local Ray instance; with ADDRESS, that cluster")
+    add_ray(p, "one Ray task per epsilon")
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = writable_file(args.out, "--out", overwrite=args.overwrite) if args.out else None
+    if args.ray:
+        connect(args.ray)      # a wrong address fails in seconds, before the model loads
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
     result = run(PruneSpec.from_args(args, allocation="alpha"), epsilons=_floats(args.epsilons, "--epsilons"),
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
