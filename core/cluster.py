@@ -1,14 +1,21 @@
 """Parallel analyses, sweeps and epsilon tuning: spectra, sweep runs and epsilons as Ray tasks,
 or sweep runs one per local device; every Ray import of Spectrascope stays in this module.
 
-Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"local"``)
-starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
-matrices from the checkpoint path when the workers see it (shared storage), otherwise the
-driver puts them in Ray's object store. Sweep runs are recorded by the worker in a private
-registry and copied into the driver's registry as each run finishes (a run that fails is recorded
-with its error, as in one process); a task that fails outside its run (the model does not load)
-or is lost is retried once, then recorded as failed with its error. Every route builds its table
-with ``core.sweeps.sweep_table``. Cancelling the driver cancels the tasks.
+Ray is the optional extra ``spectrascope[cluster]``. Where work runs (``connect``): ``True``,
+``None`` or ``"local"`` start a new local Ray instance (never a cluster already running here),
+``"auto"`` joins ``$RAY_ADDRESS`` or the cluster ``ray start`` runs on this machine, ``"HOST:PORT"``
+joins that head after checking within seconds that it answers and accepts this driver's token
+(one-line ``ValueError`` otherwise); Ray Client (``ray://``) addresses are refused.
+
+Each spectra task reads its matrices from the checkpoint when its worker sees it (the same
+files), one tensor at a time within the memory budget; a task whose worker does not see it hands
+back and the driver ships that group's tensors through Ray's object store. Finished groups are
+kept on disk as they end, so after a task fails twice a rerun computes only what is missing.
+Sweep runs are recorded by the worker in a private registry and copied into the driver's registry
+as each run finishes (a run that fails is recorded with its error, as in one process); a task that
+fails outside its run (the model does not load) or is lost is retried once, then recorded as
+failed with its error. Every route builds its table with ``core.sweeps.sweep_table``. Cancelling
+the driver cancels the tasks.
 """
 from __future__ import annotations
 
@@ -454,6 +461,7 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
                       dense=dense)
     registry = registry or Registry()
     ship_model = loaded is not None if ship_model is None else ship_model
+    cluster = connect(ray) if ray else None        # a wrong address fails before any work
     inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
                           cancel=cancel)
     runs: list[dict | None] = [None] * len(jobs)
@@ -473,7 +481,7 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
         report(progress, sum(r is not None for r in runs), len(jobs), "sweep runs")
 
     if ray:
-        _sweep_on_ray(connect(ray), jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
+        _sweep_on_ray(cluster, jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
     else:
         _sweep_on_devices(parse_devices(devices), jobs, inputs, registry, finished)
     return sweep_table(jobs, runs)
@@ -517,11 +525,11 @@ def tune_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, xmins: 
     the same order, and the same choice as one process."""
     epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
     ship_model = loaded is not None if ship_model is None else ship_model
+    ray = connect(ray)                             # a wrong address fails before any work
     driver = loaded if loaded is not None else load_for(base, progress)
     analysis = None if base.metrics_file is not None else analyze(
         driver, xmin=(xmins or XMIN_METHODS)[0], device=base.device, progress=progress)
     grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
-    ray = connect(ray)
     gpus = _gpus(ray) if base.device != "cpu" else 0
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
                       retry_exceptions=True)(_tune_task)

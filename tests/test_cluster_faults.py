@@ -80,11 +80,12 @@ def test_a_ray_client_address_is_refused_in_one_line_naming_host_port(folder, ca
 
 # --- a two-node cluster with token authentication, one node blind to the model folder -----------
 
-def _ray_start(args: list[str], env: dict, cwd: Path, log: Path, prefix: list[str] = ()) -> subprocess.Popen:
+def _ray_start(args: list[str], env: dict, cwd: Path, log: Path, cpus: int, prefix: list[str] = ()
+               ) -> subprocess.Popen:
     ports = [_free_port() for _ in range(7)]
     base = 40000 + (ports[0] % 200) * 100          # a private worker port range per node
     command = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", *args, "--block",
-               "--num-cpus", "1", "--disable-usage-stats",
+               "--num-cpus", str(cpus), "--disable-usage-stats",
                "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
                "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
                "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
@@ -127,7 +128,8 @@ def _wait_for_nodes(address: str, env: dict, n: int, nodes: list, timeout: float
 def test_a_two_node_cluster_with_a_node_blind_to_the_model_folder(folder, tmp_path):
     """The README's set-up: every node and the driver export RAY_AUTH_MODE=token and the token.
     A driver without the token is told so in one line within seconds; with it, the analysis
-    succeeds although one node cannot see the folder, and equals the local table."""
+    succeeds although the node that runs the tasks cannot see the folder (the head, where the
+    driver joins and sees the folder, has no CPU for them), and equals the local table."""
     pytest.importorskip("ray")
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
         pytest.skip("needs unshare -m (a private mount namespace hides the model folder from one node)")
@@ -139,12 +141,12 @@ def test_a_two_node_cluster_with_a_node_blind_to_the_model_folder(folder, tmp_pa
     (tmp_path / "elsewhere").mkdir()
     temp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")      # Ray's socket paths must stay short
     head = _ray_start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp],
-                      token_env, tmp_path / "head", tmp_path / "head.log")
+                      token_env, tmp_path / "head", tmp_path / "head.log", cpus=0)
     blind = None
     try:
         time.sleep(5)
         # the second node: another working directory, and an empty tmpfs over the model folder
-        blind = _ray_start(["--address", address], token_env, tmp_path / "elsewhere", tmp_path / "blind.log",
+        blind = _ray_start(["--address", address], token_env, tmp_path / "elsewhere", tmp_path / "blind.log", cpus=2,
                            prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
                                    f"mount -t tmpfs tmpfs '{folder}' && exec \"$@\"", "sh"])
         _wait_for_nodes(address, token_env, 2, [head, blind])
