@@ -201,7 +201,9 @@ def connect(address: str | bool | None = True, *, num_cpus: int | None = None):
     Returns the ``ray`` module."""
     ray = ray_module()
     target = ray_target(address)
-    if ray.is_initialized() and _connected.get("target", target) != target:
+    if not ray.is_initialized():
+        _connected.clear()
+    elif _connected.get("target", target) != target:
         ray.shutdown()
     if ray.is_initialized():
         return ray

@@ -27,7 +27,8 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
     add_overwrite(p)
     p.add_argument("--streaming", action="store_true",
                    help="read a safetensors checkpoint one tensor at a time (models larger than memory; "
-                   "with --ray or --devices each task or device reads its own tensors within 256 MiB)")
+                   "with --ray each task reads its own tensors, with --devices they are read while the devices work, "
+                   "within 256 MiB)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
