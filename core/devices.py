@@ -147,9 +147,10 @@ def spectra_on_devices(items: Iterable[tuple[MatrixInfo, torch.Tensor]], devices
     if infos is None:
         items = list(items)
         infos = [i for i, _ in items]
-    plan = plan_devices([(i.rows, i.cols) for i in infos], devices)
-    per = {d: [k for k, p in enumerate(plan) if p == d] for d in devices}
-    jobs = [d for d in devices if per[d]]
+    slots = [str(n) for n in range(len(devices))]          # by position: a device may be named twice
+    plan = plan_devices([(i.rows, i.cols) for i in infos], slots)
+    per = {d: [k for k, p in enumerate(plan) if p == d] for d in slots}
+    jobs = [d for d in slots if per[d]]
     queues = {d: queue.Queue() for d in jobs}
     waiting = _Budget(budget_bytes)
     stop = threading.Event()
@@ -188,9 +189,9 @@ def spectra_on_devices(items: Iterable[tuple[MatrixInfo, torch.Tensor]], devices
                 report(progress, sum(done_by.values()), len(infos), "eigenvalues")
         return tell
 
-    def run(device: str, _: str) -> list:
+    def run(device: str, _: str) -> list:     # device: the slot (position in ``devices``)
         try:
-            return compute(own(device), device=device, total=len(per[device]),
+            return compute(own(device), device=devices[int(device)], total=len(per[device]),
                            budget_bytes=max(1, budget_bytes // len(jobs)), progress=counted(device), **options)
         except BaseException as exc:   # the other devices stop too (the reader would wait on this one)
             halt(exc)
