@@ -179,7 +179,8 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
     checkpoint one tensor at a time instead of loading the model (bounded memory).
     ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the spectra over several devices;
     ``ray`` (``True`` for a local instance, or a cluster address) computes them as Ray tasks
-    (``core.cluster``). The table and the cache are the same whichever way.
+    (``core.cluster``; with ``streaming`` each task reads its tensors one at a time). The table
+    and the cache are the same whichever way.
     """
     if xmin not in XMIN_METHODS:
         raise ValueError(f"xmin={xmin!r} is unknown; use one of {', '.join(XMIN_METHODS)}")
@@ -213,6 +214,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
 
         loaded = source if isinstance(source, LoadedModel) else None
         spectra = spectra_on_ray(loaded or src, address=ray, device=device, trust_remote_code=trust_remote_code,
+                                 keep=identity, budget_bytes=(256 << 20) if streaming else (1 << 30),
                                  progress=progress)
         infos = [s.info for s in spectra]
     elif streaming:
@@ -270,7 +272,8 @@ def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[Matr
     dev = resolve_device(device)
     start = time.perf_counter()
     if spectra is None and devices and len(devices) > 1:
-        spectra = spectra_on_devices(items, devices, compute=compute_spectra)
+        spectra = spectra_on_devices(items, devices, compute=compute_spectra, infos=infos, budget_bytes=budget_bytes,
+                                     progress=progress)
     elif spectra is None:
         spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress, budget_bytes=budget_bytes)
     report(progress, len(infos), len(infos), "fits and metrics")

@@ -1,29 +1,45 @@
 """Parallel analyses, sweeps and epsilon tuning: spectra, sweep runs and epsilons as Ray tasks,
 or sweep runs one per local device; every Ray import of Spectrascope stays in this module.
 
-Ray is the optional extra ``spectrascope[cluster]``. ``address=True`` (or ``"local"``)
-starts a local Ray instance, any other string joins that cluster. Spectra tasks read their
-matrices from the checkpoint path when the workers see it (shared storage), otherwise the
-driver puts them in Ray's object store. Sweep runs are recorded by the worker in a private
-registry and copied into the driver's registry as each run finishes (a run that fails is recorded
-with its error, as in one process); a task that fails outside its run (the model does not load)
-or is lost is retried once, then recorded as failed with its error. Every route builds its table
-with ``core.sweeps.sweep_table``. Cancelling the driver cancels the tasks.
+Ray is the optional extra ``spectrascope[cluster]``. Where work runs (``connect``): ``True``,
+``None`` or ``"local"`` start a new local Ray instance (never a cluster already running here),
+``"auto"`` joins ``$RAY_ADDRESS`` or the cluster ``ray start`` runs on this machine, ``"HOST:PORT"``
+joins that head after checking within seconds that it answers and accepts this driver's token
+(one-line ``ValueError`` otherwise); Ray Client (``ray://``) addresses are refused.
+
+Each spectra task reads its matrices from the checkpoint when its worker sees it (the same
+files), one tensor at a time within the memory budget; a task whose worker does not see it hands
+back and the driver ships that group's tensors through Ray's object store. Finished groups are
+kept on disk as they end, so after a task fails twice a rerun computes only what is missing.
+Sweep runs are recorded by the worker in a private registry and copied into the driver's registry
+as each run finishes (a run that fails is recorded with its error, as in one process); a task that
+fails outside its run (the model does not load) or is lost is retried once, then recorded as
+failed with its error. Every route builds its table with ``core.sweeps.sweep_table``. Cancelling
+the driver cancels the tasks.
 """
 from __future__ import annotations
 
 import logging
+import contextlib
+import hashlib
 import math
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .analysis import Analysis, analyze
 from .checkpoints import open_checkpoint
+from .config import atomic_file, home
 from .devices import map_on_devices, parse_devices, plan_devices
 from .fit import XMIN_METHODS
 from .experiments import load_for
@@ -45,6 +61,12 @@ _NOT_COPIED = ("id", "kind", "status", "error", "started_at", "finished_at")
 
 # --- connecting ------------------------------------------------------------------------------
 
+#: Seconds to resolve a cluster's host name and to reach its GCS port before giving up.
+CONNECT_TIMEOUT = 5.0
+#: What the driver is connected to (None: a connection this module did not make, reused as is).
+_connected: dict[str, str] = {}
+
+
 def ray_module():
     """The ``ray`` module, or a clear error saying how to install it."""
     try:
@@ -54,16 +76,149 @@ def ray_module():
     return ray
 
 
+def ray_target(address: str | bool | None) -> str:
+    """``"local"`` (``True``, ``None``, ``""``, ``"local"``: a new private Ray instance on this
+    machine, even when a cluster runs here), ``"auto"`` (the cluster ``ray start`` started on
+    this machine, or ``$RAY_ADDRESS``) or ``"HOST:PORT"`` (the head's GCS address). Ray Client
+    (``ray://``) addresses and other forms are refused in one line."""
+    if address in (True, None, "") or str(address).strip().lower() == "local":
+        return "local"
+    text = str(address).strip()
+    if text.lower() == "auto":
+        return "auto"
+    if text.startswith("ray://"):
+        raise ValueError(f"--ray {text}: Ray Client (ray://) addresses are not supported; give the head's "
+                         "address HOST:PORT (the --port of `ray start --head`, 6379 by default)")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in text:
+        raise ValueError(f"--ray {text}: give the head's address HOST:PORT (e.g. 10.0.0.5:6379), auto for the "
+                         "cluster `ray start` runs on this machine, or local (or nothing) for a new local instance")
+    return f"{host.strip('[]')}:{port}"
+
+
+def _resolve(host: str, address: str, timeout: float) -> str:
+    """``host``'s first address; a name that does not resolve within ``timeout`` is an error."""
+    found: list = []
+
+    def look() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+        except OSError as exc:
+            found.append(exc)
+
+    thread = threading.Thread(target=look, daemon=True, name="ray-resolve")
+    thread.start()
+    thread.join(timeout)
+    if not found:
+        raise ValueError(f"--ray {address}: the host name {host} did not resolve within {timeout:g} s; check the name "
+                         "or give the head's IP address")
+    if isinstance(found[0], OSError):
+        raise ValueError(f"--ray {address}: unknown host {host} ({found[0].strerror or found[0]}); check the name or "
+                         "give the head's IP address")
+    return found[0]
+
+
+def check_gcs(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail in one line, within seconds, unless a Ray head answers at ``address`` (HOST:PORT)
+    and accepts this driver: nothing listening, an unknown host, or token authentication
+    this driver lacks (Ray >= 2.5x clusters started with ``RAY_AUTH_MODE=token``)."""
+    host, port = address.rsplit(":", 1)
+    ip = _resolve(host, address, timeout)
+    try:
+        socket.create_connection((ip, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); start the head with "
+                         f"`ray start --head --port {port}` or give its address") from None
+    from ray._raylet import GcsClient
+
+    answer: list = []
+
+    def ask() -> None:
+        try:
+            GcsClient(address=f"{ip}:{port}").internal_kv_get(b"spectrascope-probe", None, timeout=timeout)
+            answer.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            answer.append(exc)
+
+    with _quiet_stderr():                 # Ray's C++ client logs each failed call on stderr
+        thread = threading.Thread(target=ask, daemon=True, name="ray-probe")
+        thread.start()
+        thread.join(2 * timeout)
+    if not answer:
+        raise ValueError(f"--ray {address}: no Ray head answered within {2 * timeout:g} s; give the port of "
+                         "`ray start --head --port PORT` (6379 by default)")
+    if isinstance(answer[0], ray_module().exceptions.AuthenticationError):
+        mine = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        what = "its token differs from this driver's" if mine else "this driver has none"
+        raise ValueError(f"--ray {address}: the cluster requires token authentication and {what}; export "
+                         "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the token every node uses> (`ray get-auth-token` on "
+                         "the head prints it) and run again")
+    if answer[0] is not None:
+        raise ValueError(f"--ray {address}: no Ray head answers there ({type(answer[0]).__name__}); give the port "
+                         "of `ray start --head --port PORT` (6379 by default)")
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null for the block (C++ logging bypasses Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _auto_address() -> str:
+    """The address ``ray.init(address="auto")`` joins ($RAY_ADDRESS, else the cluster ``ray start``
+    runs on this machine), with token authentication on when this machine has a token, as Ray does."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        found = None
+    if not found:
+        raise ValueError("--ray auto: no Ray cluster runs on this machine and RAY_ADDRESS is not set; start one "
+                         "(`ray start --head`), give HOST:PORT, or --ray local for a new local instance")
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:    # a Ray without token authentication
+        pass
+    return found
+
+
 def connect(address: str | bool | None = True, *, num_cpus: int | None = None):
-    """Start a local Ray instance (``True``, ``"local"``) or join the cluster at ``address``;
-    an already connected driver is reused. Returns the ``ray`` module."""
+    """Start a new local Ray instance (``True``, ``None``, ``"local"``), or join the cluster
+    ``"auto"`` finds or the head at ``"HOST:PORT"`` after checking within seconds that it answers
+    and accepts this driver (``check_gcs``). A driver already connected to the same target is
+    reused (so is a connection made outside this module); another target replaces it.
+    Returns the ``ray`` module."""
     ray = ray_module()
+    target = ray_target(address)
     if not ray.is_initialized():
-        local = address in (True, None, "", "local")
-        ray.init(address=None if local else str(address), num_cpus=num_cpus if local else None,
-                 include_dashboard=False, log_to_driver=False)
-        log.info("Ray: %s, resources %s", "local instance" if local else f"joined {address}",
-                 ray.cluster_resources())
+        _connected.clear()
+    elif _connected.get("target", target) != target:
+        ray.shutdown()
+    if ray.is_initialized():
+        return ray
+    if target == "auto":
+        check_gcs(_auto_address())
+    elif target != "local":
+        check_gcs(target)
+    try:
+        ray.init(address=target, num_cpus=num_cpus if target == "local" else None, include_dashboard=False,
+                 log_to_driver=False)
+    except (ConnectionError, SystemExit) as exc:       # Ray exits the process when the GCS vanishes
+        raise ValueError(f"--ray {address}: could not join the cluster ({type(exc).__name__}: {exc})") from None
+    _connected["target"] = target
+    log.info("Ray: %s, resources %s", "a new local instance" if target == "local" else f"joined {target}",
+             ray.cluster_resources())
     return ray
 
 
@@ -73,11 +228,17 @@ def _gpus(ray) -> int:
 
 def _gather(ray, refs: list, *, cancel: object = None) -> Iterator[tuple[int, object]]:
     """``(index, result)`` of each task as it finishes (``result`` is the exception when the
-    task failed after its retries). A cancel flag or Ctrl-C cancels every pending task."""
-    index = {ref: i for i, ref in enumerate(refs)}
-    pending = list(refs)
+    task failed after its retries); refs the caller appends to ``refs`` meanwhile are gathered
+    too. A cancel flag or Ctrl-C cancels every pending task."""
+    index: dict = {}
+    pending: list = []
     try:
-        while pending:
+        while True:
+            for ref in refs[len(index):]:
+                index[ref] = len(index)
+                pending.append(ref)
+            if not pending:
+                return
             if is_cancelled(cancel):
                 raise Cancelled("cancelled: the driver stopped the Ray tasks")
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
@@ -104,73 +265,136 @@ def _error_text(exc: BaseException) -> str:
 
 # --- spectra ---------------------------------------------------------------------------------
 
-def _spectra_task(infos: list[MatrixInfo], where: str | None, tensors: list | None, device: str) -> list[Spectrum]:
-    """On a worker: the spectra of ``infos``, read from the checkpoint ``where`` or given."""
+def _spectra_task(infos: list[MatrixInfo], where: str | None, nbytes: int, tensors: list | None, device: str,
+                  budget_bytes: int) -> list[Spectrum] | None:
+    """On a worker: the spectra of ``infos``, read one tensor at a time (within ``budget_bytes``)
+    from the checkpoint ``where`` or given as ``tensors``. ``None`` when this worker does not see
+    that checkpoint (no such folder, or other files than the driver's ``nbytes``): the driver
+    then ships the tensors."""
     if where is not None:
-        ckpt = open_checkpoint(where)
-        items = [(info, ckpt.read(info.name)) for info in infos]
+        try:
+            ckpt = open_checkpoint(where)
+            if ckpt.nbytes != nbytes:
+                return None
+        except (OSError, ValueError):
+            return None
+        items = ((info, ckpt.read(info.name)) for info in infos)
     else:
-        items = list(zip(infos, tensors))
+        items = zip(infos, tensors)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return compute_spectra(items, total=len(items), device=device, workers=1 if device == "cpu" else None)
+    return compute_spectra(items, total=len(infos), device=device, workers=1 if device == "cpu" else None,
+                           budget_bytes=budget_bytes)
 
 
-def _probe(path: str) -> int:
+def _kept_folder(identity: str, device: str) -> Path:
+    """Where the spectra of finished Ray tasks of the weights ``identity`` wait for a rerun."""
+    from .analysis import ENGINE_VERSION
+
+    return home() / "analyses" / "partial" / f"{identity.replace(':', '-')}-{device}-v{ENGINE_VERSION}"
+
+
+def _keep(folder: Path, spectra: list[Spectrum]) -> None:
+    """Store finished spectra (one file per task, atomically) so a rerun skips them."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, names=np.array([s.info.name for s in spectra]), w_var=np.array([s.w_var for s in spectra]),
+                     reasons=np.array([s.reason for s in spectra]),
+                     **{f"e{k}": s.eigs for k, s in enumerate(spectra)})
     try:
-        return open_checkpoint(path).nbytes
-    except (OSError, ValueError):
-        return -1
+        folder.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1("\n".join(s.info.name for s in spectra).encode()).hexdigest()[:16]
+        atomic_file(folder / f"{key}.npz", write, overwrite=True)
+    except OSError as exc:
+        log.warning("could not keep finished spectra in %s: %s", folder, exc)
 
 
-def workers_see(ray, path: str) -> bool:
-    """Whether a Ray worker reads the same checkpoint at ``path`` (same files, same sizes)."""
-    try:
-        mine = open_checkpoint(path).nbytes
-    except (OSError, ValueError):
-        return False
-    return ray.get(ray.remote(num_cpus=0)(_probe).remote(path)) == mine
+def _kept(folder: Path, infos: list[MatrixInfo]) -> dict[str, Spectrum]:
+    """The spectra kept in ``folder`` of the matrices ``infos`` (a damaged file is skipped)."""
+    by_name = {i.name: i for i in infos}
+    out: dict[str, Spectrum] = {}
+    for file in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                for k, (name, w_var, reason) in enumerate(zip(z["names"], z["w_var"], z["reasons"])):
+                    info = by_name.get(str(name))
+                    eigs = z[f"e{k}"]
+                    if info is not None and eigs.shape == (min(info.rows, info.cols),):
+                        out[info.name] = Spectrum(info, eigs, float(w_var), str(reason))
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises many types
+            log.warning("ignoring the damaged kept spectra %s (%s)", file, exc)
+    return out
 
 
 def spectra_on_ray(source: Source | LoadedModel, *, address: str | bool = True, device: str = "auto",
                    groups: int | None = None, shared: bool | None = None, trust_remote_code: bool = False,
-                   progress: Progress = None, cancel: object = None) -> list[Spectrum]:
+                   keep: str | None = None, budget_bytes: int = 1 << 30, progress: Progress = None,
+                   cancel: object = None) -> list[Spectrum]:
     """The spectra of every matrix of ``source`` as Ray tasks, in the model's order.
 
     The matrices are split into ``groups`` (default one per GPU of the cluster, else one
-    per CPU) of about equal estimated cost. A safetensors folder that the workers see
-    (``shared``; probed when ``None``) is read by the workers themselves; otherwise the
-    driver loads the model and puts each group's tensors in the object store."""
+    per CPU) of about equal estimated cost. Each task of a safetensors folder reads its own
+    tensors, one at a time within ``budget_bytes``, when its worker sees the folder (the same
+    files); a task whose worker does not see it hands back, and the driver ships that group's
+    tensors through the object store (reading only them). ``shared=False`` ships every group.
+    Other sources are loaded by the driver and shipped.
+
+    ``keep`` (the weights' identity): each finished task's spectra are stored as it ends, so
+    after a task fails twice (the error is raised once every other task ended) a rerun computes
+    only the matrices still missing; the store is removed when every spectrum is there."""
     ray = connect(address)
     gpus = _gpus(ray) if device != "cpu" else 0
     slots = groups or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
     path = str(source.path) if isinstance(source, Source) and source.kind == "folder" else None
-    if path is not None and shared is None:
-        shared = workers_see(ray, path)
-    if path is not None and shared:
-        infos, weights = open_checkpoint(path).matrices, None
+    if path is not None and shared is not False:
+        ckpt = open_checkpoint(path)
+        infos, read, nbytes = ckpt.matrices, ckpt.read, ckpt.nbytes
     else:
         loaded = source if isinstance(source, LoadedModel) else load_model(
             source.label if source.kind == "hub" else (source.path or "demo"), device="cpu",
             trust_remote_code=trust_remote_code, tokenizer=False)
-        infos = loaded.matrices
-        weights = dict((i.name, w.detach().cpu()) for i, w in iter_weights(loaded))
-        path = None
-    plan = plan_devices([(i.rows, i.cols) for i in infos], [str(k) for k in range(slots)])
-    parts = [[i for i, p in zip(infos, plan) if p == str(k)] for k in range(slots)]
-    parts = [p for p in parts if p]
+        infos, nbytes, path = loaded.matrices, 0, None
+        read = dict((i.name, w.detach().cpu()) for i, w in iter_weights(loaded)).__getitem__
+    task_device = "cuda" if gpus else "cpu"
+    kept = _kept_folder(keep, task_device) if keep else None
+    done: dict[str, Spectrum] = _kept(kept, infos) if kept else {}
+    if done:
+        log.info("Ray: %d of %d spectra kept from an earlier run in %s", len(done), len(infos), kept)
+    todo = [i for i in infos if i.name not in done]
+    plan = plan_devices([(i.rows, i.cols) for i in todo], [str(k) for k in range(slots)])
+    parts = [p for p in ([i for i, d in zip(todo, plan) if d == str(k)] for k in range(slots)) if p]
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_retries=ATTEMPTS - 1,
                       retry_exceptions=True)(_spectra_task)
-    task_device = "cuda" if gpus else "cpu"
-    refs = [task.remote(part, path, None if weights is None else ray.put([weights[i.name] for i in part]),
-                        task_device) for part in parts]
-    done: dict[str, Spectrum] = {}
-    report(progress, 0, len(infos), "eigenvalues (Ray)")
-    for _, result in _gather(ray, refs, cancel=cancel):
+
+    def submit(part: list[MatrixInfo], ship: bool):
+        tensors = ray.put([read(i.name) for i in part]) if ship else None
+        return task.remote(part, None if ship else path, nbytes, tensors, task_device, budget_bytes)
+
+    refs = [submit(part, ship=path is None) for part in parts]
+    failed: list[BaseException] = []
+    report(progress, len(done), len(infos), "eigenvalues (Ray)")
+    for i, result in _gather(ray, refs, cancel=cancel):
+        part = parts[i]
+        if result is None:          # this worker does not see the checkpoint: ship the group's tensors
+            log.info("Ray: a worker does not see %s; shipping %d tensors through the object store", path, len(part))
+            parts.append(part)
+            refs.append(submit(part, ship=True))
+            continue
+        if isinstance(result, (Cancelled, KeyboardInterrupt)):
+            raise result
         if isinstance(result, BaseException):
-            raise RuntimeError(f"a Ray spectra task failed: {_error_text(result)}") from result
+            failed.append(result)
+            continue
+        if kept:
+            _keep(kept, result)
         done.update((s.info.name, s) for s in result)
         report(progress, len(done), len(infos), "eigenvalues (Ray)")
+    if failed:
+        rest = "" if not kept else (f"; the {len(done)} of {len(infos)} finished spectra are kept and a rerun "
+                                    "computes only the rest")
+        raise RuntimeError(f"a Ray spectra task failed: {_error_text(failed[0])}{rest}") from failed[0]
+    if kept and kept.is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
     return [done[i.name] for i in infos]
 
 
@@ -239,6 +463,7 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
                       dense=dense)
     registry = registry or Registry()
     ship_model = loaded is not None if ship_model is None else ship_model
+    cluster = connect(ray) if ray else None        # a wrong address fails before any work
     inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
                           cancel=cancel)
     runs: list[dict | None] = [None] * len(jobs)
@@ -258,7 +483,7 @@ def sweep_parallel(base: PruneSpec, *, methods: list[str], allocations: list[str
         report(progress, sum(r is not None for r in runs), len(jobs), "sweep runs")
 
     if ray:
-        _sweep_on_ray(connect(ray), jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
+        _sweep_on_ray(cluster, jobs, inputs if ship_model else {**inputs, "loaded": None}, finished, cancel)
     else:
         _sweep_on_devices(parse_devices(devices), jobs, inputs, registry, finished)
     return sweep_table(jobs, runs)
@@ -302,11 +527,11 @@ def tune_on_ray(base: PruneSpec, *, epsilons: list[float] | None = None, xmins: 
     the same order, and the same choice as one process."""
     epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
     ship_model = loaded is not None if ship_model is None else ship_model
+    ray = connect(ray)                             # a wrong address fails before any work
     driver = loaded if loaded is not None else load_for(base, progress)
     analysis = None if base.metrics_file is not None else analyze(
         driver, xmin=(xmins or XMIN_METHODS)[0], device=base.device, progress=progress)
     grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
-    ray = connect(ray)
     gpus = _gpus(ray) if base.device != "cpu" else 0
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=ATTEMPTS - 1,
                       retry_exceptions=True)(_tune_task)

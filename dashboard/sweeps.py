@@ -17,7 +17,8 @@ from core.sweeps import sweep_specs
 from dashboard.figures import LAYOUT, log_colorbar
 
 RAY_HELP = ("empty: no Ray; `local`: a local Ray instance; else the address of a Ray cluster "
-            "(e.g. `ray://head:10001` or `auto`). Needs the `[cluster]` extra: pip install 'spectrascope[cluster]'")
+            "(`HEAD:6379`, or `auto`; `ray://` is not supported). Needs the `[cluster]` extra: "
+            "pip install 'spectrascope[cluster]'")
 
 
 def ray_args(address: str) -> list[str]:

@@ -86,7 +86,8 @@ def test_spectra_on_devices_keeps_the_input_order():
     items = [(MatrixInfo(f"m{i}", i, "x", r, c), torch.randn(r, c)) for i, (r, c) in enumerate(shapes)]
     seen = []
 
-    def on_cpu(part, *, device):          # fake devices, real spectra on the CPU
+    def on_cpu(part, *, device, **_):     # fake devices, real spectra on the CPU
+        part = list(part)
         seen.append((device, [i.name for i, _ in part]))
         return compute_spectra(part, device="cpu", workers=1)
 

@@ -21,7 +21,9 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eigs", help="write every matrix's eigenvalues to FILE.npz (key: matrix name)")
     add_overwrite(p)
     p.add_argument("--streaming", action="store_true",
-                   help="read a safetensors checkpoint one tensor at a time (models larger than memory)")
+                   help="read a safetensors checkpoint one tensor at a time (models larger than memory; "
+                   "with --ray each task reads its own tensors, with --devices they are read while the devices work, "
+                   "within 256 MiB)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -97,6 +99,14 @@ def add_parallel(p: argparse.ArgumentParser) -> None:
     """``--devices`` and ``--ray [ADDRESS]`` (analyze and sweep)."""
     p.add_argument("--devices", metavar="LIST", help="several devices at once: GPU numbers (0,1,2,3), names "
                    "(cuda:0,cuda:1) or cuda for every visible GPU")
+    add_ray(p, "run as Ray tasks")
+
+
+def add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``: the one rule of every sub-command (``core.cluster.connect``)."""
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run as Ray tasks: alone, on a local Ray instance; with ADDRESS (e.g. ray://head:10001 or "
-                   "auto), on that cluster (pip install 'spectrascope[cluster]')")
+                   help=f"{what} (pip install 'spectrascope[cluster]'): --ray alone or --ray local starts a new "
+                   "local Ray instance (even if a cluster runs here); --ray HOST:PORT joins the cluster whose head was "
+                   "started with `ray start --head --port PORT`; --ray auto joins $RAY_ADDRESS or the cluster `ray "
+                   "start` runs on this machine. A cluster with token authentication needs RAY_AUTH_MODE=token and "
+                   "its token (RAY_AUTH_TOKEN) here too; ray:// (Ray Client) addresses are not supported")

@@ -16,7 +16,7 @@ from ..spec import ALLOCATIONS, PruneSpec
 from ..progress import Progress
 from ..runkey import run_key
 from ..zeroshot import with_accuracy
-from .analyze import add_overwrite, add_parallel
+from .analyze import add_overwrite, add_parallel, add_ray
 from .zeroshot import check_zeroshot, opts_zeroshot
 
 
@@ -235,13 +235,15 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
         raise ValueError(f"--streaming with {'--ray' if args.ray else '--devices'}: a streamed sweep runs in one "
                          "process, one block at a time; drop one of them")
     check_zeroshot(base)
-    from ..cluster import sweep_parallel
+    from ..cluster import connect, sweep_parallel
     from ..devices import devices_of
     from ..experiments import calibration_for, load_for
     from ..registry import Registry
     from ..sweeps import sweep, sweep_report
 
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    if args.ray:
+        connect(args.ray)      # a wrong address fails in seconds, before the model loads
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
@@ -282,16 +284,17 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
     add_overwrite(p)
-    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="one Ray task per epsilon: alone, a local Ray instance; with ADDRESS, that cluster")
+    add_ray(p, "one Ray task per epsilon")
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
     spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
-    from ..cluster import tune_on_ray
+    from ..cluster import connect, tune_on_ray
     from ..sweeps import tune
 
+    if args.ray:
+        connect(args.ray)      # a wrong address fails in seconds, before the model loads
     run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
     result = run(spec, epsilons=epsilons,
                  xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
