@@ -67,7 +67,10 @@ def new_folder(name: str, value: object, *, source: Path | None = None) -> Path:
     """``value`` as an absolute path where a new output folder can be made (missing parents are
     created): nothing there yet, its nearest existing parent a writable folder, and not inside
     ``source`` (the model's own folder, never written into). Checked before any work."""
-    path = Path(value).expanduser().resolve()
+    given = Path(value).expanduser()
+    if given.is_symlink():      # a link, even a dangling one, is the user's: never written through
+        fail(name, str(value), "is a symbolic link; choose a new folder (nothing is overwritten)")
+    path = given.resolve()
     if path.exists() or path.is_symlink():
         fail(name, str(value), "already exists; choose a new folder (nothing is overwritten)")
     parent = path.parent
