@@ -15,6 +15,7 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, Allocation, allocate, m
 from .analysis import analyze, analyze_copy
 from .calibration import Calibration, calibration_data
 from .checks import fail as _fail, new_folder
+from .config import resolve_device
 from .evaluation import Perplexity, perplexity
 from .metricsfile import read_metrics
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton, resolve_source, save_model
@@ -26,6 +27,7 @@ from .runkey import RunKey, run_key
 from .zeroshot import ZeroShot, record_zeroshot
 
 from .spec import PruneSpec
+from .texts import check_text
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,20 @@ class RunResult:
 
 # --- building blocks ---------------------------------------------------------------------
 
+def check_inputs(spec: PruneSpec) -> None:
+    """Refuse, before the model loads, what the spec needs later and cannot have: a device this
+    machine lacks, a calibration or evaluation text that is missing or empty."""
+    resolve_device(spec.device)
+    if spec.needs_calibration:
+        check_text(spec.calibration.dataset, "--calib")
+    check_text(spec.evaluation.dataset, "--dataset")     # also read by eval_run without evaluate
+
+
 def load_for(spec: PruneSpec, progress: Progress = None) -> LoadedModel:
     """The spec's model, loaded on the CPU in its dtype (stages move what they need); with
-    ``streaming`` without its weights (``load_skeleton``: blocks come from the shards)."""
+    ``streaming`` without its weights (``load_skeleton``: blocks come from the shards).
+    ``check_inputs`` first: what the work needs later is refused before the load."""
+    check_inputs(spec)
     if spec.streaming:
         return load_skeleton(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
                              progress=progress)
