@@ -174,3 +174,85 @@ def test_runs_json_is_strict_json():
         assert cli(["runs", "--json"]) == 0
     rows = _strict(buf.getvalue())
     assert any(r.get("id", r.get("run_id")) == run_id for r in rows)
+
+
+# --- 1. a .safetensors file is the file read ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def beside(tmp_path_factory, damaged) -> Path:
+    """A complete tiny llama folder with another checkpoint, ``other.safetensors``, beside its own."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("beside") / "m"
+    tiny_model("llama", seed=2).save_pretrained(folder, safe_serialization=True)
+    _byte_tokenizer().save_pretrained(folder)
+    shutil.copy(damaged / "model.safetensors", folder / "other.safetensors")
+    return folder
+
+
+FILE_COMMANDS = {
+    "analyze": ["analyze", "--no-cache"],
+    "eval": ["eval", "--max-windows", "1", "--seqlen", "16"],
+    "prune": ["prune", "--method", "magnitude"],
+}
+
+
+@pytest.mark.parametrize("command", list(FILE_COMMANDS))
+def test_a_safetensors_file_beside_the_checkpoint_is_refused(capsys, beside, command):
+    """`--model folder/other.safetensors` read the folder's model.safetensors instead, exit 0."""
+    before = runs_count()
+    refused(capsys, FILE_COMMANDS[command] + ["--model", str(beside / "other.safetensors"), "--device", "cpu",
+                                              "--quiet"], "other.safetensors", "model.safetensors")
+    assert runs_count() == before
+
+
+def test_a_safetensors_file_without_a_config_is_named(tmp_path, capsys, damaged):
+    """A lone .safetensors file: the line said only "No such file or directory: .../config.json"."""
+    import shutil
+
+    lone = tmp_path / "weights.safetensors"
+    shutil.copy(damaged / "model.safetensors", lone)
+    refused(capsys, ["analyze", "--model", str(lone), "--device", "cpu", "--quiet", "--no-cache"],
+            str(lone), "config.json")
+
+
+# --- 2./5. allocate --out is checked like every --out ----------------------------------------
+
+@pytest.mark.parametrize("where", ["model-folder", "not-csv"])
+def test_allocate_out_is_checked_like_every_out(tmp_path, capsys, beside, where):
+    """allocate --out wrote a ratios CSV into a user's model folder, or under a non-.csv name."""
+    import pandas as pd
+
+    names = [f"model.layers.{b}.self_attn.{k}_proj" for b in range(2) for k in "qkv"]
+    table = tmp_path / "metrics.csv"
+    pd.DataFrame({"name": names, "block": [0] * 3 + [1] * 3, "kind": list("qkv") * 2, "rows": 64, "cols": 64,
+                  "params": 4096, "alpha": [3.0, 4.0, 5.0, 3.5, 4.5, 5.5], "status": "ok"}).to_csv(table, index=False)
+    out = beside / "ratios.csv" if where == "model-folder" else tmp_path / "ratios.txt"
+    refused(capsys, ["allocate", "--metrics", str(table), "--sparsity", "0.5", "--out", str(out)], str(out))
+    assert not out.exists()
+
+
+# --- 4./5. a metrics table of another model ---------------------------------------------------
+
+def _half_table(path: Path) -> Path:
+    """An alpha table of block 0 only of a 2-block tiny llama (as of a smaller model)."""
+    import pandas as pd
+
+    kinds = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn", "gate": "mlp", "up": "mlp",
+             "down": "mlp"}
+    pd.DataFrame({"name": [f"model.layers.0.{m}.{k}_proj" for k, m in kinds.items()], "block": 0,
+                  "kind": list(kinds), "rows": 64, "cols": 64, "params": 4096,
+                  "alpha": [3.0, 4.0, 5.0, 3.5, 4.5, 5.5, 6.0], "status": "ok"}).to_csv(path, index=False)
+    return path
+
+
+def test_a_sweep_with_another_models_metrics_is_refused(tmp_path, capsys, beside):
+    """sweep --metrics of another model ran the dense evaluation, recorded each alpha run as failed
+    and exited 0; now refused in one line before any run, nothing recorded, no table written."""
+    table = _half_table(tmp_path / "half.csv")
+    before = runs_count()
+    refused(capsys, ["sweep", "--model", str(beside), "--device", "cpu", "--quiet", "--methods", "magnitude",
+                     "--allocations", "alpha", "--sparsities", "0.5", "--metrics", str(table), "--max-windows", "1",
+                     "--seqlen", "16", "--out", str(tmp_path / "sw")], str(table), "model.layers.1.")
+    assert runs_count() == before
+    assert not list(tmp_path.glob("sw*"))
