@@ -55,14 +55,14 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
     model_source(args.model, "--model")
     check_tasks(args.tasks, args.task_dir, trust_task_code=args.trust_task_code)   # before the model loads
-    from ..config import resolve_device
-    from ..models import load_model
     from ..registry import Registry
 
-    resolve_device(args.device)         # a device this machine lacks: refused before the model loads
+    registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    from ..config import resolve_device
+    from ..models import load_model
     from ..zeroshot import zeroshot_run
 
-    registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    resolve_device(args.device)         # a device this machine lacks: refused before the model loads
     loaded = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                         progress=progress)
     run_id, result = zeroshot_run(loaded, args.tasks, registry=registry, task_dir=args.task_dir, limit=args.limit,
