@@ -27,6 +27,20 @@ def fraction(name: str, value: object, *, low_open: bool = False, optional: bool
     return value
 
 
+def target_within_bound(sparsity: object, epsilon: object = None, r_max: object = None) -> None:
+    """An allocation's settings checked before any import: fractions, and a target sparsity no
+    higher than ``r_max`` (default ``choices.DEFAULT_R_MAX``), the bound of every ratio."""
+    from .choices import DEFAULT_R_MAX
+
+    sparsity = fraction("sparsity", sparsity)
+    fraction("epsilon", epsilon, optional=True)
+    bound = fraction("r_max", r_max, low_open=True, optional=True)
+    bound = DEFAULT_R_MAX if bound is None else bound
+    if sparsity > bound:
+        fail("sparsity", sparsity, f"above r_max={bound:g}, the bound of any ratio, so the target cannot be "
+             "reached; lower sparsity or raise --r-max")
+
+
 def whole(name: str, value: object, low: int, *, optional: bool = False) -> None:
     if value is None and optional:
         return
