@@ -228,9 +228,11 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     from ..devices import devices_of
     from ..experiments import calibration_for, load_for
     from ..registry import Registry
-    from ..sweeps import sweep, sweep_report
+    from ..sweeps import sweep, sweep_jobs, sweep_report
 
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    # every run's spec is valid (e.g. no sparsity above r_max) before the model loads
+    sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
