@@ -256,3 +256,33 @@ def test_a_sweep_with_another_models_metrics_is_refused(tmp_path, capsys, beside
                      "--seqlen", "16", "--out", str(tmp_path / "sw")], str(table), "model.layers.1.")
     assert runs_count() == before
     assert not list(tmp_path.glob("sw*"))
+
+
+# --- 5. a target sparsity above r_max, before any work ----------------------------------------
+
+@pytest.mark.parametrize("command", ["prune-alpha", "prune-uniform", "prune-owl", "sweep"])
+def test_a_target_above_r_max_is_refused_before_the_model_loads(tmp_path, capsys, damaged, command):
+    """--sparsity 0.995 with the default r_max (0.99): the model loaded (alpha: analysed too) before
+    the allocation refused it; a sweep recorded it as a failed run."""
+    argv = {"prune-alpha": ["prune", "--method", "magnitude", "--allocation", "alpha", "--sparsity", "0.995"],
+            "prune-uniform": ["prune", "--method", "magnitude", "--sparsity", "0.995"],
+            "prune-owl": ["prune", "--method", "magnitude", "--allocation", "owl", "--sparsity", "0.995"],
+            "sweep": ["sweep", "--methods", "magnitude", "--sparsities", "0.5,0.995", "--out", str(tmp_path / "sw")],
+            }[command]
+    before = runs_count()
+    line = refused(capsys, argv + ["--model", str(damaged), "--device", "cpu", "--quiet"], "0.995", "r_max")
+    assert Q0 not in line
+    assert runs_count() == before
+
+
+def test_allocate_refuses_a_target_above_r_max_at_once(tmp_path, capsys):
+    """allocate --sparsity 0.995 was refused only after numpy, pandas and torch were imported."""
+    table = _half_table(tmp_path / "half.csv")
+    refused(capsys, ["allocate", "--metrics", str(table), "--sparsity", "0.995"], "0.995", "r_max", within=5.0)
+    code = ("import sys; from core.cli import main; rc = main(['allocate', '--metrics', %r, '--sparsity', '0.995']);"
+            "print(rc, sorted(m for m in ('torch', 'pandas', 'numpy') if m in sys.modules))" % str(table))
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.split("\n")[0] == "2 []", (done.stdout, done.stderr)
