@@ -63,6 +63,8 @@ def path(name: str, value: object, *, must_exist: bool) -> Path | None:
     if value is None:
         return None
     path = Path(value).expanduser().resolve()
+    if must_exist and path.is_dir():
+        fail(name, str(value), "is a folder; give a file")
     if must_exist and not path.is_file():
         raise FileNotFoundError(f"{name}={str(value)!r}: no such file")
     if not must_exist and path.exists():

@@ -286,3 +286,14 @@ def test_allocate_refuses_a_target_above_r_max_at_once(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.split("\n")[0] == "2 []", (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("option", ["--ratios", "--metrics"])
+def test_an_input_file_that_is_a_folder_is_called_a_folder(tmp_path, capsys, damaged, option):
+    """--ratios DIR / --metrics DIR said "no such file" of a folder that is there."""
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    extra = ["--allocation", "alpha"] if option == "--metrics" else []
+    line = refused(capsys, ["prune", "--model", str(damaged), "--device", "cpu", "--quiet", "--method", "magnitude",
+                            option, str(folder)] + extra, str(folder), "folder")
+    assert "no such file" not in line
