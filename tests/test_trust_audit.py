@@ -297,3 +297,17 @@ def test_an_input_file_that_is_a_folder_is_called_a_folder(tmp_path, capsys, dam
     line = refused(capsys, ["prune", "--model", str(damaged), "--device", "cpu", "--quiet", "--method", "magnitude",
                             option, str(folder)] + extra, str(folder), "folder")
     assert "no such file" not in line
+
+
+# --- 1. compare checks every source before analysing any ---------------------------------------
+
+def test_compare_refuses_a_damaged_source_before_analysing_the_others(tmp_path, capsys, damaged):
+    """compare GOOD DAMAGED analysed (and cached) GOOD, then refused DAMAGED."""
+    import os
+
+    good = tmp_path / "good"
+    tiny_model("llama", seed=3).save_pretrained(good, safe_serialization=True)
+    cache = Path(os.environ["SPECTRASCOPE_HOME"]) / "analyses"
+    before = sorted(cache.iterdir()) if cache.is_dir() else []
+    refused(capsys, ["compare", str(good), str(damaged), "--device", "cpu", "--quiet"], str(damaged), Q0)
+    assert (sorted(cache.iterdir()) if cache.is_dir() else []) == before      # nothing analysed
