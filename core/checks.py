@@ -36,9 +36,9 @@ def target_within_bound(sparsity: object, epsilon: object = None, r_max: object 
     fraction("epsilon", epsilon, optional=True)
     bound = fraction("r_max", r_max, low_open=True, optional=True)
     bound = DEFAULT_R_MAX if bound is None else bound
-    if sparsity > bound:
-        fail("sparsity", sparsity, f"above r_max={bound:g}, the bound of any ratio, so the target cannot be "
-             "reached; lower sparsity or raise --r-max")
+    if sparsity > bound:      # worded as core.allocation.allocate words it
+        raise ValueError(f"sparsity={sparsity:g} is above r_max={bound:g}: no matrix may be pruned beyond r_max, "
+                         "so the mean cannot reach the target; lower sparsity or raise r_max")
 
 
 def whole(name: str, value: object, low: int, *, optional: bool = False) -> None:
