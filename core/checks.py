@@ -112,10 +112,9 @@ def output_file(value: object, name: str, suffixes: tuple[str, ...] = (), *, ove
     ``--out``) starts the error."""
     from .config import writable_file
 
-    path = Path(str(value)).expanduser()
+    path = writable_file(Path(str(value)).expanduser(), name, overwrite=overwrite)   # a folder is named first
     if suffixes and path.suffix.lower() not in suffixes:
         raise ValueError(f"cannot write {name} {path}: use a {' or '.join(suffixes)} file name")
-    path = writable_file(path, name, overwrite=overwrite)
     if is_model_folder(path.parent):
         raise ValueError(f"cannot write {name} {path}: {path.parent} is a model folder, never written into; "
                          "choose another folder")
