@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .choices import ALLOCATION_METHODS as METHODS
-from .choices import MAPPINGS
+from .choices import DEFAULT_R_MAX as _DEFAULT_R_MAX, MAPPINGS
 from .config import atomic_file
 from .ratiofile import read_ratio_file
 from .ratiofile import some as _some
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 #: Default tau range. The paper's tuned values at 70 % sparsity lie in 0.2-0.5; 0.3 is the
 #: value it chose most often (LLaMA-7B magnitude, LLaMA-13B and LLaMA-2-7B Wanda, ...).
 DEFAULT_EPSILON = 0.3
-DEFAULT_R_MAX = 0.99
+DEFAULT_R_MAX = _DEFAULT_R_MAX
 #: OWL's lambda: block sparsities span S - lam .. S + lam (the paper's value 0.08).
 OWL_LAMBDA = 0.08
 #: Columns every input table needs besides the metric column.

@@ -27,6 +27,20 @@ def fraction(name: str, value: object, *, low_open: bool = False, optional: bool
     return value
 
 
+def target_within_bound(sparsity: object, epsilon: object = None, r_max: object = None) -> None:
+    """An allocation's settings checked before any import: fractions, and a target sparsity no
+    higher than ``r_max`` (default ``choices.DEFAULT_R_MAX``), the bound of every ratio."""
+    from .choices import DEFAULT_R_MAX
+
+    sparsity = fraction("sparsity", sparsity)
+    fraction("epsilon", epsilon, optional=True)
+    bound = fraction("r_max", r_max, low_open=True, optional=True)
+    bound = DEFAULT_R_MAX if bound is None else bound
+    if sparsity > bound:      # worded as core.allocation.allocate words it
+        raise ValueError(f"sparsity={sparsity:g} is above r_max={bound:g}: no matrix may be pruned beyond r_max, "
+                         "so the mean cannot reach the target; lower sparsity or raise r_max")
+
+
 def whole(name: str, value: object, low: int, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -49,6 +63,8 @@ def path(name: str, value: object, *, must_exist: bool) -> Path | None:
     if value is None:
         return None
     path = Path(value).expanduser().resolve()
+    if must_exist and path.is_dir():
+        fail(name, str(value), "is a folder; give a file")
     if must_exist and not path.is_file():
         raise FileNotFoundError(f"{name}={str(value)!r}: no such file")
     if not must_exist and path.exists():
@@ -67,7 +83,10 @@ def new_folder(name: str, value: object, *, source: Path | None = None) -> Path:
     """``value`` as an absolute path where a new output folder can be made (missing parents are
     created): nothing there yet, its nearest existing parent a writable folder, and not inside
     ``source`` (the model's own folder, never written into). Checked before any work."""
-    path = Path(value).expanduser().resolve()
+    given = Path(value).expanduser()
+    if given.is_symlink():      # a link, even a dangling one, is the user's: never written through
+        fail(name, str(value), "is a symbolic link; choose a new folder (nothing is overwritten)")
+    path = given.resolve()
     if path.exists() or path.is_symlink():
         fail(name, str(value), "already exists; choose a new folder (nothing is overwritten)")
     parent = path.parent
@@ -93,10 +112,9 @@ def output_file(value: object, name: str, suffixes: tuple[str, ...] = (), *, ove
     ``--out``) starts the error."""
     from .config import writable_file
 
-    path = Path(str(value)).expanduser()
+    path = writable_file(Path(str(value)).expanduser(), name, overwrite=overwrite)   # a folder is named first
     if suffixes and path.suffix.lower() not in suffixes:
         raise ValueError(f"cannot write {name} {path}: use a {' or '.join(suffixes)} file name")
-    path = writable_file(path, name, overwrite=overwrite)
     if is_model_folder(path.parent):
         raise ValueError(f"cannot write {name} {path}: {path.parent} is a model folder, never written into; "
                          "choose another folder")

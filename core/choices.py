@@ -20,6 +20,8 @@ OWL_M = 5.0
 DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 2048
 DEFAULT_SEED = 0
+#: The default upper bound of any allocated ratio (``core.allocation``): a target above it is unreachable.
+DEFAULT_R_MAX = 0.99
 BOS_MODES = ("auto", "paper", "none")
 
 #: ``tune``'s grid (``core.sweeps``): epsilons and the metric columns scored.

@@ -18,9 +18,10 @@ import pandas as pd
 from .adapters import adapter_analyses, is_adapter
 from .analysis import COLUMNS, Analysis, analyze, cache_folder
 from .compare import Entry
+from .checks import model_source
 from .config import home
 from .experiments import read_metrics
-from .models import REPORT_NAME
+from .models import REPORT_NAME, resolve_source
 from .progress import Progress
 from .registry import Registry
 
@@ -168,12 +169,34 @@ def load_entries(source: str, *, base: str | None = None, xmin: str = "peak", de
     return [_entry(a, label or a.model, text, "checkpoint" if step is not None else "model", step)]
 
 
+def _check_folders(text: str, base: str | None) -> None:
+    """Refuse a damaged or misnamed local model behind ``text`` (a folder, a .safetensors file,
+    each folder of a checkpoint series, an adapter's base folder) before anything is analysed."""
+    from .checkpoints import check_complete
+
+    path = Path(model_source(text, "source")).expanduser()     # an empty source is a mistake, not "."
+    if path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
+        return
+    if is_adapter(path):
+        models = [base] if base else []
+    elif path.is_dir() and not (path / "config.json").is_file():
+        models = [str(p) for _, p in checkpoint_series(path)]
+    else:
+        models = [text]
+    for model in models:
+        src = resolve_source(model)
+        if src.kind == "folder":
+            check_complete(src.path)
+
+
 def entries_for(sources: list[str], *, base: str | None = None, xmin: str = "peak", device: str = "auto",
                 progress: Progress = None) -> list[Entry]:
     """Every source's entries, in order (labels made unique by a suffix where two coincide)."""
-    for s in sources:    # every run:ID resolved before any analysis
+    for s in sources:    # every run:ID resolved and every model folder checked before any analysis
         if (r := _RUN.match(split_label(s)[1])):
             resolve_run(int(r.group(1)))
+        else:
+            _check_folders(split_label(s)[1], base)
     out: list[Entry] = []
     for i, s in enumerate(sources):
         out += load_entries(s, base=base, xmin=xmin, device=device, first=i == 0, progress=progress)

@@ -17,6 +17,7 @@ from .allocation import (DEFAULT_EPSILON, DEFAULT_R_MAX, Allocation, allocate, m
 from .analysis import analyze, analyze_copy
 from .calibration import Calibration, calibration_data
 from .checks import fail as _fail, new_folder
+from .config import resolve_device
 from .evaluation import Perplexity, StreamedPerplexity, perplexity
 from .metricsfile import read_metrics
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton, resolve_source, save_model
@@ -29,6 +30,7 @@ from .runkey import RunKey, run_key
 from .zeroshot import ZeroShot, record_zeroshot
 
 from .spec import PruneSpec
+from .texts import check_text
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,20 @@ class RunResult:
 
 # --- building blocks ---------------------------------------------------------------------
 
+def check_inputs(spec: PruneSpec) -> None:
+    """Refuse, before the model loads, what the spec needs later and cannot have: a device this
+    machine lacks, a calibration or evaluation text that is missing or empty."""
+    resolve_device(spec.device)
+    if spec.needs_calibration:
+        check_text(spec.calibration.dataset, "--calib")
+    check_text(spec.evaluation.dataset, "--dataset")     # also read by eval_run without evaluate
+
+
 def load_for(spec: PruneSpec, progress: Progress = None) -> LoadedModel:
     """The spec's model, loaded on the CPU in its dtype (stages move what they need); with
-    ``streaming`` without its weights (``load_skeleton``: blocks come from the shards)."""
+    ``streaming`` without its weights (``load_skeleton``: blocks come from the shards).
+    ``check_inputs`` first: what the work needs later is refused before the load."""
+    check_inputs(spec)
     if spec.streaming:
         return load_skeleton(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
                              progress=progress)
@@ -87,12 +100,27 @@ def alpha_metrics(spec: PruneSpec, loaded: LoadedModel, metrics: pd.DataFrame | 
     """The analysis table AlphaPruning scores: ``metrics`` if given, else the spec's
     ``metrics_file``, else ``analyze`` now with the spec's ``xmin`` (cached by the model's identity)."""
     if metrics is not None:
-        return metrics
+        return metrics_for(loaded, metrics)
     if spec.metrics_file is not None:
-        return read_metrics(spec.metrics_file, spec.metric)
+        return metrics_for(loaded, read_metrics(spec.metrics_file, spec.metric), spec.metrics_file)
     if is_skeleton(loaded):         # weights not in memory: read them from the shards
         return analyze(loaded.path, xmin=spec.xmin, streaming=True, device=spec.device, progress=progress).table
     return analyze(loaded, xmin=spec.xmin, device=spec.device, progress=progress).table
+
+
+def metrics_for(loaded: LoadedModel, table: pd.DataFrame, source: object = None) -> pd.DataFrame:
+    """``table`` if its matrix names are exactly ``loaded``'s prunable matrices; otherwise refused
+    (a table of another model, never scored at a default), naming the first name off each way."""
+    names = list(matrix_table(loaded.matrices)["name"])
+    given = [str(n) for n in table["name"]] if "name" in table.columns else []
+    missing, extra = [n for n in names if n not in set(given)], [n for n in given if n not in set(names)]
+    if missing or extra:
+        what = f"metrics table {source}" if source is not None else "the metrics table"
+        off = ([f"lacks {len(missing)} of the model's {len(names)} matrices, first {missing[0]}"] if missing else []) \
+            + ([f"names {len(extra)} the model does not have, first {extra[0]}"] if extra else [])
+        raise ValueError(f"{what} is not of {loaded.source}: it {' and '.join(off)}; analyze the same model "
+                         "(spectrascope analyze --model ... --out)")
+    return table
 
 
 def _calibration_settings(calibration: object) -> dict:
@@ -112,10 +140,7 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
     if spec.allocation == "file":
         return ratios_from_file(spec.ratios_file, table)
     if spec.allocation == "alpha":
-        scored = alpha_metrics(spec, loaded, metrics, progress)
-        if set(scored["name"]) != set(table["name"]):
-            raise ValueError(f"metrics: the table's matrix names do not match the model's ({len(table)} matrices); "
-                             "analyze the same model")
+        scored = alpha_metrics(spec, loaded, metrics, progress)     # refused if of another model
         if spec.metric not in scored.columns:
             _fail("metric", spec.metric, "not a column of the metrics table; use alpha, alpha_hat, log_norm, ...")
         table = table.merge(scored[["name", spec.metric]], on="name", how="left")

@@ -294,6 +294,26 @@ class Source:
         return f"{self.kind}:{file_identity(files)}"
 
 
+def _checkpoint_file(path: Path) -> None:
+    """Refuse a ``.safetensors`` file that is not what its folder's model loads (the folder is
+    what is read: its config.json with model.safetensors, or the shards its index names), so
+    the file given is the file analysed, never a neighbour."""
+    folder, fix = path.parent, "give a folder holding the file (as model.safetensors) and its config.json"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json beside it in {folder}, so the architecture is unknown; {fix}")
+    if path.name == "model.safetensors":        # read first when present
+        return
+    index, shards = folder / "model.safetensors.index.json", set()
+    if index.is_file() and not (folder / "model.safetensors").is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            pass                                # a broken index is named when the folder is checked
+    if path.name not in shards:
+        raise ValueError(f"{path} is not the checkpoint of {folder} (that is model.safetensors or the shards of "
+                         f"its index), so another file would be read; {fix}")
+
+
 def resolve_source(source: str | os.PathLike = "demo") -> Source:
     """Classify ``source`` without loading anything; raises a clear error for bad input."""
     text = model_source(source)    # never the demo in disguise: an empty setting is a mistake
@@ -306,6 +326,7 @@ def resolve_source(source: str | os.PathLike = "demo") -> Source:
             if path.suffix == ".gguf":
                 return Source("gguf", path, path.name)
             if path.suffix == ".safetensors":
+                _checkpoint_file(path)
                 return Source("folder", path.parent, str(path.parent))
             raise ValueError(f"{path} is a {path.suffix or 'plain'} file; give a Hugging Face model folder, "
                              "a .gguf file or a .safetensors file")

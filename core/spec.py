@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import choice as _choice, fail as _fail, flag as _flag, fraction as _fraction
-from .checks import new_folder as _new_folder, path as _path, text as _text, whole as _whole
+from .checks import new_folder as _new_folder, path as _path, target_within_bound as _target_within_bound
+from .checks import text as _text, whole as _whole
 from .choices import ALLOCATION_METHODS, BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, MAPPINGS
 from .choices import PRUNE_METHODS, XMIN_METHODS
 from .config import DTYPES
@@ -116,8 +117,8 @@ class PruneSpec:
         _choice("xmin", self.xmin, XMIN_METHODS)
         _choice("mapping", self.mapping, MAPPINGS)
         put(self, "r_max", _fraction("r_max", self.r_max, low_open=True, optional=True))
-        if self.r_max is not None and self.sparsity > self.r_max:
-            _fail("sparsity", self.sparsity, f"above r_max={self.r_max:g}; lower sparsity or raise r_max")
+        if self.allocation in ALLOCATION_METHODS and self.nm is None:    # every allocation method caps at r_max
+            _target_within_bound(self.sparsity, None, self.r_max)
         kinds = self.dense_kinds.split(",") if isinstance(self.dense_kinds, str) else self.dense_kinds
         put(self, "dense_kinds", tuple(k.strip() for k in kinds if str(k).strip()))
         _flag("reverse", self.reverse)

@@ -20,8 +20,8 @@ from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import Analysis, analyze, build_table
 from .calibration import Calibration, bos_plan, cap_seqlen, sample_windows, tokenize
 from .evaluation import perplexity
-from .experiments import (alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, prune_and_eval,
-                          read_metrics)
+from .experiments import (alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, metrics_for,
+                          prune_and_eval, read_metrics)
 from .spec import PruneSpec
 from .checks import whole
 from .choices import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS
@@ -261,7 +261,7 @@ def xmin_tables(base: PruneSpec, loaded: LoadedModel, xmins: Sequence[str] | Non
     """The metrics table per xmin method (default all of ``XMIN_METHODS``) from one analysis
     (``analysis``, or ``analyze`` once); ``{"file": table}`` when ``base`` names a metrics file."""
     if base.metrics_file is not None:
-        return {"file": read_metrics(base.metrics_file)}
+        return {"file": metrics_for(loaded, read_metrics(base.metrics_file), base.metrics_file)}
     xmins = list(dict.fromkeys(xmins)) if xmins else list(XMIN_METHODS)
     for x in xmins:
         if x not in XMIN_METHODS:

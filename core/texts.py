@@ -62,6 +62,22 @@ def _datasets_text(name: str, split: str) -> str:
                          f"use the embedded text {EMBEDDED!r} or a local text file") from exc
 
 
+def check_text(name: str, setting: str = "text") -> None:
+    """Refuse, before any work, a text ``name`` that ``load_text`` could not read: neither a
+    known dataset nor a file, or a file that is empty (cheap: only the first bytes are read)."""
+    if name in ("", EMBEDDED, None, "wikitext2", "c4"):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{setting} {name!r} is a folder; give wiki, wikitext2, c4 or a UTF-8 text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting} {name!r} is neither a known dataset (wiki, wikitext2, c4) nor a file")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise ValueError(f"{setting} {name!r}: {path} is empty; give a text file with some text")
+
+
 def load_text(name: str = EMBEDDED, *, split: str = "eval") -> str:
     """The text of ``name`` (``wiki``, ``wikitext2``, ``c4`` or a file path) for ``split``."""
     if split not in SPLITS:

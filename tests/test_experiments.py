@@ -38,7 +38,7 @@ def _ids(n=3, seqlen=32, seed=0):
     ({"sparsity": "0.5"}, r"^sparsity='0.5': give a number"),
     ({"epsilon": 1.2}, r"^epsilon=1.2: "),
     ({"r_max": 0.0}, r"^r_max=0.0: give a fraction in \(0, 1\)$"),
-    ({"sparsity": 0.8, "r_max": 0.7}, r"^sparsity=0.8: above r_max=0.7"),
+    ({"sparsity": 0.8, "r_max": 0.7}, r"^sparsity=0.8 is above r_max=0.7"),
     ({"mapping": "layer"}, r"^mapping='layer': unknown; use one of block, matrix$"),
     ({"nm": "2-4"}, r"^nm='2-4': write N:M"),
     ({"nm": "4:2"}, r"^nm='4:2': "),

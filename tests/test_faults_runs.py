@@ -323,7 +323,7 @@ def test_runs_lists_filters_and_prints_json(home, capsys):
     rc, text, _ = run_cli(capsys, "runs", "--status", "cancelled")
     assert rc == 0 and text.startswith("no runs matching")
     rc, _, lines = run_cli(capsys, "runs", "--last", "0")
-    assert rc == 2 and len(lines) == 1 and "--last 0" in lines[0]
+    assert rc == 2 and len(lines) == 1 and "--last=0" in lines[0]
 
 
 # --- one line, before the work, not recorded ---------------------------------------------

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks import model_source, output_file, path
+from ..checks import model_source, output_file, path, target_within_bound
 from ..choices import ALLOCATION_METHODS, MAPPINGS, XMIN_METHODS
-from ..config import writable_file
 from ..progress import Progress
 
 
@@ -73,9 +72,10 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     from .prune import only_with
 
     only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
-    if args.out:
-        writable_file(args.out, "--out", overwrite=args.overwrite)
+    if args.out:     # the same check as every --out: a .csv, not into a model's folder, not over a file
+        output_file(args.out, "--out", (".csv",), overwrite=args.overwrite)
     path("--metrics", args.metrics, must_exist=True)      # before the imports: a refusal answers at once
+    target_within_bound(args.sparsity, args.epsilon, args.r_max)
     from ..allocation import allocate
     from ..experiments import read_metrics
     from ..profiles import load_profile

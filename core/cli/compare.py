@@ -3,12 +3,12 @@ runs, checkpoint series, LoRA adapters), written as long, delta and missing tabl
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..checks import html_file, table_files
 from ..choices import COMPARE_TABLES, XMIN_METHODS
 from ..progress import Progress
 from .analyze import add_overwrite
+from .jsonout import dumps
 
 SOURCES_HELP = ("demo, a Hugging Face folder, a .gguf or .safetensors file, a hub id, a table of "
                 "`spectrascope analyze --out` (.csv/.parquet), run:ID (a pruned output of the runs registry), "
@@ -56,9 +56,9 @@ def run_compare(args: argparse.Namespace, progress: Progress) -> str:
         written.append(write_report(result, args.html, metric=args.metric, overwrite=args.overwrite))
     notes = [f"{e.label}: {msg}" for e in entries if (msg := quant_alpha_message(e.table, args.metric))]
     if args.json:
-        return json.dumps({"sources": result.labels, "by_kind": result.by_kind(args.metric).to_dict(orient="records"),
+        return dumps({"sources": result.labels, "by_kind": result.by_kind(args.metric).to_dict(orient="records"),
                            "missing": result.missing.to_dict(orient="records"), "notes": notes,
-                           "written": [str(p) for p in written]}, default=str)
+                           "written": [str(p) for p in written]})
     if args.quiet:
         return ""
     return "\n".join([result.summary(args.metric), *notes, *(f"wrote {p}" for p in written)])

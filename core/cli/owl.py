@@ -3,12 +3,12 @@ and cached on disk (``core.owlcache``) for the dashboard's Allocation page and f
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..choices import OWL_M
 from ..progress import Progress
 from ..spec import PruneSpec
 from .prune import _opts_calib, _opts_model
+from .jsonout import dumps
 
 
 def add_owl_scores(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def run_owl_scores(args: argparse.Namespace, progress: Progress) -> str:
                            m=args.m)
     result = owl_scores_cached(load_for(spec, progress), settings, device=spec.device, progress=progress)
     if args.json:
-        return json.dumps(result.to_dict())
+        return dumps(result.to_dict())
     shares = ", ".join(f"{b}: {s:.4f}" for b, s in result.scores.items())
     return (f"OWL scores ({settings.label()}) {'from cache' if result.cached else 'computed'} in "
             f"{result.seconds:.1f} s, {result.path}\n{shares}")

@@ -3,7 +3,6 @@ perplexity runs, described by a ``PruneSpec`` built from the parsed options."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..runkey import run_key
 from ..zeroshot import with_accuracy
 from .analyze import add_overwrite, add_parallel, add_ray
 from .zeroshot import check_zeroshot, opts_zeroshot
+from .jsonout import dumps
 
 
 # --- shared options ------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def run_prune(args: argparse.Namespace, progress: Progress) -> str:
 
     run = prune_and_eval(spec, progress=progress)
     if args.json:
-        return json.dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")}, default=str)
+        return dumps({**run.to_dict(), "matrices": run.matrices.to_dict(orient="records")})
     m = run.matrices
     lines = [f"run {run.run_id}: {run.method} {run.allocation} requested {run.sparsity:.4f}, achieved "
              f"{run.achieved:.4f} over {len(m)} matrices in {run.prune_seconds:.1f} s",
@@ -197,7 +197,7 @@ def run_eval(args: argparse.Namespace, progress: Progress) -> str:
     registry = Registry()
     run_id, ppl = eval_run(spec, registry=registry, progress=progress)
     if args.json:
-        return json.dumps({"run_id": run_id, **ppl.to_dict(), **run_key(registry.get(run_id))._asdict()})
+        return dumps({"run_id": run_id, **ppl.to_dict(), **run_key(registry.get(run_id))._asdict()})
     return f"run {run_id}: {ppl.summary()}"
 
 
@@ -239,9 +239,11 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     from ..devices import devices_of
     from ..experiments import calibration_for, load_for
     from ..registry import Registry
-    from ..sweeps import sweep, sweep_report
+    from ..sweeps import sweep, sweep_jobs, sweep_report
 
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    # every run's spec is valid (e.g. no sparsity above r_max) before the model loads
+    sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
     if args.ray:
         connect(args.ray)      # a wrong address fails in seconds, before the model loads
     start = time.perf_counter()
@@ -261,7 +263,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     md = sweep_report(table, base, model=loaded.source, calibration=calib, seconds=seconds)
     atomic_file(out_md, lambda tmp: tmp.write_text(md), overwrite=args.overwrite)
     if args.json:
-        return json.dumps({"seconds": seconds, "rows": table.to_dict(orient="records")}, default=str)
+        return dumps({"seconds": seconds, "rows": table.to_dict(orient="records")})
     return f"{md}\nwrote {out_csv} and {out_md} (dense perplexity {table.iloc[0]['perplexity']:.3f})"
 
 
@@ -302,5 +304,5 @@ def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     if out is not None:
         atomic_file(out, lambda tmp: result.table.to_csv(tmp, index=False), overwrite=args.overwrite)
     if args.json:
-        return json.dumps(result.to_dict(), default=str)
+        return dumps(result.to_dict())
     return result.summary() + (f"\nwrote {out}" if out else "")

@@ -4,7 +4,6 @@ those recorded when they were created: look-alikes are listed and left alone).""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +13,7 @@ from ..choices import STATUSES
 from ..config import home
 from ..housekeeping import clean, default_roots, human_size, left_alone
 from ..progress import Progress
+from .jsonout import dumps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,7 +67,7 @@ def run_runs(args: argparse.Namespace, progress: Progress) -> str:
     table = select_runs(registry, status=args.status, model=args.model, last=args.last)
     if args.json:
         rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-        return json.dumps(rows, default=str)
+        return dumps(rows)
     if table.empty:
         return f"no runs{' matching' if args.status or args.model else ''} in {registry.path}"
     shown = pd.DataFrame({

@@ -3,13 +3,13 @@ recorded as an ``eval`` run) and the ``--zeroshot`` options ``prune`` and ``swee
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING
 
 from ..checks import model_source
 from ..config import DTYPES
 from ..progress import Progress
 from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, check_tasks
+from .jsonout import dumps
 
 if TYPE_CHECKING:
     from ..spec import PruneSpec
@@ -57,6 +57,9 @@ def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
     from ..registry import Registry
 
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
+    from ..config import resolve_device
+
+    resolve_device(args.device)         # a device this machine lacks: refused before the model loads
     check_tasks(args.tasks, args.task_dir, trust_task_code=args.trust_task_code)   # (seconds: the task index)
     from ..models import load_model
     from ..zeroshot import zeroshot_run
@@ -66,4 +69,4 @@ def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
     run_id, result = zeroshot_run(loaded, args.tasks, registry=registry, task_dir=args.task_dir, limit=args.limit,
                                   device=args.device, batch_size=args.batch_size,
                                   trust_task_code=args.trust_task_code, progress=progress)
-    return json.dumps({"run_id": run_id, **result.to_dict()}) if args.json else f"run {run_id}: {result.summary()}"
+    return dumps({"run_id": run_id, **result.to_dict()}) if args.json else f"run {run_id}: {result.summary()}"
