@@ -6,6 +6,8 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +73,30 @@ def demo_analysis_full(demo):
     from core.analysis import analyze
 
     return analyze(demo, xmin="full", device="cpu")
+
+
+def saved_tiny(family: str = "llama") -> Path:
+    """A tiny random model of ``family`` saved as safetensors in a new folder readable by every user."""
+    folder = Path(tempfile.mkdtemp(prefix="spectrascope-tiny-"))
+    tiny_model(family).save_pretrained(folder, safe_serialization=True)
+    for p in [folder, *folder.iterdir()]:
+        p.chmod(0o755)
+    return folder
+
+
+def refused(capsys, argv: list[str], *names: str, within: float = 30.0) -> str:
+    """``spectrascope argv`` exits 2 with exactly one stderr line that names each of ``names``."""
+    from core.cli import main as cli
+
+    capsys.readouterr()
+    start = time.perf_counter()
+    rc = cli(argv)
+    took = time.perf_counter() - start
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert took < within
+    return lines[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import saved_tiny, tiny_model
 from core import housekeeping
 from core.analysis import cache_folder, analyze
 from core.cli import main as cli
@@ -75,12 +75,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_folder() -> Path:
-    """A tiny random LLaMA saved as safetensors, readable by every user."""
-    folder = Path(tempfile.mkdtemp(prefix="spectrascope-tiny-"))
-    tiny_model("llama").save_pretrained(folder, safe_serialization=True)
-    for p in [folder, *folder.iterdir()]:
-        p.chmod(0o755)
-    return folder
+    return saved_tiny("llama")
 
 
 @pytest.fixture

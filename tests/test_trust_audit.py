@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
+from conftest import refused, tiny_model
 from core.cli import main as cli
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -44,22 +43,6 @@ def damaged(tmp_path_factory) -> Path:
     tensors = load_file(str(file))
     save_file({k: t for k, t in tensors.items() if k != Q0}, str(file), metadata={"format": "pt"})
     return folder
-
-
-def refused(capsys, argv: list[str], *names: str, within: float = 30.0) -> str:
-    """``argv`` exits 2 with exactly one stderr line that names each of ``names``."""
-    capsys.readouterr()
-    start = time.perf_counter()
-    rc = cli(argv)
-    took = time.perf_counter() - start
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, (rc, err)
-    assert len(lines) == 1, err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    assert took < within
-    return lines[0]
 
 
 def runs_count() -> int:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
+from conftest import refused, tiny_model
 from core.cli import main as cli
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -43,22 +42,6 @@ def forge(path: Path, key: str, shape: list[int], offsets: list[int], data: byte
     raw = json.dumps({"__metadata__": {"format": "pt"},
                       key: {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-
-
-def refused(capsys, argv: list[str], *names: str, within: float = 30.0) -> str:
-    """``argv`` exits 2 with exactly one stderr line that names each of ``names``."""
-    capsys.readouterr()
-    start = time.perf_counter()
-    rc = cli(argv)
-    took = time.perf_counter() - start
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, (rc, err)
-    assert len(lines) == 1, err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    assert took < within
-    return lines[0]
 
 
 def registry_rows() -> list[dict]:

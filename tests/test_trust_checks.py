@@ -12,7 +12,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from conftest import tiny_model
+from conftest import saved_tiny
 from core.cli import main as cli
 from core.registry import Registry
 from test_faults import home  # noqa: F401 (fixture)
@@ -30,12 +29,7 @@ FAST_S = 1.0          # a refusal: no model load (the tiny model alone takes abo
 
 @pytest.fixture(scope="module")
 def tiny() -> Path:
-    """A tiny random LLaMA saved as safetensors, readable by every user."""
-    folder = Path(tempfile.mkdtemp(prefix="spectrascope-tiny-"))
-    tiny_model("llama").save_pretrained(folder, safe_serialization=True)
-    for p in [folder, *folder.iterdir()]:
-        p.chmod(0o755)
-    return folder
+    return saved_tiny("llama")
 
 
 @pytest.fixture
