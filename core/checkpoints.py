@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .checks import first_line
 from .models import FAMILIES, Family, MatrixInfo
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             model = expected_model(folder)
         except (ValueError, KeyError, ImportError, OSError) as exc:   # an architecture only its own code builds
             log.warning("%s: cannot check that the checkpoint is complete (%s); reading its matrices as stored",
-                        folder, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                        folder, first_line(exc))
             weight_files(folder)                                        # an absent shard is still refused
         else:
             check_complete(folder, model)
@@ -309,7 +310,7 @@ def expected_model(folder: Path, trust_remote_code: bool = False) -> torch.nn.Mo
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, ImportError, OSError) as exc:   # an unknown model_type, a bad field, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"could not load model {folder}: its config.json describes no causal LM this "
                          f"transformers can build ({first})") from exc
 

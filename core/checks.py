@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when the message is empty): the part
+    of a library's error that fits in a one-line refusal."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def fail(name: str, value: object, hint: str) -> None:
     raise ValueError(f"{name}={value!r}: {hint}")
 

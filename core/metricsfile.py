@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .checks import first_line
+
 
 def read_metrics(path: str | os.PathLike, metric: str | None = None) -> pd.DataFrame:
     """A table written by ``spectrascope analyze --out`` (.csv or .parquet). Refused in one line
@@ -26,7 +28,7 @@ def read_metrics(path: str | os.PathLike, metric: str | None = None) -> pd.DataF
     try:
         table = pd.read_parquet(path) if parquet else pd.read_csv(path)
     except (ValueError, OSError, ImportError) as exc:   # pandas and pyarrow raise many types for a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"metrics file {path} cannot be read as a {'Parquet' if parquet else 'CSV'} table "
                          f"({first}); {fix}") from exc
     if "name" not in table.columns:

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .checks import model_source
+from .checks import first_line, model_source
 from .config import atomic_dir, home, resolve_device, resolve_dtype
 from .progress import Progress, report
 from .quant import write_quant_types
@@ -376,7 +376,7 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
             model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
                                                                low_cpu_mem_usage=True, output_loading_info=True)
     except Exception as exc:  # transformers and safetensors raise many types for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         if src.kind == "hub" and "/" not in src.label:
             raise ValueError(f"model {src.label!r} is neither a local path (nothing at {Path(src.label).resolve()}) "
                              "nor a model reachable on the Hugging Face hub; give a model folder, a .gguf file or "
