@@ -1,13 +1,11 @@
-"""Plotly figures, their readable log axes, and how the pages show and export them (PNG/SVG
-charts, CSV tables). Drawing only: every number comes from ``core``."""
+"""Plotly figures and their readable log axes: pure builders (no Streamlit), shared by the pages
+and by ``spectrascope compare --html``. Drawing only: every number comes from ``core``; how the
+pages show and export a figure is ``dashboard.exports``."""
 from __future__ import annotations
-
-import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import streamlit as st
 from plotly.subplots import make_subplots
 
 from core.metrics import ALPHA_HIGH, ALPHA_LOW, log_histogram, mp_bulk_edges, mp_density
@@ -359,48 +357,3 @@ def phases_figure(examples: list[tuple[str, np.ndarray]], *, unit_label: str = "
     fig.update_layout(**{**LAYOUT, "height": 270 * rows, "margin": dict(l=10, r=10, t=40, b=10)})
     fig.update_xaxes(title_text=f"λ of {unit_label}", row=rows)
     return fig
-
-
-#: session key of the chart download format, "png" or "svg" (not yet in ``State``: it belongs there)
-EXPORT_FORMAT = "fig_format"
-
-
-def export_name(name: str, *, model: str | None = None, settings: dict | str | None = None) -> str:
-    """A file name (without extension) naming the model, the chart and its settings:
-    ``SmolLM2-135M-Instruct_esd_xmin-peak_blocks-0-5``. ``model`` None: the analysed model."""
-    if model is None:
-        analysis = st.session_state.get("analysis")
-        model = getattr(analysis, "model", "") or ""
-    if isinstance(settings, dict):
-        settings = "_".join(f"{k}-{v}" for k, v in settings.items())
-    parts = [str(p) for p in (model.split("/")[-1], name, settings) if p]
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(parts)).strip("_")[:180] or "chart"
-
-
-def show(fig: go.Figure, name: str, *, settings: dict | str | None = None, model: str | None = None,
-         key: str | None = None, where=None, **kwargs):
-    """Draw ``fig`` full width with a download button (the camera in its toolbar) that saves it
-    as PNG or SVG, as chosen with :func:`export_format_control`; the file name holds the model,
-    ``name`` and ``settings``. The export runs in the browser (plotly.js), so it works offline and
-    needs no kaleido. ``kwargs`` go to ``st.plotly_chart`` (``on_select``...); returns its result."""
-    fmt = st.session_state.get(EXPORT_FORMAT) or "png"
-    config = {"displaylogo": False, "toImageButtonOptions": {
-        "format": fmt, "filename": export_name(name, model=model, settings=settings), "scale": 2 if fmt == "png" else 1}}
-    return (where or st).plotly_chart(fig, width="stretch", key=key or name, config=config, **kwargs)
-
-
-def export_format_control(where=None) -> None:
-    """The one chart-format switch (PNG or SVG) of the page, in the sidebar by default; kept for
-    the whole session."""
-    (where or st.sidebar).segmented_control(
-        "Chart downloads", ["png", "svg"], format_func=str.upper, key=EXPORT_FORMAT, default="png",
-        required=True, persist_state="session",
-        help="the format the camera button of every chart saves (SVG: vector, for papers and slides)")
-
-
-def csv_button(table: pd.DataFrame, name: str, *, settings: dict | str | None = None, model: str | None = None,
-               where=None, key: str | None = None) -> None:
-    """A "CSV" download of ``table`` whose file name holds the model, ``name`` and ``settings``."""
-    (where or st).download_button("CSV", table.to_csv(index=False).encode(), key=key or f"csv_{name}",
-                                  file_name=export_name(name, model=model, settings=settings) + ".csv",
-                                  mime="text/csv", icon=":material/download:", on_click="ignore")

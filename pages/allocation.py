@@ -8,7 +8,8 @@ from core.profiles import list_profiles, load_profile
 from core.quant import quant_alpha_message
 from dashboard import jobs
 from dashboard.errors import shown_errors
-from dashboard.figures import block_ratios_figure, export_format_control, fmt_params, kind_order, ratios_figure, show
+from dashboard.exports import export_format_control, show
+from dashboard.figures import block_ratios_figure, fmt_params, kind_order, ratios_figure
 from dashboard.results import LEGEND_BELOW, file_name
 from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, setup
 

@@ -13,7 +13,7 @@ from core.quant import quant_alpha_message
 from dashboard.errors import shown_errors
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
-from dashboard.figures import export_format_control, show
+from dashboard.exports import export_format_control, show
 from dashboard.state import METRICS, PAGES, State, assign, setup
 
 #: this page's session keys (widgets keep their values across pages: re-assigned below)

@@ -8,7 +8,8 @@ from core.analysis import analyze
 from core.fit import XMIN_METHODS
 from core.models import resolve_source
 from dashboard.errors import USER_ERRORS, message
-from dashboard.figures import export_format_control, fmt_params, kind_box_figure, kind_order, show
+from dashboard.exports import export_format_control, show
+from dashboard.figures import fmt_params, kind_box_figure, kind_order
 from dashboard.loaders import cached_model, progress_callback
 from dashboard.state import PAGES, State, setup
 

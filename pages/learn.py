@@ -10,7 +10,8 @@ from core.fit import fit_power_law
 from core.metrics import mp_bulk_edges
 from core.profiles import load_profile
 from core.spectra import eigenvalues
-from dashboard.figures import LAYOUT, esd_figure, export_format_control, phases_figure, show
+from dashboard.exports import export_format_control, show
+from dashboard.figures import LAYOUT, esd_figure, phases_figure
 from dashboard.state import State, setup
 
 # Session keys of this page that are not yet in ``State`` (they belong there): the lesson shown,

@@ -14,7 +14,7 @@ from core.registry import Registry
 from dashboard import jobs
 from dashboard.errors import shown_errors
 from dashboard.results import file_name, results_figure, with_baselines
-from dashboard.figures import export_format_control, show
+from dashboard.exports import export_format_control, show
 from dashboard.state import PAGES, State, allocation_label, job_model, setup
 
 setup()

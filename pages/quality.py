@@ -2,8 +2,8 @@
 import streamlit as st
 
 from core.quant import quant_alpha_message
-from dashboard.figures import (csv_button, depth_figure, distribution_figure, export_format_control, heatmap_figure,
-                               kind_order, show)
+from dashboard.exports import csv_button, export_format_control, show
+from dashboard.figures import depth_figure, distribution_figure, heatmap_figure, kind_order
 from dashboard.state import METRICS, PAGES, State, analysis_page, assign
 
 #: a matrix a click asked to open, (block, kind); set by a selection callback, used once below

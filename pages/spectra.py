@@ -2,7 +2,8 @@
 import numpy as np
 import streamlit as st
 
-from dashboard.figures import csv_button, esd_figure, export_format_control, kind_order, show, xmin_scan_figure
+from dashboard.exports import csv_button, export_format_control, show
+from dashboard.figures import esd_figure, kind_order, xmin_scan_figure
 from dashboard.loaders import cached_xmin_scan
 from dashboard.state import State, analysis_page
 

@@ -13,7 +13,8 @@ from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.sweeps import DEFAULT_METRIC_COLUMNS, pivot, refit
 from dashboard import jobs
 from dashboard.errors import shown_errors
-from dashboard.figures import csv_button, export_format_control, kind_order, show
+from dashboard.exports import csv_button, export_format_control, show
+from dashboard.figures import kind_order
 from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, assign, job_model, setup
 from dashboard.sweeps import RAY_HELP, sweep_argv, sweep_table, tune_argv, tune_figure
 
