@@ -1,5 +1,6 @@
 """Quantization types of GGUF sources: which ggml type (Q4_K, Q6_K, Q8_0, F32, ...) each
-prunable matrix was stored in, and whether alpha differs systematically between types.
+prunable matrix was stored in, and whether alpha differs systematically between types within one
+matrix kind (``quant_differences``).
 
 ``write_quant_types`` records the types beside a converted GGUF folder
 (``quant_types.json``); ``quant_types(folder)`` reads them back, or lazily from the GGUF
@@ -33,8 +34,10 @@ _ROLES = {
 }
 _TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
 
-#: a type needs this many matrices, and the medians must differ by this much, for a message
-MIN_PER_TYPE = 8
+#: within one kind, a type needs this many matrices in the shared block range, the medians must
+#: differ by ``MEDIAN_GAP`` or more and the Mann-Whitney p, times the number of kinds compared
+#: (Bonferroni), must be below ``P_VALUE`` for a message
+MIN_PER_TYPE = 6
 MEDIAN_GAP = 0.25
 P_VALUE = 0.01
 
@@ -85,22 +88,51 @@ def quant_types(folder: str | Path | None) -> dict[str, str]:
     return types
 
 
-def quant_alpha_message(table: pd.DataFrame, metric: str = "alpha") -> str | None:
-    """A one-line warning when ``metric`` differs systematically between quantization types of
-    one model (medians apart by ``MEDIAN_GAP`` or more and a Mann-Whitney p below ``P_VALUE``,
-    each type with ``MIN_PER_TYPE`` matrices or more), else None."""
-    if "quant" not in table.columns or metric not in table.columns:
-        return None
+def quant_differences(table: pd.DataFrame, metric: str = "alpha") -> pd.DataFrame:
+    """Where ``metric`` differs systematically between quantization types of the SAME matrix kind.
+
+    A converter stores some kinds at a higher precision (GGUF's Q4_K_M keeps ``v`` and ``down``
+    at Q6_K in some blocks), and kinds differ in alpha by nature, so types are compared only
+    within a kind, and only over the blocks where both types occur (the converter favours the
+    first and last blocks, and alpha changes with depth). One row per kind whose two most common
+    types differ: ``kind``, ``blocks`` ("first-last" of the shared range), ``high``/``low`` (the
+    types), ``median_high``/``median_low``, ``n_high``/``n_low``, ``p`` (Mann-Whitney,
+    Bonferroni-corrected over the kinds compared); largest gap first. Empty when nothing differs."""
+    columns = ["kind", "blocks", "high", "low", "median_high", "median_low", "n_high", "n_low", "p"]
+    if not {"quant", "kind", "block", metric} <= set(table.columns):
+        return pd.DataFrame(columns=columns)
     t = table[table["quant"].notna() & (table["quant"].astype(str) != "") & np.isfinite(table[metric])]
-    groups = {q: g[metric].to_numpy(float) for q, g in t.groupby("quant") if len(g) >= MIN_PER_TYPE}
-    if len(groups) < 2:
+    tests = []
+    for kind, g in t.groupby("kind", sort=False):
+        common = g["quant"].value_counts().index[:2]
+        if len(common) < 2:
+            continue
+        a, b = (g[g["quant"] == q] for q in common)
+        lo, hi = max(a["block"].min(), b["block"].min()), min(a["block"].max(), b["block"].max())
+        a, b = (x[x["block"].between(lo, hi)][metric].to_numpy(float) for x in (a, b))
+        if min(len(a), len(b)) < MIN_PER_TYPE:
+            continue
+        (qa, va), (qb, vb) = sorted(zip(common, (a, b)), key=lambda x: -float(np.median(x[1])))
+        tests.append({"kind": kind, "blocks": f"{lo}-{hi}", "high": qa, "low": qb,
+                      "median_high": float(np.median(va)), "median_low": float(np.median(vb)),
+                      "n_high": len(va), "n_low": len(vb), "p": float(mannwhitneyu(va, vb).pvalue)})
+    found = [dict(r, p=min(1.0, r["p"] * len(tests))) for r in tests]
+    found = [r for r in found if r["median_high"] - r["median_low"] >= MEDIAN_GAP and r["p"] < P_VALUE]
+    found.sort(key=lambda r: r["median_low"] - r["median_high"])
+    return pd.DataFrame(found, columns=columns)
+
+
+def quant_alpha_message(table: pd.DataFrame, metric: str = "alpha") -> str | None:
+    """One line when ``metric`` goes with the quantization type within a matrix kind
+    (``quant_differences``), else None (also for a source that is not quantized)."""
+    found = quant_differences(table, metric)
+    if found.empty:
         return None
-    medians = {q: float(np.median(v)) for q, v in groups.items()}
-    lo, hi = min(medians, key=medians.get), max(medians, key=medians.get)
-    gap = medians[hi] - medians[lo]
-    p = float(mannwhitneyu(groups[hi], groups[lo]).pvalue)
-    if gap < MEDIAN_GAP or p >= P_VALUE:
-        return None
-    return (f"{metric} differs between quantization types: median {medians[hi]:.2f} for {hi} "
-            f"({len(groups[hi])} matrices) vs {medians[lo]:.2f} for {lo} ({len(groups[lo])}), Mann-Whitney "
-            f"p={p:.1e}. The ratios partly follow the quantization, not the training.")
+    r = found.iloc[0]
+    more = "" if len(found) == 1 else f" (and in {len(found) - 1} other kind{'s' * (len(found) > 2)}: " \
+        f"{', '.join(found['kind'].iloc[1:])})"
+    return (f"{metric} goes with the storage precision: {r['kind']} matrices of blocks {r['blocks']} stored as "
+            f"{r['high']} have median {metric} {r['median_high']:.2f} ({r['n_high']}) against "
+            f"{r['median_low']:.2f} for {r['low']} ({r['n_low']}), Mann-Whitney p={r['p']:.1e}{more}. The "
+            f"converter chose those types, so ratios from {metric} partly follow how the model was quantized, "
+            "not only how it was trained; an unquantized checkpoint of the model tells them apart.")

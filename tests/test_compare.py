@@ -160,18 +160,39 @@ def test_quant_column_on_the_demo_model(demo_analysis_full, demo, tmp_path):
     assert quant_types(tmp_path) == {}          # not a GGUF conversion
 
 
-def test_quant_message_only_for_a_systematic_difference():
-    from core.quant import quant_alpha_message
+def _quant_table(rng, alpha_of) -> pd.DataFrame:
+    """30 blocks x 7 LLaMA kinds; v and down at Q6_K in GGUF Q4_K_M's blocks (the first and last
+    eighth and every third between), everything else Q4_K; alpha from ``alpha_of(kind, quant)``."""
+    def more_bits(b: int, n: int = 30) -> bool:
+        return b < n // 8 or b >= 7 * n // 8 or (b - n // 8) % 3 == 2
+
+    rows = [{"block": b, "kind": k, "quant": "Q6_K" if k in ("v", "down") and more_bits(b) else "Q4_K"}
+            for b in range(30) for k in ("q", "k", "v", "o", "gate", "up", "down")]
+    t = pd.DataFrame(rows)
+    t["alpha"] = [alpha_of(k, q) + rng.normal(0, 0.2) for k, q in zip(t["kind"], t["quant"])]
+    return t
+
+
+def test_quant_message_compares_types_within_a_kind():
+    from core.quant import quant_alpha_message, quant_differences
 
     rng = np.random.default_rng(0)
-    mixed = pd.DataFrame({"quant": ["Q4_K"] * 20 + ["Q6_K"] * 20,
-                          "alpha": np.r_[rng.normal(3.0, 0.2, 20), rng.normal(4.0, 0.2, 20)]})
-    msg = quant_alpha_message(mixed)
-    assert msg and "Q6_K" in msg and "Q4_K" in msg
-    same = mixed.assign(alpha=rng.normal(3.0, 0.2, 40))
-    assert quant_alpha_message(same) is None
-    assert quant_alpha_message(mixed.iloc[15:25]) is None          # too few of each type
-    assert quant_alpha_message(mixed.assign(quant=None)) is None   # not quantized
+    # v is heavier-tailed by nature (alpha 5) and down lighter (3): the types differ only because
+    # the kinds do; within v and within down both types have the same alpha -> no message
+    by_kind = {"v": 5.0, "down": 3.0}
+    kinds_only = _quant_table(rng, lambda k, q: by_kind.get(k, 3.5))
+    assert quant_alpha_message(kinds_only) is None
+    # within down, the Q6_K blocks have alpha 0.8 higher -> the message names down and both types
+    within = _quant_table(rng, lambda k, q: 3.0 + 0.8 * (k == "down" and q == "Q6_K"))
+    msg = quant_alpha_message(within)
+    assert msg and "down matrices" in msg and "Q6_K" in msg and "Q4_K" in msg and "\n" not in msg
+    found = quant_differences(within)
+    assert list(found["kind"]) == ["down"] and found["p"].iloc[0] < 0.01
+    # only the blocks where both types occur (3-25): the first and last ones are all Q6_K or all Q4_K
+    assert found["blocks"].iloc[0] == "3-25" and (found["n_high"].iloc[0], found["n_low"].iloc[0]) == (7, 16)
+    assert quant_alpha_message(within[within["block"] < 6]) is None     # too few of each type
+    assert quant_alpha_message(within.assign(quant=None)) is None        # not quantized
+    assert quant_alpha_message(within.drop(columns="kind")) is None      # a table without kinds
 
 
 def test_prune_spec_analyze_output_round_trip():
