@@ -1,0 +1,91 @@
+"""Fast tuning: every candidate's masks from one statistics pass, the best and uniform confirmed
+with the full protocol, uniform chosen unless an epsilon > 0 beats it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from core.fasttune import dense_statistics, fast_tune
+from core.models import wrap_model
+from core.spec import CalibrationSpec, PruneSpec
+from core.sweeps import TUNE_COLUMNS, holdout_split, tune
+from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
+
+
+def _tiny(seed: int = 4):
+    return wrap_model(tiny_model("llama", seed=seed), make_tokenizer(False))
+
+
+def _base(text: str, method: str, **kw) -> PruneSpec:
+    return PruneSpec(method=method, sparsity=0.6, mapping="matrix", device="cpu",
+                     calibration=CalibrationSpec(text, nsamples=2, seqlen=32), **kw)
+
+
+def test_magnitude_candidates_score_as_the_full_protocol(text_file, tmp_path, monkeypatch):
+    """Magnitude needs no data: the fast masks ARE the full protocol's, so each confirmed row's
+    fast score equals the perplexity ``tune`` (block by block, a pruned copy) gives it."""
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    loaded = _tiny()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    base = _base(text_file[0], "magnitude")
+    result = fast_tune(base, epsilons=[0.0, 0.2, 0.4], xmins=["peak"], metric_columns=["alpha"],
+                       holdout_windows=3, confirm_windows=3, loaded=loaded)
+    t = result.table
+    assert list(t.columns) == [*TUNE_COLUMNS, "confirmed"] and len(t) == 3
+    full = tune(base, epsilons=[0.0, 0.2, 0.4], xmins=["peak"], metric_columns=["alpha"], holdout_windows=3,
+                loaded=loaded).table
+    assert t["perplexity"].tolist() == pytest.approx(full["perplexity"].tolist(), rel=1e-6)
+    confirmed = t.dropna(subset=["confirmed"])
+    assert 0.0 in set(confirmed["epsilon"]) and len(confirmed) in (1, 2)
+    assert confirmed["confirmed"].tolist() == pytest.approx(confirmed["perplexity"].tolist(), rel=1e-6)
+    # the model is left exactly as it was
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the choice: the lower confirmed perplexity, uniform when no epsilon > 0 beats it
+    uniform = float(confirmed.loc[confirmed.epsilon == 0, "confirmed"].iloc[0])
+    if result.best["epsilon"] == 0:
+        assert result.reason.startswith("uniform is best on this model at S=0.6: epsilon 0")
+        assert result.best["perplexity"] == pytest.approx(uniform)
+    else:
+        assert result.best["perplexity"] < uniform and "beats uniform" in result.reason
+    assert result.spec(base).epsilon == result.best["epsilon"]
+
+
+def test_only_epsilon_zero_says_uniform_is_best(text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    result = fast_tune(_base(text_file[0], "wanda"), epsilons=[0.0], xmins=["peak"], metric_columns=["alpha"],
+                       holdout_windows=2, confirm_windows=2, loaded=_tiny())
+    assert result.best["epsilon"] == 0.0 and "uniform is best" in result.reason and "\n" not in result.reason
+    assert "dense model's statistics" in result.proxy
+
+
+def test_dense_statistics_are_the_dense_models_inputs(text_file, tmp_path, monkeypatch):
+    """Each matrix's sum of squared inputs, against hooks on the dense model's own forward pass."""
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    loaded = _tiny()
+    calib, _ = holdout_split(_base(text_file[0], "wanda"), loaded, 0.1)
+    stats = dense_statistics(loaded, calib, torch.device("cpu"))
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [loaded.module(m.name).register_forward_pre_hook(
+        lambda mod, args, name=m.name: seen.__setitem__(name, seen.get(name, 0) + (
+            args[0].reshape(-1, args[0].shape[-1]).double() ** 2).sum(0))) for m in loaded.matrices]
+    with torch.no_grad():
+        for row in calib.input_ids:
+            loaded.model(input_ids=row[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert set(stats) == {m.name for m in loaded.matrices}
+    for name, s in stats.items():
+        torch.testing.assert_close(s.sq.double(), seen[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_wanda_70_finds_the_full_grids_winner(demo):
+    """On the demo at 70% Wanda, uniform loses clearly (README results): the fast route must not
+    fall back to it, and the winner's confirmed score is the full protocol's."""
+    base = PruneSpec(method="wanda", sparsity=0.7, device="cpu", calibration=CalibrationSpec(nsamples=4, seqlen=128))
+    result = fast_tune(base, epsilons=[0.0, 0.2, 0.3], xmins=["peak"], metric_columns=["alpha"],
+                       holdout_windows=4, confirm_windows=4, loaded=demo)
+    assert result.best["epsilon"] > 0 and "beats uniform" in result.reason
+    assert result.confirmed["perplexity"] < result.confirmed["uniform"]
