@@ -285,3 +285,16 @@ def test_evaluation_on_cuda_and_cpu_equals_the_cpu(llama5):
     assert two.perplexity == pytest.approx(one.perplexity, rel=1e-4)
     assert three.perplexity == pytest.approx(one.perplexity, rel=1e-4)
     assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+
+
+def test_the_devices_round_trip_through_the_cli_arguments(llama5_tok):
+    from core.cli import build_parser
+    from core.spec import PruneSpec
+
+    spec = PruneSpec(model=str(llama5_tok), devices="cuda:0,cuda:1")
+    assert spec.devices == ("cuda:0", "cuda:1") and spec.device == "cuda:0" and spec.recorded_device == "cuda:0,cuda:1"
+    assert PruneSpec.from_args(build_parser().parse_args(spec.to_argv())) == spec
+    assert PruneSpec(model=str(llama5_tok), devices="1").device == "cuda:1"                 # one device is --device
+    assert PruneSpec(model=str(llama5_tok), devices="1").devices == ()
+    with pytest.raises(ValueError, match="--device cpu and --devices"):
+        PruneSpec(model=str(llama5_tok), device="cpu", devices="cuda:0,cuda:1")
