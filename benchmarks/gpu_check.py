@@ -274,8 +274,9 @@ def table(res: dict) -> str:
         rows.append(("wanda, whole model, measured", full["error"] if "error" in full else
                      f"{full['blocks']} blocks in {full['seconds'] / 60:.1f} min, sparsity {full['achieved']:.3f}, "
                      f"peak {full['peak_gib']:.1f} GiB", "< 5 min" if not res["small"] else "-"))
-    rows += [tuple(r) for r in res.get("multi_device", {}).get("rows", [])] or \
-        ([("multi-device prune + eval", res["multi_device"].get("error", "no result"), "identical")] if "multi_device" in res else [])
+    multi = res.get("multi_device", {})
+    rows += [tuple(r) for r in multi.get("rows", [])] or \
+        ([("multi-device prune + eval", multi.get("error", "no result"), "identical")] if multi else [])
     head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
             f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
     lines = [head, "", "| check | result | goal |", "|---|---|---|"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import refused, tiny_config, tiny_model
+from conftest import refused, tiny_config
 from core.cli import main as cli
 from core.evaluation import perplexity
 from core.models import LoadedModel, load_model, load_skeleton
