@@ -11,7 +11,10 @@
    use; float32 Gram + eigvalsh; float64 singular values), with their errors;
 5. Wanda on a whole LLaMA-7B-shaped model (32 blocks, random weights, float16), measured,
    not projected (``--no-full`` skips it);
-6. peak GPU memory of each stage.
+6. peak GPU memory of each stage;
+7. multi-device prune + eval (``multi_device``): Wanda and perplexity of a small LLaMA with its
+   blocks placed across cuda:0 + cpu, and across every visible GPU when there are several,
+   against one device (masks and perplexity must agree).
 
 Each stage prints its line as soon as it ends, so a run cut short still reports what it did.
 
@@ -182,6 +185,55 @@ def pruned(s: dict, device: str, dtype: torch.dtype, method: str, blocks: int = 
             "projected_32_blocks_s": result.seconds * 32 / blocks, "tokens": s["nsamples"] * s["seqlen"]}
 
 
+MULTI = dict(hidden=512, inter=1376, blocks=8, heads=8, vocab=4096, nsamples=16, seqlen=256)
+
+
+def multi_device(s: dict, device: str) -> dict:
+    """Wanda (in memory) and perplexity with the blocks placed across several devices against
+    one device (``device``), float32: per placement the seconds of both, the share of equal
+    mask entries and the perplexities' relative difference. Placements: cuda:0 + cpu and every
+    visible GPU (several), or cpu + cpu (two positions of one device) on the CPU."""
+    from core.evaluation import perplexity
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        placements = [["cuda:0", "cpu"]] + ([[f"cuda:{i}" for i in range(n)]] if n > 1 else [])
+        ref = "cuda:0"
+    else:
+        placements, ref = [["cpu", "cpu"]], "cpu"
+    loaded = _llama(s, s["blocks"], "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, s["vocab"], (s["nsamples"], s["seqlen"]), generator=gen)
+    text = torch.randint(0, s["vocab"], (8 * s["seqlen"],), generator=gen)
+
+    def run(**where) -> tuple:
+        start = time.perf_counter()
+        result = prune(loaded, 0.5, method="wanda", calibration=calib, copy=True, **where)
+        prune_s = time.perf_counter() - start
+        masks = {m.name: result.model.weight(m.name) == 0 for m in loaded.matrices}
+        ppl = perplexity(loaded, ids=text, seqlen=s["seqlen"], **where)
+        return masks, prune_s, ppl, result.device
+
+    masks, prune_s, ppl, _ = run(device=ref)
+    out = {"reference": ref, "prune_seconds": prune_s, "eval_seconds": ppl.seconds, "perplexity": ppl.perplexity,
+           "placements": {}}
+    for devices in placements:
+        got, p_s, p_ppl, where = run(devices=devices)
+        agree = sum(int((got[k] == masks[k]).sum()) for k in masks) / sum(v.numel() for v in masks.values())
+        out["placements"][",".join(devices)] = {
+            "placement": where, "prune_seconds": p_s, "eval_seconds": p_ppl.seconds, "mask_agreement": agree,
+            "perplexity": p_ppl.perplexity, "ppl_rel_diff": abs(p_ppl.perplexity / ppl.perplexity - 1)}
+    bad = [k for k, v in out["placements"].items() if v["mask_agreement"] < 0.999 or v["ppl_rel_diff"] > 1e-3]
+    if bad:
+        out["error"] = f"placements {bad} differ from one device"
+    out["rows"] = [(f"multi-device prune + eval ({k}: {v['placement']})",
+                    f"wanda {v['prune_seconds']:.1f} s (one device {prune_s:.1f} s), masks agree "
+                    f"{v['mask_agreement']:.5f}; perplexity {v['eval_seconds']:.1f} s (one device "
+                    f"{ppl.seconds:.1f} s), relative difference {v['ppl_rel_diff']:.1e}", "identical")
+                   for k, v in out["placements"].items()]
+    return out
+
+
 def _guard(fn, *args) -> dict:
     try:
         return fn(*args)
@@ -222,6 +274,9 @@ def table(res: dict) -> str:
         rows.append(("wanda, whole model, measured", full["error"] if "error" in full else
                      f"{full['blocks']} blocks in {full['seconds'] / 60:.1f} min, sparsity {full['achieved']:.3f}, "
                      f"peak {full['peak_gib']:.1f} GiB", "< 5 min" if not res["small"] else "-"))
+    multi = res.get("multi_device", {})
+    rows += [tuple(r) for r in multi.get("rows", [])] or \
+        ([("multi-device prune + eval", multi.get("error", "no result"), "identical")] if multi else [])
     head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
             f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
     lines = [head, "", "| check | result | goal |", "|---|---|---|"]
@@ -260,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("routes", _guard, routes, args.device, s["hidden"])
     if not args.no_full:
         stage("wanda_full", _guard, pruned, s, args.device, dtype, "wanda", s["blocks"])
+    stage("multi_device", _guard, multi_device, SMALL if args.small else MULTI, args.device)
     text = table(res)
     res["table"] = text
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"gpu_check{'_small' if args.small else ''}.json")
@@ -268,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nwrote {out}")
     failed = any("error" in res.get(k, {}) for k in ("analysis", "wanda", "sparsegpt", "routes", "wanda_full")) or "FAILED" in res["cuda_tests"]["status"]
+    failed = failed or "error" in res.get("multi_device", {})
     return 1 if failed else 0
 
 

@@ -26,6 +26,12 @@ are captured at block 0 and carried through each block as it is read from the ch
 (``core.pruning.streaming``), or as it is pruned (``along``); then the model's own forward,
 its blocks stood in by the carried states, gives the final norm and the head's chunked loss
 as above. Same windows, same batches, same loss: the perplexity of the loaded model.
+
+Several devices (``devices``, ``core.pruning.placement``): an in-memory model's blocks are
+held across them in contiguous ranges (``placed``: embeddings on the first, final norm and
+head on the last) and every batch of windows runs through the model's own forward, its hidden
+states handed from device to device; a streamed model reads each block onto its device and
+carries the hidden states on at the range boundaries. The numbers are those of one device.
 """
 from __future__ import annotations
 
@@ -33,15 +39,17 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .calibration import DEFAULT_SEQLEN, bos_plan, cap_seqlen, prepend, tokenize
-from .config import resolve_device, window_batches
+from .config import window_batches
 from .progress import Progress, check_cancel, report
 from .models import LoadedModel, is_skeleton
-from .pruning.engine import BlockSource, _Windows, capture_inputs
+from .pruning.engine import BlockSource, _Windows, capture_inputs, handed_to
+from .pruning.placement import placed, placement
 from .pruning.streaming import block_source
 from .texts import EMBEDDED, load_text
 
@@ -165,7 +173,8 @@ def _log_fallback(model: torch.nn.Module, why: str) -> None:
 
 def _full_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
     logits = logits[:, :-1].float()
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).to(logits.device),
+                                 reduction="sum"))
 
 
 @torch.no_grad()
@@ -198,7 +207,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *,
         return window_nll(model, windows, chunk_tokens=None)
     del logits, ref
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    t = target.reshape(-1)
+    t = target.reshape(-1).to(last.device)       # the head's device (the last of a placement)
     step = chunk_tokens if isinstance(chunk_tokens, int) else max(1, CHUNK_ELEMENTS // last.shape[-1])
     total = 0.0
     for i in range(0, t.numel(), step):
@@ -231,21 +240,22 @@ def _windows(loaded: LoadedModel, dataset: str, ids: torch.Tensor | None, seqlen
 def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tensor | None = None,
                seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None, device: str | torch.device = "auto",
                progress: Progress = None, cancel: object = None, bos: str = "auto",
-               chunk_tokens: int | str | None = "auto") -> Perplexity:
+               chunk_tokens: int | str | None = "auto", devices: Sequence[str] | None = None) -> Perplexity:
     """Perplexity of ``loaded`` on the evaluation part of ``dataset`` (``wiki``, ``wikitext2``,
     ``c4`` or a text file), or on given token ``ids`` (1-D; ``bos="paper"`` cuts them as given
     and reports no BOS). The model is moved to ``device`` for the evaluation and back
     afterwards; a model without its weights (``load_skeleton``) is evaluated block by block
     from its checkpoint (``StreamedPerplexity``). ``bos``: ``core.calibration.BOS_MODES``;
-    ``chunk_tokens``: ``window_nll``."""
+    ``chunk_tokens``: ``window_nll``. ``devices``: instead of ``device``, the blocks placed
+    across these devices (``core.pruning.placement``; the same perplexity)."""
     if is_skeleton(loaded):
         streamed = StreamedPerplexity(loaded, block_source(loaded), dataset=dataset, ids=ids, seqlen=seqlen,
                                       max_windows=max_windows, device=device, cancel=cancel, bos=bos,
-                                      chunk_tokens=chunk_tokens)
+                                      chunk_tokens=chunk_tokens, devices=devices)
         n = len(loaded.blocks)
         for b in range(n):
             check_cancel(cancel, f"before block {b}")
-            with streamed.source.materialised(b, streamed.device):
+            with streamed.source.materialised(b, streamed.place[b]):
                 streamed.block(b)
             report(progress, b + 1, n + 1, f"perplexity: block {b + 1}/{n}")
         result = streamed.result()
@@ -254,23 +264,24 @@ def perplexity(loaded: LoadedModel, *, dataset: str = EMBEDDED, ids: torch.Tenso
     model = loaded.model
     windows, total, seqlen, label, plan = _windows(loaded, dataset, ids, seqlen, max_windows, bos, chunk_tokens)
     n = windows.shape[0]
-    dev = resolve_device(device)
-    home_device = next(model.parameters()).device
+    place = placement(loaded, devices or device)
     was_training = model.training
-    model.eval().to(dev)
+    model.eval()
     nll, count = 0.0, 0
     start = time.perf_counter()
     try:
-        for rows in window_batches(n, seqlen):
-            check_cancel(cancel, f"at window {rows.start}")
-            s, c = window_nll(model, windows[rows].to(dev), chunk_tokens=chunk_tokens)
-            nll, count = nll + s, count + c
-            report(progress, rows.stop, n, f"perplexity {math.exp(nll / count):.2f}")
+        with placed(loaded, place):
+            for rows in window_batches(n, seqlen):
+                check_cancel(cancel, f"at window {rows.start}")
+                s, c = window_nll(model, windows[rows].to(place.first), chunk_tokens=chunk_tokens)
+                nll, count = nll + s, count + c
+                report(progress, rows.stop, n, f"perplexity {math.exp(nll / count):.2f}")
     finally:
-        model.to(home_device).train(was_training)
+        model.train(was_training)
     seconds = time.perf_counter() - start
     mean = nll / count
-    result = Perplexity(math.exp(mean), mean, count, n, total, seqlen, label, seconds, str(dev), bos, plan.prepended)
+    result = Perplexity(math.exp(mean), mean, count, n, total, seqlen, label, seconds, place.describe(), bos,
+                        plan.prepended)
     log.info(result.summary())
     return result
 
@@ -294,23 +305,25 @@ class StreamedPerplexity:
     and runs the model's forward with every block standing in for the carried states, so the
     final norm and the head's chunked loss are the model's own (chunks of at most the largest
     matrix's size in logits, ``_streamed_chunk``). Memory: one block (the embeddings at the
-    capture, the head at the end), and two buffers of ``windows x seqlen x hidden``.
+    capture, the head at the end), and two buffers of ``windows x seqlen x hidden``. With
+    ``devices`` block ``b`` is on ``place[b]`` (``core.pruning.placement``): the hidden states
+    move on at a range boundary, the head computes on the last device.
     """
 
     def __init__(self, loaded: LoadedModel, source: BlockSource, *, dataset: str = EMBEDDED,
                  ids: torch.Tensor | None = None, seqlen: int = DEFAULT_SEQLEN, max_windows: int | None = None,
                  device: str | torch.device = "auto", cancel: object = None, bos: str = "auto",
-                 chunk_tokens: int | str | None = "auto") -> None:
+                 chunk_tokens: int | str | None = "auto", devices: Sequence[str] | None = None) -> None:
         self.loaded, self.source, self.cancel, self.bos = loaded, source, cancel, bos
         self.chunk_tokens = _streamed_chunk(loaded) if chunk_tokens == "auto" else chunk_tokens
         self.windows, self.total, self.seqlen, self.label, self.plan = _windows(
             loaded, dataset, ids, seqlen, max_windows, bos, chunk_tokens)
-        self.device = resolve_device(device)
+        self.place = placement(loaded, devices or device)
         self.passes = _Windows()
         self.structure: tuple | None = None        # a block's output other than the hidden states
         self.next_block = 0
         start = time.perf_counter()
-        captured = capture_inputs(loaded, self.windows, self.device, cancel, source)
+        captured = capture_inputs(loaded, self.windows, self.place, cancel, source)
         self.args, self.kwargs, self.hidden = captured.args, captured.kwargs, captured.inputs
         self.spare = torch.empty_like(self.hidden)
         self.seconds = time.perf_counter() - start
@@ -322,6 +335,7 @@ class StreamedPerplexity:
             raise ValueError(f"block {b} given to the streamed evaluation, block {self.next_block} expected")
         start = time.perf_counter()
         blk = self.loaded.blocks[b]
+        self.hidden, self.spare = handed_to(self.place[b], self.hidden, self.spare)
         handle = blk.register_forward_hook(self._keep_structure)
         try:
             self.passes.run(blk, self.hidden, self.spare, self.args[b], self.kwargs[b])
@@ -353,11 +367,11 @@ class StreamedPerplexity:
             blk.forward = self._stand_in                # an instance attribute, removed below
         nll, count = 0.0, 0
         try:
-            with self.source.outside(self.device, head=True):
+            with self.source.outside(self.place.last, head=True):
                 for rows in window_batches(n, self.seqlen):
                     check_cancel(self.cancel, f"at window {rows.start}")
                     self.rows = rows
-                    s, c = window_nll(model, self.windows[rows].to(self.device), chunk_tokens=self.chunk_tokens)
+                    s, c = window_nll(model, self.windows[rows].to(self.place.last), chunk_tokens=self.chunk_tokens)
                     nll, count = nll + s, count + c
         finally:
             for blk in blocks:
@@ -366,6 +380,6 @@ class StreamedPerplexity:
         seconds = self.seconds + time.perf_counter() - start
         mean = nll / count
         result = Perplexity(math.exp(mean), mean, count, n, self.total, self.seqlen, self.label, seconds,
-                            str(self.device), self.bos, self.plan.prepended)
+                            self.place.describe(), self.bos, self.plan.prepended)
         log.info("%s (streamed block by block)", result.summary())
         return result

@@ -70,8 +70,9 @@ class RunResult:
 
 def check_inputs(spec: PruneSpec) -> None:
     """Refuse, before the model loads, what the spec needs later and cannot have: a device this
-    machine lacks, a calibration or evaluation text that is missing or empty."""
-    resolve_device(spec.device)
+    machine lacks (or one of ``devices``), a calibration or evaluation text that is missing or empty."""
+    for device in (spec.device, *spec.devices):
+        resolve_device(device)
     if spec.needs_calibration:
         check_text(spec.calibration.dataset, "--calib")
     check_text(spec.evaluation.dataset, "--dataset")     # also read by eval_run without evaluate
@@ -205,13 +206,14 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
               "calibration": calib if calibration is not None else None,
               "calib_bos": calib.get("bos") if calibration is not None else None,
               "calib_bos_prepended": calib.get("bos_prepended") if calibration is not None else None,
-              "device": spec.device, "dtype": loaded.dtype_name, "output_dir": str(spec.save) if spec.save else None}
+              "device": spec.recorded_device, "dtype": loaded.dtype_name,
+              "output_dir": str(spec.save) if spec.save else None}
     with registry.record("prune", **fields) as run_id:
         run = _Run(spec, loaded, registry, run_id, params, epsilon, sparsity, calib, progress, cancel)
         if spec.streaming:
             return _prune_streamed(run, ratios, calibration)
         result = prune(loaded, ratios, method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
-                       copy=True, progress=progress, cancel=cancel)
+                       copy=True, progress=progress, cancel=cancel, devices=spec.devices or None)
         out, report = _record(run, result, evaluated=result.model)
         if spec.save:
             out.output_dir = save_model(result.model, spec.save, report)
@@ -278,7 +280,7 @@ def _evaluate(spec: PruneSpec, loaded: LoadedModel, registry: Registry, run_id: 
               cancel: object) -> Perplexity:
     e = spec.evaluation
     ppl = perplexity(loaded, dataset=e.dataset, seqlen=e.seqlen, max_windows=e.max_windows, device=spec.device,
-                     progress=progress, cancel=cancel, bos=e.bos)
+                     progress=progress, cancel=cancel, bos=e.bos, devices=spec.devices or None)
     return _record_perplexity(spec, ppl, registry, run_id, loaded.dtype_name)
 
 
@@ -297,12 +299,12 @@ def _record_perplexity(spec: PruneSpec, ppl: Perplexity, registry: Registry, run
 def eval_run(spec: PruneSpec, loaded: LoadedModel | None = None, *, registry: Registry | None = None,
              progress: Progress = None, cancel: object = None) -> tuple[int, Perplexity]:
     """Perplexity (and the zero-shot tasks, if any) of the model as it is (``loaded``, or the
-    spec's model), recorded as an ``eval`` run. Only the spec's model, dtype, device and
-    ``evaluation`` are used."""
+    spec's model), recorded as an ``eval`` run. Only the spec's model, dtype, device (or
+    ``devices``) and ``evaluation`` are used."""
     registry = registry or Registry()
     loaded = loaded if loaded is not None else load_for(spec, progress)
     with registry.record("eval", model=loaded.source, model_identity=loaded.identity, method="dense",
-                         device=spec.device, dtype=loaded.dtype_name) as run_id:
+                         device=spec.recorded_device, dtype=loaded.dtype_name) as run_id:
         ppl = _evaluate(spec, loaded, registry, run_id, progress, cancel)
         _zeroshot(spec, loaded, registry, run_id, progress)
     return run_id, ppl
@@ -322,6 +324,7 @@ def _report(spec: PruneSpec, loaded: LoadedModel, out: RunResult, params: dict, 
     """The JSON report saved beside a pruned model's weights."""
     return {**out.to_dict(), "output_dir": str(spec.save), "model": loaded.source, "model_identity": loaded.identity,
             "allocation_params": params, "versions": software_versions(), "spec": spec.to_argv(),
+            "device": result.device, "placement": result.placement,
             "matrices": result.matrices.to_dict(orient="records")}
 
 
@@ -334,7 +337,7 @@ def _prune_streamed(run: _Run, ratios: dict | None, calibration: object) -> RunR
     e = spec.evaluation
     streamed = StreamedPerplexity(loaded, ShardBlocks(loaded), dataset=e.dataset, seqlen=e.seqlen,
                                   max_windows=e.max_windows, device=spec.device, cancel=run.cancel,
-                                  bos=e.bos) if e.evaluate else None
+                                  bos=e.bos, devices=spec.devices or None) if e.evaluate else None
     along = streamed.block if streamed is not None else None
     runs: list[RunResult] = []
 
@@ -345,7 +348,7 @@ def _prune_streamed(run: _Run, ratios: dict | None, calibration: object) -> RunR
         return report
 
     options = dict(method=spec.method, calibration=calibration, nm=spec.nm, device=spec.device,
-                   progress=run.progress, cancel=run.cancel)
+                   progress=run.progress, cancel=run.cancel, devices=spec.devices or None)
     if spec.save is not None:
         prune_to_folder(loaded, spec.save, ratios, report=finish, along=along, **options)
     else:   # evaluated only (a sweep's run): nothing is written

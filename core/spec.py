@@ -80,7 +80,10 @@ class EvaluationSpec:
 class PruneSpec:
     """Everything that defines one prune run. ``allocation`` is ``file`` exactly when
     ``ratios_file`` is given; ``epsilon``/``r_max`` ``None`` mean the allocation defaults;
-    with ``nm`` (``"2:4"``) the ratios are not used. Paths are stored absolute."""
+    with ``nm`` (``"2:4"``) the ratios are not used. Paths are stored absolute. ``devices``
+    (two or more) places the run's blocks across these devices of the machine for pruning and
+    perplexity (``core.pruning.placement``); ``device`` is then the first of them (the stages that
+    run on one device: analysis, OWL scores). One device in ``devices`` is ``device``."""
 
     model: str = "demo"
     method: str = "wanda"
@@ -104,6 +107,7 @@ class PruneSpec:
     trust_remote_code: bool = False
     analyze_output: bool = False        # analyse the pruned model (disk cache; recorded in the run's params)
     streaming: bool = False             # models larger than memory: block by block from the shards
+    devices: tuple[str, ...] = ()       # the blocks placed across these devices (two or more)
 
     def __post_init__(self) -> None:
         put = object.__setattr__   # frozen: normalised values are set once, here
@@ -142,6 +146,7 @@ class PruneSpec:
             _fail("evaluation", self.evaluation, "give an EvaluationSpec")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device.strip().lower()):
             _fail("device", self.device, "use auto, cpu, cuda, cuda:N or mps")
+        self._place_devices()
         _choice("dtype", self.dtype, DTYPES)
         put(self, "save", None if self.save is None else _new_folder("save", self.save))
         _flag("trust_remote_code", self.trust_remote_code)
@@ -151,6 +156,34 @@ class PruneSpec:
             # the zero-shot harness scores each document with the whole model's forward: not block by block
             _fail("streaming", self.streaming, "--zeroshot needs the whole model in memory (the harness runs "
                   "the full forward per document); run `spectrascope zeroshot` on the --save folder afterwards")
+
+    def _place_devices(self) -> None:
+        """``devices`` as names (text: ``core.devices.parse_devices``, a device named twice refused;
+        a sequence: each item parsed); one device becomes ``device``, several set ``device`` to the first."""
+        given = self.devices
+        if not given:
+            object.__setattr__(self, "devices", ())
+            return
+        from .devices import parse_devices     # torch only when devices are given
+
+        if isinstance(given, str):
+            names = parse_devices(given)
+        elif isinstance(given, (list, tuple)):
+            names = [d for item in given for d in parse_devices(str(item))]
+        else:
+            _fail("devices", given, "give device names, e.g. cuda:0,cuda:1")
+        if self.device.strip().lower() not in ("auto", names[0]):
+            _fail("devices", ",".join(names), f"--device {self.device} and --devices both given; give one of them")
+        object.__setattr__(self, "device", names[0])
+        object.__setattr__(self, "devices", tuple(names) if len(names) > 1 else ())
+        if self.devices and self.evaluation.zeroshot:
+            _fail("devices", ",".join(names), "--zeroshot runs the whole model on one device; drop --devices "
+                  "(or run `spectrascope zeroshot` on the --save folder with --device)")
+
+    @property
+    def recorded_device(self) -> str:
+        """The run's device as recorded: ``cuda:0`` or the placement's list ``cuda:0,cuda:1``."""
+        return ",".join(self.devices) if self.devices else self.device
 
     @property
     def needs_calibration(self) -> bool:
@@ -185,6 +218,7 @@ class PruneSpec:
         argv += ["--task-dir", str(e.task_dir)] if e.task_dir else []
         argv += ["--trust-task-code"] if e.trust_task_code else []
         argv += ["--device", self.device, "--dtype", self.dtype]
+        argv += ["--devices", ",".join(self.devices)] if self.devices else []
         argv += ["--save", str(self.save)] if self.save else []
         argv += ["--trust-remote-code"] if self.trust_remote_code else []
         argv += ["--analyze-output"] if self.analyze_output else []
@@ -216,5 +250,5 @@ class PruneSpec:
                                       trust_task_code=get("trust_task_code", False)),
             device=get("device", cls.device), dtype=get("dtype", cls.dtype), save=get("save", None),
             trust_remote_code=get("trust_remote_code", False), analyze_output=get("analyze_output", False),
-            streaming=get("streaming", False))
+            streaming=get("streaming", False), devices=get("placement_devices", ()))
         return cls(**{**fields, **overrides})

@@ -148,6 +148,16 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", action="store_true", help="models larger than memory: read one block at a "
                    "time from the safetensors shards and write it pruned to --save; --eval then evaluates each "
                    "pruned block as it is written (--save or --eval required)")
+    _opts_placement(p)
+
+
+def _opts_placement(p: argparse.ArgumentParser) -> None:
+    """``--devices`` of one run (prune, eval): its blocks placed across several devices."""
+    p.add_argument("--devices", dest="placement_devices", metavar="LIST",
+                   help="place this run's blocks across several devices of this machine, e.g. 0,1 or cuda:0,cpu "
+                   "or cuda (every visible GPU): contiguous ranges balanced by parameter bytes, each block pruned "
+                   "and evaluated on its device (a model larger than one GPU; same numbers as one device). One "
+                   "device is --device")
 
 
 def _opts_streaming(p: argparse.ArgumentParser) -> None:
@@ -187,6 +197,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     _opts_eval(p)
     p.add_argument("--seqlen", type=int, default=2048, help="window length, capped at the context (default 2048)")
     _opts_streaming(p)
+    _opts_placement(p)
 
 
 def run_eval(args: argparse.Namespace, progress: Progress) -> str:

@@ -7,7 +7,9 @@ collector and applies the method's rule (``methods.py``; SparseGPT's algebra in
 statistics on the dense model. The model passed to ``prune`` is pruned in place;
 ``prune(..., copy=True)`` prunes a deep copy. A model larger than memory, loaded without
 weights (``core.models.load_skeleton``), is pruned block by block from its checkpoint's shards
-into a new checkpoint folder by ``prune_to_folder`` (``streaming.py``).
+into a new checkpoint folder by ``prune_to_folder`` (``streaming.py``). ``devices`` places the
+blocks across several devices of the machine (``placement.py``): each block is pruned on its
+device, with the masks of one device.
 """
 from __future__ import annotations
 
@@ -18,17 +20,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
 
 from ..choices import OWL_M
-from ..config import atomic_dir, resolve_device
+from ..config import atomic_dir
 from ..models import REPORT_NAME, LoadedModel, output_folder
 from ..progress import Progress
 from .engine import BlockPipeline, BlockSource, Collector
 from .methods import METHODS, NM_PATTERNS, NormCollector, check_nm, get_method, parse_nm, prune_magnitude, prune_wanda
+from .placement import placement
 from .sparsegpt import HessianCollector, prune_sparsegpt
 from .streaming import CheckpointWriter, ShardBlocks, block_source
 
@@ -48,9 +51,10 @@ class PruneResult:
     nm: tuple[int, int] | None
     matrices: pd.DataFrame            # name, block, kind, params, ratio, achieved
     seconds: float
-    device: str
+    device: str                       # one device, or the placement: cuda:0[blocks 0-15]+cuda:1[blocks 16-31]
     dtype: str
     calibration: dict = field(default_factory=dict)
+    placement: dict | None = None     # with several devices: Placement.to_dict()
 
     @property
     def sparsity(self) -> float:
@@ -72,7 +76,8 @@ class PruneResult:
 def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None, *, method: str = "wanda",
           calibration: torch.Tensor | object | None = None, nm: str | tuple[int, int] | None = None,
           device: str | torch.device = "auto", copy: bool = False, progress: Progress = None,
-          cancel: object = None, source: BlockSource | None = None) -> PruneResult:
+          cancel: object = None, source: BlockSource | None = None,
+          devices: Sequence[str] | None = None) -> PruneResult:
     """Prune every matrix of ``loaded`` to its ratio with ``method``; returns a ``PruneResult``.
 
     ``ratios``: ``{matrix name: fraction to prune}`` (missing names stay dense) or one float
@@ -83,25 +88,26 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     ``threading.Event`` or a callable checked between blocks (raises ``Cancelled``).
     ``source``: where the blocks' weights come from (default: memory; for a skeleton its
     shards, and the pruned blocks are dropped: use ``prune_to_folder`` to keep them).
+    ``devices``: instead of ``device``, the blocks placed across these devices (``placement``).
     """
     chosen = get_method(method)
     nm = parse_nm(nm)
     if nm is not None:
         check_nm(nm, chosen, loaded.matrices)
     ratios = _check_ratios(loaded, ratios, nm)
-    dev = resolve_device(device)
+    place = placement(loaded, devices or device)
     ids, calib_info = _calibration_ids(calibration, method) if chosen.collector else (None, {})
     if copy and source is None:
         loaded = _copy_loaded(loaded)
     model = loaded.model
     dtype = next(model.parameters()).dtype
     start = time.perf_counter()
-    pipeline = BlockPipeline(loaded, ids, collector=chosen.collector, device=dev, progress=progress, cancel=cancel,
-                             label=method, source=source or block_source(loaded))
+    pipeline = BlockPipeline(loaded, ids, collector=chosen.collector, device=place, progress=progress,
+                             cancel=cancel, label=method, source=source or block_source(loaded))
     achieved: dict[str, float] = {}
 
     def on_block(b: int, stats: Mapping[str, Collector]) -> None:
-        chosen.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=dev)
+        chosen.prune_block(loaded, b, stats, ratios=ratios, nm=nm, device=place[b])
         achieved.update(achieved_sparsity(loaded, b))
 
     was_training = model.training
@@ -113,8 +119,8 @@ def prune(loaded: LoadedModel, ratios: Mapping[str, float] | float | None = None
     seconds = time.perf_counter() - start
     table = pd.DataFrame([{"name": m.name, "block": m.block, "kind": m.kind, "params": m.params,
                            "ratio": ratios[m.name], "achieved": achieved[m.name]} for m in loaded.matrices])
-    result = PruneResult(loaded, method, nm, table, seconds, str(dev), str(dtype).replace("torch.", ""),
-                         calib_info)
+    result = PruneResult(loaded, method, nm, table, seconds, place.describe(), str(dtype).replace("torch.", ""),
+                         calib_info, place.to_dict() if place.spread else None)
     log.info(result.summary())
     return result
 
@@ -129,7 +135,8 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
                     method: str = "wanda", calibration: torch.Tensor | object | None = None,
                     nm: str | tuple[int, int] | None = None, device: str | torch.device = "auto",
                     report: Callable[[PruneResult, Path], dict] | None = None, progress: Progress = None,
-                    cancel: object = None, along: Callable[[int], None] | None = None) -> PruneResult:
+                    cancel: object = None, along: Callable[[int], None] | None = None,
+                    devices: Sequence[str] | None = None) -> PruneResult:
     """Prune a model larger than memory into the new checkpoint folder ``dest``.
 
     ``loaded`` comes from ``load_skeleton``: each block is read from the source's shards onto
@@ -139,6 +146,7 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
     folder, returns the JSON written as ``spectrascope_report.json``. Written atomically: an
     interrupted run leaves nothing at ``dest``. The result's model stays without weights.
     ``along(b)`` is called with each pruned block ``b`` on the device (``ShardBlocks``).
+    ``devices``: each block read onto and pruned on its device of the placement (``prune``).
     """
     dest = output_folder(dest, loaded)
     done: list[PruneResult] = []
@@ -146,7 +154,7 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
     def write(tmp: Path) -> None:
         source = ShardBlocks(loaded, CheckpointWriter(tmp, len(loaded.blocks) + 1), along)
         result = prune(loaded, ratios, method=method, calibration=calibration, nm=nm, device=device,
-                       progress=progress, cancel=cancel, source=source)
+                       progress=progress, cancel=cancel, source=source, devices=devices)
         source.write_rest()
         loaded.model.config.save_pretrained(tmp)
         if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
@@ -163,16 +171,18 @@ def prune_to_folder(loaded: LoadedModel, dest: str | Path, ratios: Mapping[str, 
 
 
 def owl_scores(loaded: LoadedModel, calibration: object, *, m: float = OWL_M, device: str | torch.device = "auto",
-               progress: Progress = None, cancel: object = None) -> dict[int, float]:
+               progress: Progress = None, cancel: object = None, devices: Sequence[str] | None = None
+               ) -> dict[int, float]:
     """Per block, the share D_l of Wanda scores ``|W_ij| ||X_j||`` above ``m`` times the block's
-    mean score, with the inputs of the dense model (the model is not modified)."""
+    mean score, with the inputs of the dense model (the model is not modified); ``devices`` as
+    in ``prune``."""
     if not m > 0:
         raise ValueError(f"m={m!r}: the outlier threshold multiple must be positive (OWL uses 5)")
     ids, _ = _calibration_ids(calibration, "wanda")
-    dev = resolve_device(device)
-    pipeline = BlockPipeline(loaded, ids, collector=NormCollector, device=dev, progress=progress, cancel=cancel,
+    place = placement(loaded, devices or device)
+    pipeline = BlockPipeline(loaded, ids, collector=NormCollector, device=place, progress=progress, cancel=cancel,
                              label="OWL statistics", source=block_source(loaded))
-    shares = pipeline.run(lambda b, stats: _outlier_share(loaded, stats, m, dev), forward_after=False)
+    shares = pipeline.run(lambda b, stats: _outlier_share(loaded, stats, m, place[b]), forward_after=False)
     return dict(enumerate(shares))
 
 

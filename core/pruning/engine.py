@@ -7,9 +7,10 @@ the changed block to form the next block's inputs.
    stops the forward there) and the arguments each block receives (attention mask,
    position embeddings, ...) from one pass of the first window in which only block 0
    computes;
-2. ``BlockPipeline.run``, for each block: bring it to ``device`` (its ``BlockSource``: the
+2. ``BlockPipeline.run``, for each block: bring it to its device (its ``BlockSource``: the
    model in memory, or a checkpoint's shards for a model larger than memory,
-   ``streaming.py``); run the windows through it
+   ``streaming.py``; ``device`` is one device or a ``Placement`` of the blocks across several,
+   ``placement.py``, and the hidden states follow the blocks to their devices); run the windows through it
    (in batches of about ``BATCH_TOKENS`` tokens) with pre-hooks that feed each matrix's
    ``Collector`` and end each call once the last matrix has its input; call
    ``on_block(b, stats)`` (a method's rule per matrix); run the windows through the pruned
@@ -24,7 +25,7 @@ import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Protocol, TypeVar
+from typing import Callable, ContextManager, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -152,9 +153,11 @@ class _CaptureHooks:
 
 
 @torch.no_grad()
-def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device, cancel: object,
-                   source: BlockSource | None = None) -> Captured:
-    """Block-0 inputs of every window, and every block's other arguments from window 0.
+def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device | Sequence[torch.device],
+                   cancel: object, source: BlockSource | None = None) -> Captured:
+    """Block-0 inputs of every window, and every block's other arguments from window 0, each
+    on its block's device (``device``: one, or a ``Placement``: one per block; the capture
+    computes on block 0's).
 
     Window 0 goes through the model's own forward so that pre-hooks record what every block
     receives (masks differ between sliding-window and global layers in some families), but
@@ -166,6 +169,8 @@ def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device,
     """
     model, blocks = loaded.model, loaded.blocks
     source = source or InMemoryBlocks(loaded)
+    devices = per_block(device, len(blocks))
+    device = devices[0]
     hooks = _CaptureHooks(len(blocks), ids.shape[0], device)
     first = blocks[0]
     handles = [blk.register_forward_pre_hook(functools.partial(hooks.pre_hook, b), with_kwargs=True)
@@ -191,8 +196,8 @@ def capture_inputs(loaded: LoadedModel, ids: torch.Tensor, device: torch.device,
     if missing:
         raise ValueError(f"blocks {missing[:5]} were never called in a forward pass; this architecture is "
                          "not supported by the pruning engine")
-    return Captured(hooks.inputs, [_to(a, device) for a, _ in hooks.per_block],
-                    [_to(k, device) for _, k in hooks.per_block])
+    return Captured(hooks.inputs, [_to(a, devices[b]) for b, (a, _) in enumerate(hooks.per_block)],
+                    [_to(k, devices[b]) for b, (_, k) in enumerate(hooks.per_block)])
 
 
 # --- 2. statistics of one block's matrices ---------------------------------------------------
@@ -302,15 +307,18 @@ class BlockPipeline:
     """The block-by-block loop: statistics pass -> ``on_block`` -> pass through the changed block.
 
     ``collector``: the statistics class of the method (None: no data flows, each block is
-    only moved to ``device`` and handed to ``on_block`` with no statistics). ``label`` starts
-    the progress messages. ``source``: where the blocks' weights are (default: in memory).
+    only moved to its device and handed to ``on_block`` with no statistics). ``device``: one
+    device, or a ``Placement`` (block ``b`` on ``devices[b]``, with its statistics; the
+    windows' hidden states move on at a range boundary). ``label`` starts the progress
+    messages. ``source``: where the blocks' weights are (default: in memory).
     """
 
     def __init__(self, loaded: LoadedModel, ids: torch.Tensor | None, *,
-                 collector: Callable[[int, torch.device], Collector] | None, device: torch.device,
-                 progress: Progress = None, cancel: object = None, label: str = "",
-                 source: BlockSource | None = None) -> None:
-        self.loaded, self.ids, self.collector, self.device = loaded, ids, collector, device
+                 collector: Callable[[int, torch.device], Collector] | None,
+                 device: torch.device | Sequence[torch.device], progress: Progress = None, cancel: object = None,
+                 label: str = "", source: BlockSource | None = None) -> None:
+        self.loaded, self.ids, self.collector = loaded, ids, collector
+        self.devices = per_block(device, len(loaded.blocks))
         self.source = source or InMemoryBlocks(loaded)
         self.progress, self.cancel, self.label = progress, cancel, label
         self.windows = _Windows()
@@ -327,14 +335,15 @@ class BlockPipeline:
         if self.collector is None:
             return [self._block_without_data(b, blk, on_block) for b, blk in enumerate(blocks)]
         report(self.progress, 0, len(blocks), f"{self.label}: capturing inputs")
-        captured = capture_inputs(self.loaded, self.ids, self.device, self.cancel, self.source)
+        captured = capture_inputs(self.loaded, self.ids, self.devices, self.cancel, self.source)
         inps, outs = captured.inputs, torch.empty_like(captured.inputs)
         results = []
         for b, blk in enumerate(blocks):
             check_cancel(self.cancel, f"before block {b}")
-            args, kwargs = captured.args[b], captured.kwargs[b]
-            with self.source.materialised(b, self.device):
-                stats = _BlockStatistics(self.loaded, b, self.collector, self.device, stop_early=forward_after)
+            args, kwargs, device = captured.args[b], captured.kwargs[b], self.devices[b]
+            inps, outs = handed_to(device, inps, outs)
+            with self.source.materialised(b, device):
+                stats = _BlockStatistics(self.loaded, b, self.collector, device, stop_early=forward_after)
                 with stats.attached():
                     self.windows.run(blk, inps, outs, args, kwargs, stats)
                 results.append(on_block(b, stats.result()))
@@ -348,7 +357,7 @@ class BlockPipeline:
 
     def _block_without_data(self, b: int, blk: nn.Module, on_block: Callable[[int, dict], T]) -> T:
         check_cancel(self.cancel, f"before block {b}")
-        with self.source.materialised(b, self.device):
+        with self.source.materialised(b, self.devices[b]):
             result = on_block(b, {})
             self.source.done(b)
         self._report(b)
@@ -360,6 +369,26 @@ class BlockPipeline:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+def per_block(device: torch.device | Sequence[torch.device], n: int) -> list[torch.device]:
+    """The device of each of ``n`` blocks: one device for all, or a ``Placement`` (a sequence)."""
+    if isinstance(device, torch.device):
+        return [device] * n
+    devices = [device[b] for b in range(len(device))]
+    if len(devices) != n:
+        raise ValueError(f"a placement of {len(devices)} blocks given for a model of {n} blocks")
+    return devices
+
+
+def handed_to(device: torch.device, hidden: torch.Tensor, spare: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states (and a spare buffer of their shape) on ``device``: moved at a range
+    boundary of a placement, else as they are."""
+    if hidden.device == device or (device.index is None and hidden.device.type == device.type):
+        return hidden, spare
+    hidden = hidden.to(device)
+    return hidden, (torch.empty_like(hidden) if spare is not None else None)
+
 
 def _to(obj: object, device: torch.device) -> object:
     if isinstance(obj, torch.Tensor):
