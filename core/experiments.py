@@ -147,6 +147,9 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
         table = table.merge(scored[["name", spec.metric]], on="name", how="left")
     if spec.allocation == "owl" and owl_scores is None:
         owl_scores = owl_scores_for(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
+    if spec.allocation == "alpha" and spec.epsilon == "auto":
+        _fail("epsilon", "auto", "is tuned when a run starts (prune_and_eval, core.fasttune.auto_epsilon); give a "
+              "number to compute ratios directly")
     return allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric, mapping=spec.mapping,
                     epsilon=DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon,
                     r_max=DEFAULT_R_MAX if spec.r_max is None else spec.r_max, dense_kinds=spec.dense_kinds,
@@ -191,6 +194,17 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         calibration = calibration_for(spec, loaded)
     calib = _calibration_settings(calibration)
     alpha = spec.allocation == "alpha" and not spec.nm
+    tuning = None
+    if alpha and spec.epsilon == "auto":     # tuned on held-out calibration text, never the evaluation text
+        from .fasttune import auto_epsilon
+
+        tuned, tuning = auto_epsilon(spec, loaded, progress=progress, cancel=cancel)
+        (log.warning if tuned.epsilon == 0 else log.info)("epsilon auto: %s", tuning["reason"])
+        metrics = metrics if tuned.xmin == spec.xmin else None     # scored with the fit the tuning chose
+        spec = tuned
+    elif alpha and spec.epsilon is None and spec.metrics_file is None:
+        log.warning("epsilon %g (the paper's default): a streamed run cannot tune it on this model; tune a copy "
+                    "that fits in memory or give --epsilon", DEFAULT_EPSILON)
     epsilon = (DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon) if alpha else None
     ratios, params, sparsity = None, {}, spec.sparsity
     if not spec.nm:   # before the run is recorded: a bad ratios or metrics file is refused, not a failed run
@@ -198,6 +212,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
                                   progress=progress, cancel=cancel)
         # a ratios file's sparsity is its weighted mean; its path and hash are in params
         ratios, params, sparsity = alloc.ratio_by_name(), alloc.params(), float(alloc.sparsity)
+        if tuning is not None:
+            params["tuning"] = tuning
         if alpha and metrics is None and spec.metrics_file is None:
             params["xmin"] = spec.xmin     # the fit that produced the scored metric
     fields = {"model": loaded.source, "model_identity": loaded.identity, "method": spec.method,

@@ -24,6 +24,20 @@ _NM = re.compile(r"(\d+):(\d+)")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def _epsilon(spec: "PruneSpec") -> float | str | None:
+    """``"auto"`` when asked, and by default for ``alpha`` on the model's own metrics in memory
+    (a streamed run keeps the paper's 0.3, with a warning when it runs); else a fraction."""
+    if spec.epsilon == "auto" or (spec.epsilon is None and spec.allocation == "alpha" and spec.metrics_file is None
+                                  and spec.nm is None and not spec.streaming):
+        if spec.allocation != "alpha":
+            _fail("epsilon", "auto", "tunes AlphaPruning's epsilon; use it with allocation alpha")
+        if spec.streaming:
+            _fail("epsilon", "auto", "tuning needs the model in memory, a streamed run does not hold it; give a "
+                  "number (tune a copy that fits in memory, or use 0.3, the paper's)")
+        return "auto"
+    return _fraction("epsilon", spec.epsilon, optional=True)
+
+
 # --- the spec ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -79,7 +93,9 @@ class EvaluationSpec:
 @dataclass(frozen=True)
 class PruneSpec:
     """Everything that defines one prune run. ``allocation`` is ``file`` exactly when
-    ``ratios_file`` is given; ``epsilon``/``r_max`` ``None`` mean the allocation defaults;
+    ``ratios_file`` is given; ``epsilon`` ``"auto"`` (the default of ``alpha`` with the model's
+    own metrics) is tuned when the run starts (``core.fasttune.auto_epsilon``), ``None`` with a
+    metrics file (a published profile) is the paper's 0.3; ``r_max`` ``None`` is the default bound;
     with ``nm`` (``"2:4"``) the ratios are not used. Paths are stored absolute. ``devices``
     (two or more) places the run's blocks across these devices of the machine for pruning and
     perplexity (``core.pruning.placement``); ``device`` is then the first of them (the stages that
@@ -89,7 +105,7 @@ class PruneSpec:
     method: str = "wanda"
     allocation: str = "uniform"
     sparsity: float = 0.5
-    epsilon: float | None = None
+    epsilon: float | str | None = None
     metric: str = "alpha"
     xmin: str = "peak"
     mapping: str = "block"
@@ -116,7 +132,7 @@ class PruneSpec:
         _choice("method", self.method, PRUNE_METHODS)
         _choice("allocation", self.allocation, ALLOCATIONS)
         put(self, "sparsity", _fraction("sparsity", self.sparsity))
-        put(self, "epsilon", _fraction("epsilon", self.epsilon, optional=True))
+        put(self, "epsilon", _epsilon(self))
         _text("metric", self.metric)
         _choice("xmin", self.xmin, XMIN_METHODS)
         _choice("mapping", self.mapping, MAPPINGS)
@@ -200,7 +216,8 @@ class PruneSpec:
         argv = ["prune", "--model", self.model, "--method", self.method]
         argv += ["--ratios", str(self.ratios_file)] if self.ratios_file else ["--allocation", self.allocation]
         argv += ["--sparsity", repr(self.sparsity), "--metric", self.metric, "--mapping", self.mapping]
-        argv += ["--epsilon", repr(self.epsilon)] if self.epsilon is not None else []
+        argv += ["--epsilon", str(self.epsilon) if self.epsilon == "auto" else repr(self.epsilon)] \
+            if self.epsilon is not None else []
         argv += ["--xmin", self.xmin] if self.xmin != "peak" else []
         argv += ["--r-max", repr(self.r_max)] if self.r_max is not None else []
         argv += ["--dense-kinds", ",".join(self.dense_kinds)] if self.dense_kinds else []

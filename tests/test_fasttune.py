@@ -2,6 +2,9 @@
 with the full protocol, uniform chosen unless an epsilon > 0 beats it."""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -89,3 +92,56 @@ def test_demo_wanda_70_finds_the_full_grids_winner(demo):
                        holdout_windows=4, confirm_windows=4, loaded=demo)
     assert result.best["epsilon"] > 0 and "beats uniform" in result.reason
     assert result.confirmed["perplexity"] < result.confirmed["uniform"]
+
+
+def test_epsilon_auto_is_alphas_default_where_it_can_tune(tmp_path):
+    from core.cli import build_parser
+
+    metrics = tmp_path / "m.csv"
+    metrics.write_text("name,alpha\n")
+    assert PruneSpec(allocation="alpha").epsilon == "auto"
+    assert PruneSpec(allocation="alpha", epsilon=0.2).epsilon == 0.2
+    assert PruneSpec(allocation="alpha", metrics_file=metrics).epsilon is None      # a profile keeps the paper's 0.3
+    assert PruneSpec(allocation="alpha", streaming=True, save=tmp_path / "out").epsilon is None
+    assert PruneSpec(allocation="uniform").epsilon is None
+    for bad in (dict(allocation="uniform", epsilon="auto"),
+                dict(allocation="alpha", epsilon="auto", streaming=True, save=tmp_path / "o")):
+        with pytest.raises(ValueError, match="epsilon='auto'"):
+            PruneSpec(**bad)
+    spec = PruneSpec(allocation="alpha")
+    assert "--epsilon" in spec.to_argv() and spec.to_argv()[spec.to_argv().index("--epsilon") + 1] == "auto"
+    assert PruneSpec.from_args(build_parser().parse_args(spec.to_argv())) == spec
+
+
+def test_cli_refuses_an_epsilon_that_is_neither_a_number_nor_auto(capsys):
+    from core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--allocation", "alpha", "--epsilon", "banana"])
+    assert exit_.value.code == 2 and "neither a number nor auto" in capsys.readouterr().err
+
+
+def test_a_run_with_epsilon_auto_records_the_tuning_and_reuses_it(text_file, tmp_path, monkeypatch):
+    from core.experiments import prune_and_eval
+    from core.registry import Registry
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    loaded = _tiny()
+    base = _base(text_file[0], "magnitude", allocation="alpha")
+    assert base.epsilon == "auto"
+    reg = Registry(tmp_path / "runs.sqlite")
+    first = prune_and_eval(base, loaded, registry=reg)
+    params = reg.get(first.run_id)["allocation_params"]
+    params = json.loads(params) if isinstance(params, str) else params
+    tuning = params["tuning"]
+    assert tuning["epsilon"] == first.epsilon and isinstance(first.epsilon, float)
+    assert tuning["reason"].startswith(("uniform is best", f"epsilon {first.epsilon:g}"))
+    kept = list((tmp_path / "tunings").glob("*.json"))
+    assert len(kept) == 1 and kept[0].name == tuning["cached"]
+    # the same model and settings: the kept choice, not a second tuning (the file is not rewritten)
+    stamp = kept[0].stat().st_mtime_ns
+    second = prune_and_eval(base, loaded, registry=reg)
+    assert second.epsilon == first.epsilon and kept[0].stat().st_mtime_ns == stamp
+    # another sparsity is tuned on its own
+    prune_and_eval(replace(base, sparsity=0.4), loaded, registry=reg)
+    assert len(list((tmp_path / "tunings").glob("*.json"))) == 2

@@ -108,15 +108,26 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def parse_epsilons(text: str, methods: list[str]) -> dict[str, list[float]]:
-    """``0.2,0.3`` (every method) or ``wanda=0.3,sparsegpt=0.2`` (per method; both may mix)."""
+def _epsilon(text: str) -> float | str:
+    """``--epsilon``: a number, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+
+
+def parse_epsilons(text: str, methods: list[str]) -> dict[str, list[float | str]]:
+    """``0.2,0.3`` (every method) or ``wanda=0.3,sparsegpt=0.2`` (per method; both may mix);
+    ``auto`` tunes each run's epsilon (``--epsilon auto``)."""
     out: dict[str, list[float]] = {}
     for item in _names(text):
         method, _, value = item.rpartition("=")
         if method and method not in methods:
             raise ValueError(f"--epsilons {text!r}: {method!r} is not one of the methods ({', '.join(methods)})")
         for m in [method] if method else methods:
-            out.setdefault(m, []).extend(_floats(value, "--epsilons"))
+            out.setdefault(m, []).extend(["auto"] if value.strip().lower() == "auto" else _floats(value, "--epsilons"))
     return out
 
 
@@ -128,7 +139,9 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=ALLOCATIONS, help="layer-wise ratios: uniform (default), alpha "
                    "(AlphaPruning) or owl; file with --ratios (the default then)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target parameter-weighted sparsity (default 0.5)")
-    p.add_argument("--epsilon", type=float, help="AlphaPruning's tau range (default 0.3; see tune)")
+    p.add_argument("--epsilon", type=_epsilon, help="AlphaPruning's tau range, or auto (the default with the "
+                   "model's own metrics: fast tuning on held-out calibration text chooses epsilon and xmin, and "
+                   "uniform, epsilon 0, when no epsilon > 0 beats it; a --metrics profile or --streaming keeps 0.3)")
     _opts_alpha(p)
     _opts_limits(p)
     p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
@@ -219,8 +232,9 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(PRUNE_METHODS), help="comma-separated (default all)")
     p.add_argument("--allocations", default=",".join(ALLOCATION_METHODS), help="comma-separated (default all)")
     p.add_argument("--sparsities", default="0.5,0.6,0.7", help="comma-separated (default 0.5,0.6,0.7)")
-    p.add_argument("--epsilons", default="0.3", help="AlphaPruning epsilons, comma-separated, for every method "
-                   "(0.2,0.3) or per method (wanda=0.3,sparsegpt=0.2; default 0.3)")
+    p.add_argument("--epsilons", help="AlphaPruning epsilons, comma-separated, for every method "
+                   "(0.2,0.3) or per method (wanda=0.3,sparsegpt=auto); default auto: each method and sparsity "
+                   "tuned on held-out calibration text, uniform when no epsilon > 0 beats it (--streaming: 0.3)")
     _opts_alpha(p)
     _opts_limits(p)
     _opts_calib(p)
@@ -239,7 +253,8 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
             choice(option, name, known)         # every name, before the model loads
     out_csv, out_md = (output_file(Path(args.out).with_suffix(s), "--out", overwrite=args.overwrite)
                        for s in (".csv", ".md"))
-    sparsities, epsilons = _floats(args.sparsities, "--sparsities"), parse_epsilons(args.epsilons, methods)
+    sparsities = _floats(args.sparsities, "--sparsities")
+    epsilons = parse_epsilons(args.epsilons, methods) if args.epsilons else None   # None: each spec's default
     _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
     if args.streaming and (args.ray or args.devices):
