@@ -79,6 +79,7 @@ class State:
     a_mapping = "a_mapping"
     a_sparsity = "a_sparsity"
     a_epsilon = "a_epsilon"
+    a_auto = "a_auto"            # Prune tunes epsilon when the run starts (--epsilon auto)
     a_rmax = "a_rmax"
     a_dense = "a_dense"
     a_compare = "a_compare"
@@ -124,7 +125,7 @@ class State:
         sp_blocks: [0], sp_kinds: ["q"], sp_linear: False, sp_fit: True, sp_mp: True, sp_scan: False,
         q_metric: "alpha", q_block: 0, q_kind: "q",
         a_source: "loaded model", a_method: "alpha", a_metric: "alpha", a_mapping: "block",
-        a_sparsity: 0.7, a_epsilon: 0.3, a_rmax: 0.99, a_dense: [], a_compare: False,
+        a_sparsity: 0.7, a_epsilon: 0.3, a_auto: True, a_rmax: 0.99, a_dense: [], a_compare: False,
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
         p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False, p_analyze: True,
         p_job: None, owl: {},

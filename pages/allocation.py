@@ -68,6 +68,10 @@ with st.container(border=True):
               help="ratios span about S(1 - eps) .. S(1 + eps); the paper tunes 0.2-0.5")
     c3.slider("r_max", 0.5, 0.999, step=0.001, key=State.a_rmax, format="%.3f",
               help="no matrix is pruned beyond r_max")
+    st.toggle("Prune with epsilon auto", key=State.a_auto, disabled=ss[State.a_method] != "alpha",
+              help="when the pruning run starts, fast tuning on held-out calibration text (never the evaluation "
+                   "text) chooses epsilon and falls back to uniform (epsilon 0) when no epsilon > 0 beats it; the "
+                   "preview below shows the slider's epsilon")
     st.multiselect("Dense kinds (kept at 0)", kinds, key=State.a_dense,
                    help="these kinds are not pruned; the others carry the whole budget")
 

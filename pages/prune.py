@@ -31,9 +31,11 @@ source, identity, label = job_model()
 # --- settings ------------------------------------------------------------------------------
 allocation = ss[State.a_method]
 S, eps, mapping = ss[State.a_sparsity], ss[State.a_epsilon], ss[State.a_mapping]
+auto = allocation == "alpha" and bool(ss[State.a_auto])
 with st.container(border=True):
     st.markdown(f"**Model** `{label}` · **allocation** {allocation_label(allocation)} at S = {S:.2f}"
-                + (f", ε = {eps:.2f}, {mapping} mapping" if allocation == "alpha" else ""))
+                + (f", ε = {'auto (tuned when the run starts)' if auto else f'{eps:.2f}'}, {mapping} mapping"
+                   if allocation == "alpha" else ""))
     st.page_link(PAGES["allocation"][0], label="change the allocation", icon=":material/tune:")
     c1, c2 = st.columns(2)
     c1.radio("Method", pruning.METHODS, key=State.p_method, horizontal=True,
@@ -77,7 +79,7 @@ def prune_spec() -> PruneSpec:
     ratios) and this page's method, N:M, calibration, evaluation and saving."""
     method, nm = ss[State.p_method], (None if ss[State.p_nm] == "none" else ss[State.p_nm])
     return PruneSpec(model=source, method=method, allocation=allocation, sparsity=S,
-                     epsilon=eps if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
+                     epsilon=("auto" if auto else eps) if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
                      r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), metrics_file=metrics_file(),
                      nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
                      evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],

@@ -129,6 +129,7 @@ def use_tuning(result: dict) -> None:
     best = result["best"]
     assign(State.a_method, "alpha")
     assign(State.a_epsilon, round(float(best["epsilon"]), 2))
+    assign(State.a_auto, False)                  # this tuned epsilon, not another tuning
     assign(State.a_metric, best["metric"])
     assign(State.a_sparsity, round(float(result["sparsity"]), 2))
     assign(State.p_method, result["method"])
@@ -147,7 +148,7 @@ def in_use(best: dict) -> bool:
     """Whether the Allocation page's allocation is this winner (AlphaPruning, its epsilon, metric and xmin)."""
     current = ss[State.analysis]
     xmin_kept = current is None or best["xmin"] not in XMIN_METHODS or current.xmin == best["xmin"]
-    return (ss[State.a_method] == "alpha" and ss[State.a_metric] == best["metric"] and xmin_kept
+    return (ss[State.a_method] == "alpha" and ss[State.a_metric] == best["metric"] and xmin_kept and not ss[State.a_auto]
             and round(float(ss[State.a_epsilon]), 2) == round(float(best["epsilon"]), 2))
 
 

@@ -59,7 +59,7 @@ def test_prune_and_eval_job_saves_and_reaches_the_comparison(demo, demo_analysis
     from core.registry import Registry
 
     known = set(Registry().query()["id"])   # the session's home may hold other tests' runs
-    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="alpha", a_sparsity=0.4,
+    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="alpha", a_sparsity=0.4, a_auto=False,
                  p_method="magnitude", p_eval_windows=2, p_seqlen=128, p_save=True)
     assert not at.exception, at.exception
     if not known:
@@ -90,6 +90,21 @@ def test_prune_and_eval_job_saves_and_reaches_the_comparison(demo, demo_analysis
     assert not at.exception, at.exception
     assert at.title[0].value == "Compare"
     assert len(at.session_state["cmp_sources"]) == 2                # the dense analysis and the pruned one
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_alpha_prunes_with_epsilon_auto_unless_turned_off(demo, demo_analysis_full, fresh_home, auto):
+    """The default (auto) is what the job runs with; the toggle off sends the slider's epsilon."""
+    from dashboard import jobs
+
+    at = new_app("prune", analysis=demo_analysis_full, loaded=demo, a_method="alpha", a_epsilon=0.25,
+                 **({} if auto else {"a_auto": False}))
+    assert ("ε = auto" in texts(at)) == auto and ("ε = 0.25" in texts(at)) != auto
+    at.button[0].click().run()
+    job = jobs.list_jobs(1)[0]
+    cmd = job.info["cmd"]
+    job.cancel()
+    assert cmd[cmd.index("--epsilon") + 1] == ("auto" if auto else "0.25")
 
 
 @pytest.fixture
