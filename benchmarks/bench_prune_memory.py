@@ -189,7 +189,8 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...]]], fill
 def write_large_checkpoint(folder: Path, layers: int, hidden: int, inter: int, heads: int, vocab: int,
                            shard_bytes: int, tokenizer: Path | None) -> int:
     """A random LLaMA-shaped bfloat16 checkpoint in shards of at most ``shard_bytes`` (a block
-    is never split: a larger block has a shard of its own), written tensor by tensor, with ``tokenizer``'s files; its size in bytes."""
+    is never split: a larger block has a shard of its own), written tensor by tensor, with
+    ``tokenizer``'s files; its size in bytes."""
     folder.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
 
@@ -273,7 +274,8 @@ def large_run(args: argparse.Namespace, say) -> None:
     free = shutil.disk_usage(root.parent if not root.exists() else root).free
     if free < 2 * size + 2**30:       # the checkpoint, the pruned output (same dtype) and 1 GiB to spare
         raise SystemExit(f"{root.parent}: {free / 1e9:.1f} GB free, the {size / 1e9:.1f} GB checkpoint and its pruned "
-                         f"copy need {(2 * size + 2**30) / 1e9:.1f} GB: give --dir on a larger disk or a smaller --size-gb")
+                         f"copy need {(2 * size + 2**30) / 1e9:.1f} GB: give --dir on a larger disk or a smaller "
+                         "--size-gb")
     if root.exists():
         raise SystemExit(f"{root} exists: give a --dir that does not exist yet (this benchmark deletes it at the end)")
     from core.models import gguf_to_folder, resolve_source

@@ -295,7 +295,8 @@ def _streamed_rows(r: dict | None) -> list[tuple[str, str, str]]:
     if "error" in r:
         return [("streamed evaluation", r["error"], "")]
     frac = f" = {r['peak_fraction']:.2f}x the checkpoint" if r["peak_fraction"] is not None else " (process peak)"
-    return [(f"streamed evaluation, {r['blocks']} blocks ({r['checkpoint_gib']:.2f} GiB on disk), {r['windows']} windows",
+    return [(f"streamed evaluation, {r['blocks']} blocks ({r['checkpoint_gib']:.2f} GiB on disk), "
+             f"{r['windows']} windows",
              f"{r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB{frac}; perplexity {r['perplexity']:.4g} vs "
              f"{r['in_memory_perplexity']:.4g} in memory (rel. diff {r['rel_diff']:.1e})", "< 1/3; < 1e-3")]
 
@@ -340,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=1, default=str))
     print(text)
     print(f"\nwrote {out}")
-    failed = any("error" in res.get(k, {}) for k in ("analysis", "wanda", "sparsegpt", "routes", "wanda_full",
-                                                        "projection", "streamed_eval")) or "FAILED" in res["cuda_tests"]["status"]
+    stages = ("analysis", "wanda", "sparsegpt", "routes", "wanda_full", "projection", "streamed_eval")
+    failed = any("error" in res.get(k, {}) for k in stages) or "FAILED" in res["cuda_tests"]["status"]
     return 1 if failed else 0
 
 

@@ -9,8 +9,11 @@ reading takes ``bytes / bandwidth`` whatever the number of GPUs. Reading overlap
 ``overlapped = max(read, busiest)``; ``serial = read + busiest`` is the bound without overlap.
 
     python benchmarks/projection.py [--small] [--device cpu] [--read-mib 2048] [--json FILE]
+    python benchmarks/projection.py --estimate-from benchmarks/results/gpu_check.json   # no GPU here
 
 ``--small``: the shapes divided by 32 (a CPU smoke test; its times say nothing of a GPU).
+``--estimate-from``: ESTIMATED times of the real shapes (``fitted_seconds``) from the shapes an
+earlier GPU run of gpu_check measured, with the read bandwidth measured here.
 ``benchmarks/gpu_check.py`` runs ``measure`` as its projection stage on the GPU machine.
 """
 from __future__ import annotations
@@ -178,7 +181,7 @@ def estimated(measured_ms: dict[str, float], bandwidth: float, how: str) -> dict
     shapes = sorted({s for c in counts.values() for s in c})
     seconds = fitted_seconds(measured_ms, shapes)
     rows = [{"model": name, **project(c, seconds, bandwidth, g)} for name, c in counts.items() for g in GPUS]
-    return {"device": "GPU (ESTIMATED per-shape times)", "small": False,
+    return {"device": "GPU", "estimated": True, "small": False,
             "per_shape_ms": {key(s): t * 1000 for s, t in seconds.items()},
             "read_gb_per_s": bandwidth / 1e9, "read_method": how, "projection": rows,
             "model": "overlapped = max(read, busiest GPU's compute); serial = read + compute; one shared disk"}
@@ -194,7 +197,8 @@ def table(res: dict, label: str = "") -> str:
              + ", ".join(f"{k} {v:.1f} ms" for k, v in res["per_shape_ms"].items()),
              f"Read bandwidth {res['read_gb_per_s']:.2f} GB/s: {res['read_method']}.",
              f"Model: {res['model']}.", "",
-             "| model | GPUs | matrices | weights read | compute (busiest GPU) | read time | projected (overlapped) | serial |",
+             "| model | GPUs | matrices | weights read | compute (busiest GPU) | read time "
+             "| projected (overlapped) | serial |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["projection"]:
         lines.append(f"| {r['model']} | {r['gpus']} | {r['matrices']} | {r['read_gb']:.0f} GB | {fmt(r['compute_s'])} "
@@ -208,8 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--read-mib", type=int, default=2048, help="size of the read-bandwidth file (MiB, default 2048)")
     p.add_argument("--dir", help="folder of the read-bandwidth file (default the temporary folder)")
+    p.add_argument("--estimate-from", metavar="GPU_CHECK_JSON",
+                   help="ESTIMATE from the per-shape times of a GPU run of gpu_check instead of measuring")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
+    if args.estimate_from:
+        run = json.loads(Path(args.estimate_from).read_text())
+        if not str(run.get("device", "")).startswith("cuda") or not run.get("per_matrix_ms"):
+            print(f"projection: {args.estimate_from} is not a GPU run of gpu_check with per-shape times",
+                  file=sys.stderr)
+            return 2
+        bandwidth, how = read_bandwidth(args.dir, args.read_mib << 20)
+        res = estimated(run["per_matrix_ms"], bandwidth, how)
+        print(table(res, f": ESTIMATED from {', '.join(f'{k} {v:.0f} ms' for k, v in run['per_matrix_ms'].items())} "
+                         f"measured on {run.get('device_name')} ({run.get('date')}), fitted as a m n^2 + b n^3"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("projection: no CUDA GPU visible; run with --device cpu --small for the smoke test", file=sys.stderr)
         return 2
