@@ -280,7 +280,8 @@ def large_run(args: argparse.Namespace, say) -> None:
         raise SystemExit(f"{root} exists: give a --dir that does not exist yet (this benchmark deletes it at the end)")
     from core.models import gguf_to_folder, resolve_source
 
-    tokenizer = Path(gguf_to_folder(resolve_source(args.tokenizer).path)) if args.tokenizer else None
+    tokenizer = (Path(args.tokenizer) if Path(args.tokenizer).is_dir() else
+                 Path(gguf_to_folder(resolve_source(args.tokenizer).path)))
     src, out, home = root / "checkpoint", root / "pruned", root / "home"
     root.mkdir(parents=True)
     home.mkdir()
@@ -365,10 +366,10 @@ def main() -> None:
     big.add_argument("--nsamples", type=int, default=4, help="calibration windows (default 4)")
     big.add_argument("--seqlen", type=int, default=128, help="calibration and evaluation window (default 128)")
     big.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
-    big.add_argument("--tokenizer", default="demo", help="model whose tokenizer files are copied (default demo)")
+    big.add_argument("--tokenizer", default="demo", help="model (or folder) whose tokenizer files are copied (default demo; --vocab must match)")
     big.add_argument("--results", default=str(LARGE_RESULTS), help="where the Markdown table goes")
     for k, v in LARGE.items():
-        big.add_argument(f"--{k}", type=int, default=v, help=argparse.SUPPRESS)
+        big.add_argument(f"--{k}", type=int, default=v, help=argparse.SUPPRESS)     # tests: tiny shapes
     args = ap.parse_args()
     if args.size_gb:
         return large_main(args)

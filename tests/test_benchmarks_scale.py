@@ -20,7 +20,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_prune_memory as bpm  # noqa: E402
 import projection  # noqa: E402
 
-TINY = ["--hidden", "64", "--inter", "176", "--heads", "4"]
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory) -> Path:
+    """A 256-token byte-level tokenizer (no merges): the tiny runs need no demo model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    folder = tmp_path_factory.mktemp("byte-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    return folder
+
+
+def tiny(tokenizer: Path) -> list[str]:
+    return ["--hidden", "64", "--inter", "176", "--heads", "4", "--vocab", "256", "--tokenizer", str(tokenizer)]
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,10 +78,10 @@ def test_written_tensor_by_tensor_into_shards_that_load(tmp_path):
     assert set(index) == set(names)
 
 
-def test_the_checkpoint_is_removed_when_a_run_fails(tmp_path):
+def test_the_checkpoint_is_removed_when_a_run_fails(tmp_path, byte_tokenizer):
     root = tmp_path / "bench"
     results = tmp_path / "table.md"
-    proc = bench(tmp_path, "--size-gb", "0.01", *TINY, "--nsamples", "0", "--dir", str(root),
+    proc = bench(tmp_path, "--size-gb", "0.001", *tiny(byte_tokenizer), "--nsamples", "0", "--dir", str(root),
                  "--results", str(results))
     assert proc.returncode != 0
     assert "failed with exit 2" in proc.stderr                   # the CLI refused --nsamples 0
@@ -78,10 +96,10 @@ def test_refused_in_one_line_when_the_disk_cannot_hold_it(tmp_path):
     assert len(lines) == 1 and "GB free" in lines[0] and "--size-gb" in lines[0]
 
 
-def test_a_tiny_run_measures_both_children_and_cleans_up(tmp_path):
+def test_a_tiny_run_measures_both_children_and_cleans_up(tmp_path, byte_tokenizer):
     root, results = tmp_path / "bench", tmp_path / "table.md"
-    proc = bench(tmp_path, "--size-gb", "0.01", *TINY, "--nsamples", "2", "--seqlen", "32", "--windows", "2",
-                 "--dir", str(root), "--results", str(results))
+    proc = bench(tmp_path, "--size-gb", "0.001", *tiny(byte_tokenizer), "--nsamples", "2", "--seqlen", "32",
+                 "--windows", "2", "--dir", str(root), "--results", str(results))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not root.exists()
     rows = [line for line in results.read_text().splitlines() if line.startswith("| `")]
