@@ -1,15 +1,14 @@
-"""Scaling of the Ray analysis (1 vs 2 workers, the same run) and a projection of 70B and
-405B analyses on 8 and 64 GPUs from per-matrix costs.
+"""Scaling of the Ray analysis (1 vs 2 workers, the same run) and the projection of 70B and
+405B analyses on 1-8 GPUs (``benchmarks/projection.py``).
 
 Measured: the spectra of the demo model (SmolLM2-135M, 210 matrices) as Ray tasks on a local
 instance with 1 and then 2 worker CPUs (start-up excluded; best of ``--repeat``).
-Projected: each matrix's time is a reference time scaled by ``core.devices.matrix_cost``;
-the matrices are placed with ``plan_devices`` and the busiest GPU's sum is the wall time.
-The reference is the 4096x4096 spectrum time of ``benchmarks/results/gpu_check.json`` when a
-GPU run left one, otherwise an ESTIMATE (``--gpu-ms``, default 500 ms for 4096x4096 in
-float64 on one H200-class GPU: unmeasured until gpu_check runs).
+Projected: the per-shape spectrum times and read bandwidth of the projection stage of a GPU
+run of ``gpu_check.py`` (``benchmarks/results/gpu_check.json``) when there is one; otherwise
+ESTIMATED times (``--gpu-ms`` for 4096x4096, default 500 ms, scaled by
+``core.devices.matrix_cost``) with the read bandwidth measured here (``--read-mib``).
 
-    .venv/bin/python benchmarks/bench_cluster.py [--repeat 2] [--json FILE]
+    .venv/bin/python benchmarks/bench_cluster.py [--repeat 2] [--read-mib 2048] [--json FILE]
 """
 from __future__ import annotations
 
@@ -23,17 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.cluster import connect, spectra_on_ray  # noqa: E402
-from core.devices import matrix_cost, plan_loads  # noqa: E402
 from core.models import resolve_source  # noqa: E402
 
-#: (blocks, hidden, intermediate, key/value width) of LLaMA-shaped models.
-MODELS = {"LLaMA-7B": (32, 4096, 11008, 4096), "LLaMA-70B": (80, 8192, 28672, 1024),
-          "LLaMA-405B": (126, 16384, 53248, 1024)}
-
-
-def shapes(blocks: int, h: int, f: int, kv: int) -> list[tuple[int, int]]:
-    one = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
-    return one * blocks
+import projection  # noqa: E402  (benchmarks/projection.py)
 
 
 def ray_seconds(workers: int, repeat: int) -> float:
@@ -49,39 +40,38 @@ def ray_seconds(workers: int, repeat: int) -> float:
     return best
 
 
-def projection(ref_ms: float, gpus: list[int]) -> list[dict]:
-    ref = matrix_cost(4096, 4096)
-    out = []
-    for name, dims in MODELS.items():
-        s = shapes(*dims)
-        for g in gpus:
-            loads = plan_loads(s, [f"cuda:{i}" for i in range(g)])
-            out.append({"model": name, "matrices": len(s), "gpus": g,
-                        "minutes": max(loads.values()) / ref * ref_ms / 1000 / 60})
-    return out
+def projected(check: Path, gpu_ms: float, read_mib: int) -> tuple[dict, str]:
+    """The projection stage of a GPU run of gpu_check (per-shape times measured on the real
+    shapes), else ESTIMATED from the shapes it measured (or ``gpu_ms`` at 4096x4096) with the
+    read bandwidth measured here."""
+    res = json.loads(check.read_text()) if check.is_file() else {}
+    stage = res.get("projection", {})
+    gpu = str(res.get("device", "")).startswith("cuda") and not res.get("small")
+    if gpu and stage.get("per_shape_ms"):
+        return stage, f" (measured by gpu_check on {res.get('device_name')}, {res.get('date')})"
+    measured = res.get("per_matrix_ms") if gpu and "error" not in res.get("per_matrix_ms", {}) else None
+    bandwidth, how = projection.read_bandwidth(nbytes=read_mib << 20)
+    est = projection.estimated(measured or {"4096x4096": gpu_ms}, bandwidth, how)
+    source = (f"the {', '.join(measured)} times gpu_check measured on {res.get('device_name')} ({res.get('date')})"
+              if measured else f"--gpu-ms {gpu_ms:.0f} at 4096x4096")
+    return est, f": ESTIMATED from {source}, fitted as a m n^2 + b n^3; read bandwidth measured here"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--gpu-ms", type=float, default=500.0, help="ESTIMATED 4096x4096 float64 spectrum time (ms)")
+    p.add_argument("--read-mib", type=int, default=2048, help="read-bandwidth file without a GPU run (MiB)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     one, two = ray_seconds(1, args.repeat), ray_seconds(2, args.repeat)
-    check = ROOT / "benchmarks" / "results" / "gpu_check.json"
-    measured = json.loads(check.read_text()).get("per_matrix_ms", {}).get("4096x4096") if check.is_file() else None
-    ref_ms = measured or args.gpu_ms
-    proj = projection(ref_ms, [1, 8, 64])
+    proj, label = projected(ROOT / "benchmarks" / "results" / "gpu_check.json", args.gpu_ms, args.read_mib)
     print("| Ray workers (local, CPU) | demo analysis spectra (210 matrices) | speed-up |\n|---|---|---|")
     print(f"| 1 | {one:.1f} s | 1.00 |\n| 2 | {two:.1f} s | {one / two:.2f} |\n")
-    print(f"4096x4096 spectrum on one GPU: {ref_ms:.0f} ms ({'measured by gpu_check' if measured else 'ESTIMATE'})\n")
-    print("| model | matrices | GPUs | projected analysis (spectra) |\n|---|---|---|---|")
-    for r in proj:
-        m = r["minutes"]
-        print(f"| {r['model']} | {r['matrices']} | {r['gpus']} | {f'{m * 60:.0f} s' if m < 2 else f'{m:.0f} min'} |")
+    print(projection.table(proj, label))
     if args.json:
-        Path(args.json).write_text(json.dumps({"ray_1_worker_s": one, "ray_2_workers_s": two, "ref_ms": ref_ms,
-                                               "ref_measured": bool(measured), "projection": proj}, indent=1))
+        Path(args.json).write_text(json.dumps({"ray_1_worker_s": one, "ray_2_workers_s": two, "projection": proj},
+                                              indent=1))
     return 0
 
 

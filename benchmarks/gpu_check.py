@@ -12,7 +12,14 @@
 5. Wanda on a whole LLaMA-7B-shaped model (32 blocks, random weights, float16), measured,
    not projected (``--no-full`` skips it);
 6. peak GPU memory of each stage;
-7. multi-device prune + eval (``multi_device``): Wanda and perplexity of a small LLaMA with its
+7. the projection (``benchmarks/projection.py``): the spectrum time of each distinct matrix
+   shape of LLaMA-2-70B and LLaMA-3.1-405B on the device (the shapes / 32 with ``--small``),
+   the read bandwidth of the temporary folder's disk (page cache dropped), and the analysis
+   time projected to 1, 2, 4 and 8 GPUs;
+8. streamed evaluation: a random 16-block LLaMA-7B-shaped checkpoint (2 with ``--small``)
+   written to disk, its perplexity block by block from the shards (``eval --streaming``) on
+   the device against the in-memory one, and the peak device memory against the checkpoint;
+9. multi-device prune + eval (``multi_device``): Wanda and perplexity of a small LLaMA with its
    blocks placed across cuda:0 + cpu, and across every visible GPU when there are several,
    against one device (masks and perplexity must agree).
 
@@ -33,6 +40,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +54,9 @@ from core.analysis import build_table  # noqa: E402
 from core.models import LoadedModel, MatrixInfo, family_of, prunable_matrices  # noqa: E402
 from core.pruning import prune  # noqa: E402
 from core.spectra import compute_spectra, eigenvalues  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import projection  # noqa: E402  (benchmarks/projection.py)
 
 FULL = dict(hidden=4096, inter=11008, blocks=32, heads=32, vocab=32000, nsamples=128, seqlen=2048)
 SMALL = dict(hidden=256, inter=688, blocks=4, heads=4, vocab=512, nsamples=8, seqlen=128)
@@ -232,6 +243,37 @@ def multi_device(s: dict, device: str) -> dict:
                     f"{ppl.seconds:.1f} s), relative difference {v['ppl_rel_diff']:.1e}", "identical")
                    for k, v in out["placements"].items()]
     return out
+def projected(small: bool, device: str) -> dict:
+    """Per-shape spectrum times of the 70B and 405B shapes here, the read bandwidth, the projection."""
+    return projection.measure(small, device, (64 << 20) if small else (4 << 30))
+
+
+def streamed_eval(s: dict, device: str, dtype: torch.dtype, blocks: int, windows: int = 4) -> dict:
+    """Perplexity of a ``blocks``-block checkpoint on disk, block by block from its shards (as
+    ``eval --streaming``), against the same model's in-memory perplexity; the peak device
+    memory of the streamed run against the checkpoint's size (CUDA; on the CPU the figure is
+    the whole process's peak so far, not the stage's)."""
+    from core.evaluation import perplexity
+    from core.models import load_skeleton
+
+    text = torch.randint(0, s["vocab"], (windows * s["seqlen"],), generator=torch.Generator().manual_seed(1))
+    loaded = _llama(s, blocks, device, dtype)
+    dense = perplexity(loaded, ids=text, seqlen=s["seqlen"], device=device).perplexity
+    with tempfile.TemporaryDirectory(prefix="gpu-check-streamed-") as tmp:
+        loaded.model.save_pretrained(tmp, max_shard_size="2GB")
+        del loaded
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) / 2**30
+        skeleton = load_skeleton(tmp, dtype=str(dtype)[6:], tokenizer=False)
+        _peak_reset(device)
+        start = time.perf_counter()
+        streamed = perplexity(skeleton, ids=text, seqlen=s["seqlen"], device=device).perplexity
+        seconds = time.perf_counter() - start
+        peak = _peak_gib(device)
+    return {"blocks": blocks, "windows": windows, "checkpoint_gib": size, "seconds": seconds, "peak_gib": peak,
+            "peak_fraction": peak / size if device.startswith("cuda") else None, "perplexity": streamed,
+            "in_memory_perplexity": dense, "rel_diff": abs(streamed - dense) / dense}
 
 
 def _guard(fn, *args) -> dict:
@@ -277,11 +319,39 @@ def table(res: dict) -> str:
     multi = res.get("multi_device", {})
     rows += [tuple(r) for r in multi.get("rows", [])] or \
         ([("multi-device prune + eval", multi.get("error", "no result"), "identical")] if multi else [])
+    rows += _projection_rows(res.get("projection"), res["small"]) + _streamed_rows(res.get("streamed_eval"))
     head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
             f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
     lines = [head, "", "| check | result | goal |", "|---|---|---|"]
     lines += [f"| {a_} | {b} | {c} |" for a_, b, c in rows]
     return "\n".join(lines)
+
+
+def _projection_rows(r: dict | None, small: bool) -> list[tuple[str, str, str]]:
+    if not r:
+        return []
+    if "error" in r:
+        return [("projection (per-shape times, read bandwidth)", r["error"], "")]
+    scaled = " (shapes / 32)" if small else ""
+    rows = [(f"spectrum time by shape{scaled}", ", ".join(f"{k} {v:.0f} ms" for k, v in r["per_shape_ms"].items()), ""),
+            ("read bandwidth (page cache dropped)", f"{r['read_gb_per_s']:.2f} GB/s", "")]
+    for p in r["projection"]:
+        rows.append((f"projected analysis, {p['model']}{'' if small else ' (measured shapes)'}, {p['gpus']} GPU(s)",
+                     f"{projection.fmt(p['overlapped_s'])} = max(compute {projection.fmt(p['compute_s'])}, read "
+                     f"{projection.fmt(p['read_s'])}); serial {projection.fmt(p['serial_s'])}", ""))
+    return rows
+
+
+def _streamed_rows(r: dict | None) -> list[tuple[str, str, str]]:
+    if not r:
+        return []
+    if "error" in r:
+        return [("streamed evaluation", r["error"], "")]
+    frac = f" = {r['peak_fraction']:.2f}x the checkpoint" if r["peak_fraction"] is not None else " (process peak)"
+    return [(f"streamed evaluation, {r['blocks']} blocks ({r['checkpoint_gib']:.2f} GiB on disk), "
+             f"{r['windows']} windows",
+             f"{r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB{frac}; perplexity {r['perplexity']:.4g} vs "
+             f"{r['in_memory_perplexity']:.4g} in memory (rel. diff {r['rel_diff']:.1e})", "< 1/3; < 1e-3")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("routes", _guard, routes, args.device, s["hidden"])
     if not args.no_full:
         stage("wanda_full", _guard, pruned, s, args.device, dtype, "wanda", s["blocks"])
+    stage("projection", _guard, projected, args.small, args.device)
+    stage("streamed_eval", _guard, streamed_eval, s, args.device, dtype, 2 if args.small else 16)
     stage("multi_device", _guard, multi_device, SMALL if args.small else MULTI, args.device)
     text = table(res)
     res["table"] = text
@@ -323,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=1, default=str))
     print(text)
     print(f"\nwrote {out}")
-    failed = any("error" in res.get(k, {}) for k in ("analysis", "wanda", "sparsegpt", "routes", "wanda_full")) or "FAILED" in res["cuda_tests"]["status"]
-    failed = failed or "error" in res.get("multi_device", {})
+    stages = ("analysis", "wanda", "sparsegpt", "routes", "wanda_full", "projection", "streamed_eval",
+              "multi_device")
+    failed = any("error" in res.get(k, {}) for k in stages) or "FAILED" in res["cuda_tests"]["status"]
     return 1 if failed else 0
 
 

@@ -30,3 +30,15 @@ def test_gpu_check_small_on_cpu_prints_the_table(tmp_path):
     for m in ("wanda", "sparsegpt"):
         assert abs(res[m]["achieved"] - 0.5) < 0.01 and res[m]["tokens"] == 8 * 128
     assert set(res["per_matrix_ms"]) == {"256x256", "256x688", "688x256"}
+    # the projection stage: every distinct shape of the 70B and 405B models / 32, timed here
+    proj = res["projection"]
+    assert set(proj["per_shape_ms"]) == {"256x256", "32x256", "896x256", "256x896",
+                                         "512x512", "32x512", "1664x512", "512x1664"}
+    assert proj["read_gb_per_s"] > 0 and "posix_fadvise" in proj["read_method"]
+    assert [(r["model"], r["gpus"]) for r in proj["projection"]] == [
+        (m, g) for m in ("LLaMA-2-70B / 32", "LLaMA-3.1-405B / 32") for g in (1, 2, 4, 8)]
+    assert sum(c.startswith("projected analysis, ") for c in checks) == 8
+    # streamed evaluation from a checkpoint on disk: the in-memory perplexity, block by block
+    streamed = res["streamed_eval"]
+    assert streamed["blocks"] == 2 and streamed["rel_diff"] < 1e-4
+    assert any(c.startswith("streamed evaluation, 2 blocks") for c in checks)
