@@ -1,8 +1,10 @@
 """Scaling of the Ray analysis (1 vs 2 workers, the same run) and a projection of 70B and
 405B analyses on 8 and 64 GPUs from per-matrix costs.
 
-Measured: the spectra of the demo model (SmolLM2-135M, 210 matrices) as Ray tasks on a local
-instance with 1 and then 2 worker CPUs (start-up excluded; best of ``--repeat``).
+Measured: the spectra of the demo model (SmolLM2-135M, 210 matrices) on Ray
+(``core.executor.OnRay``, one actor per CPU, each reading its own tensors from the converted
+safetensors folder) on a local instance with 1 and then 2 worker CPUs (start-up excluded;
+best of ``--repeat``).
 Projected: each matrix's time is a reference time scaled by ``core.devices.matrix_cost``;
 the matrices are placed with ``plan_devices`` and the busiest GPU's sum is the wall time.
 The reference is the 4096x4096 spectrum time of ``benchmarks/results/gpu_check.json`` when a
@@ -22,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cluster import connect, spectra_on_ray  # noqa: E402
+from core.analysis import Weights, spectra_on  # noqa: E402
 from core.devices import matrix_cost, plan_loads  # noqa: E402
-from core.models import resolve_source  # noqa: E402
+from core.executor import OnRay  # noqa: E402
+from core.cluster import connect  # noqa: E402
+from core.models import gguf_to_folder, resolve_source  # noqa: E402
 
 #: (blocks, hidden, intermediate, key/value width) of LLaMA-shaped models.
 MODELS = {"LLaMA-7B": (32, 4096, 11008, 4096), "LLaMA-70B": (80, 8192, 28672, 1024),
@@ -39,11 +43,17 @@ def shapes(blocks: int, h: int, f: int, kv: int) -> list[tuple[int, int]]:
 def ray_seconds(workers: int, repeat: int) -> float:
     ray = connect(True, num_cpus=workers)
     src = resolve_source("demo")
-    spectra_on_ray(src, device="cpu")                       # warm the workers (imports, first read)
+    folder = gguf_to_folder(src.path)
+    executor = OnRay(True, "cpu")
+
+    def weights() -> Weights:
+        return Weights.of_checkpoint(folder, label=src.label, identity=src.identity())
+
+    spectra_on(executor, weights())                         # warm up (imports, first read)
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        spectra_on_ray(src, device="cpu")
+        spectra_on(executor, weights())
         best = min(best, time.perf_counter() - start)
     ray.shutdown()
     return best
