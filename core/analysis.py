@@ -411,10 +411,10 @@ def spectra_on(executor: Executor, weights: Weights, *, groups: int | None = Non
     report(progress, len(done), len(infos), what)
     first = ship or weights.folder is None
     order = list(range(len(parts)))
-    take(executor.map(_group_spectra, (group(k, parts[k], first) for k in order)), order)
+    take(executor.map(_group_spectra, (group(k, parts[k], first) for k in order), cancel=cancel), order)
     if blind:         # workers that do not see the checkpoint: their groups' tensors shipped
         order, blind[:] = list(blind), []
-        take(executor.map(_group_spectra, (group(k, parts[k], True) for k in order)), order)
+        take(executor.map(_group_spectra, (group(k, parts[k], True) for k in order), cancel=cancel), order)
     if failed:
         rest = "" if not kept else (f"; the {len(done)} of {len(infos)} finished spectra are kept and a rerun "
                                     "computes only the rest")

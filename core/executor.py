@@ -170,8 +170,10 @@ class OnRay(Executor):
 
     def map(self, fn, items, *, shared=None, cancel=None):
         ray = self.ray
-        actor = ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1,
-                           max_restarts=-1)(_Slot)
+        # a lost worker restarts and Ray runs its item again there (max_task_retries); an item that
+        # raised is tried again here, on the next free slot
+        actor = ray.remote(num_gpus=1 if self.gpus else 0, num_cpus=0 if self.gpus else 1, max_restarts=-1,
+                           max_task_retries=self.attempts - 1)(_Slot)
         actors = [actor.remote(d) for d in self.slots]
         shared_ref = ray.put(shared) if shared is not None else None
         fn_ref = ray.put(fn)
@@ -185,7 +187,7 @@ class OnRay(Executor):
                     got = again.pop(0) if again else next(((i, it, 1) for i, it in todo), None)
                     if got is None:
                         break
-                    slot = idle.pop()
+                    slot = idle.pop(0)
                     pending[slot.run.remote(fn_ref, got[1], shared_ref)] = (*got, slot)
                 if not pending:
                     return
@@ -197,7 +199,7 @@ class OnRay(Executor):
                     idle.append(slot)
                     try:
                         result = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
+                    except ray.exceptions.RayTaskError as exc:      # the item raised
                         result = _cause(exc)
                         if _stops(result):
                             raise result from None
@@ -205,6 +207,8 @@ class OnRay(Executor):
                             log.info("Ray: item %d failed (%s); trying it again", i, result)
                             again.append((i, item, tried + 1))
                             continue
+                    except ray.exceptions.RayError as exc:          # lost after Ray's own retries
+                        result = _cause(exc)
                     yield i, result
         finally:
             for ref in pending:

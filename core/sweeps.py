@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -93,10 +94,13 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     if executor.remote:
         fn, shared = _remote_run, (inputs if ship_model else replace(inputs, loaded=None))
     else:
+        own = base.streaming and not executor.in_thread   # a streamed run fills its skeleton block by block
+
         def fn(job: tuple[str, PruneSpec], device: str) -> dict:
             kind, spec = job
             log.info("sweep: %s %s %s S=%g eps=%s", kind, spec.method, spec.allocation, spec.sparsity, spec.epsilon)
-            return run_job(kind, _on(spec, device), inputs, registry, progress=inner, cancel=cancel)
+            mine = replace(inputs, loaded=worker_model(spec)) if own else inputs
+            return run_job(kind, _on(spec, device), mine, registry, progress=inner, cancel=cancel)
         shared = None
     for i, result in executor.map(fn, jobs, shared=shared, cancel=cancel):
         kind, spec = jobs[i]
@@ -156,17 +160,17 @@ def sweep_inputs(base: PruneSpec, jobs: list[tuple[str, PruneSpec]], *, loaded: 
 
 # --- on a Ray worker: the model held once per worker process --------------------------------
 
-_WORKER_MODELS: dict[tuple, LoadedModel] = {}
+_WORKER = threading.local()
 
 
 def worker_model(spec: PruneSpec) -> LoadedModel:
-    """The spec's model in this worker process, loaded once (a skeleton when streaming) and
-    kept for the process's next runs; another model replaces it."""
+    """The spec's model in this worker (a Ray actor's process, or a device's thread), loaded once
+    (a skeleton when streaming) and kept for its next runs; another model replaces it."""
     key = (spec.model, spec.dtype, spec.trust_remote_code, spec.streaming)
-    if key not in _WORKER_MODELS:
-        _WORKER_MODELS.clear()
-        _WORKER_MODELS[key] = load_for(spec)
-    return _WORKER_MODELS[key]
+    if getattr(_WORKER, "key", None) != key:
+        _WORKER.key, _WORKER.model = None, None
+        _WORKER.model, _WORKER.key = load_for(spec), key
+    return _WORKER.model
 
 
 def _remote_run(job: tuple[str, PruneSpec], device: str, shared: RunInputs) -> tuple[dict, pd.DataFrame]:

@@ -228,6 +228,16 @@ def test_a_streamed_sweep_on_devices_runs_and_equals_the_in_memory_sweep(tiny, t
     assert cli([*common, "--streaming", "--devices", "cpu", "--out", str(tmp_path / "stream")]) == 0
     mem, stream = pd.read_csv(tmp_path / "mem.csv"), pd.read_csv(tmp_path / "stream.csv")
     np.testing.assert_allclose(stream["perplexity"], mem["perplexity"], rtol=1e-4)
+    from core.executor import Devices
+    from core.registry import Registry
+    from core.sweeps import sweep
+
+    grid = dict(methods=["magnitude", "wanda"], allocations=["uniform"], sparsities=[0.5, 0.6])
+    one = sweep(_base(tiny, text_file), registry=Registry(tmp_path / "a.sqlite"), **grid)
+    two = sweep(_base(tiny, text_file, streaming=True), registry=Registry(tmp_path / "b.sqlite"),
+                executor=Devices(["cpu", "cpu"]), **grid)     # each device thread streams into its own skeleton
+    np.testing.assert_allclose(two["perplexity"], one["perplexity"], rtol=1e-4)
+    pd.testing.assert_frame_equal(two[["method", "sparsity", "achieved"]], one[["method", "sparsity", "achieved"]])
 
 
 # --- the module graph -------------------------------------------------------------------------
