@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import tempfile
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -94,13 +94,22 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     if executor.remote:
         fn, shared = _remote_run, (inputs if ship_model else replace(inputs, loaded=None))
     else:
-        own = base.streaming and not executor.in_thread   # a streamed run fills its skeleton block by block
+        # a streamed run fills its skeleton block by block: one skeleton per device, loaded here first
+        # (loading one while another thread runs would put that thread's new tensors on the meta device)
+        models: queue.Queue = queue.Queue()
+        for k in range(len(executor.slots) if base.streaming else 1):
+            models.put(inputs.loaded if k == 0 else load_for(base))
 
         def fn(job: tuple[str, PruneSpec], device: str) -> dict:
             kind, spec = job
             log.info("sweep: %s %s %s S=%g eps=%s", kind, spec.method, spec.allocation, spec.sparsity, spec.epsilon)
-            mine = replace(inputs, loaded=worker_model(spec)) if own else inputs
-            return run_job(kind, _on(spec, device), mine, registry, progress=inner, cancel=cancel)
+            loaded = models.get() if base.streaming else inputs.loaded
+            try:
+                return run_job(kind, _on(spec, device), replace(inputs, loaded=loaded), registry, progress=inner,
+                               cancel=cancel)
+            finally:
+                if base.streaming:
+                    models.put(loaded)
         shared = None
     for i, result in executor.map(fn, jobs, shared=shared, cancel=cancel):
         kind, spec = jobs[i]
@@ -160,17 +169,17 @@ def sweep_inputs(base: PruneSpec, jobs: list[tuple[str, PruneSpec]], *, loaded: 
 
 # --- on a Ray worker: the model held once per worker process --------------------------------
 
-_WORKER = threading.local()
+_WORKER_MODEL: dict[tuple, LoadedModel] = {}
 
 
 def worker_model(spec: PruneSpec) -> LoadedModel:
-    """The spec's model in this worker (a Ray actor's process, or a device's thread), loaded once
-    (a skeleton when streaming) and kept for its next runs; another model replaces it."""
+    """The spec's model in this worker process (a Ray actor), loaded once (a skeleton when
+    streaming) and kept for its next runs; another model replaces it."""
     key = (spec.model, spec.dtype, spec.trust_remote_code, spec.streaming)
-    if getattr(_WORKER, "key", None) != key:
-        _WORKER.key, _WORKER.model = None, None
-        _WORKER.model, _WORKER.key = load_for(spec), key
-    return _WORKER.model
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        _WORKER_MODEL[key] = load_for(spec)
+    return _WORKER_MODEL[key]
 
 
 def _remote_run(job: tuple[str, PruneSpec], device: str, shared: RunInputs) -> tuple[dict, pd.DataFrame]:
