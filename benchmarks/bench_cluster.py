@@ -1,8 +1,10 @@
 """Scaling of the Ray analysis (1 vs 2 workers, the same run) and the projection of 70B and
 405B analyses on 1-8 GPUs (``benchmarks/projection.py``).
 
-Measured: the spectra of the demo model (SmolLM2-135M, 210 matrices) as Ray tasks on a local
-instance with 1 and then 2 worker CPUs (start-up excluded; best of ``--repeat``).
+Measured: the spectra of the demo model (SmolLM2-135M, 210 matrices) on Ray
+(``core.executor.OnRay``, one actor per CPU, each reading its own tensors from the converted
+safetensors folder) on a local instance with 1 and then 2 worker CPUs (start-up excluded;
+best of ``--repeat``).
 Projected: the per-shape spectrum times and read bandwidth of the projection stage of a GPU
 run of ``gpu_check.py`` (``benchmarks/results/gpu_check.json``) when there is one; otherwise
 ESTIMATED times (``--gpu-ms`` for 4096x4096, default 500 ms, scaled by
@@ -21,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.cluster import connect, spectra_on_ray  # noqa: E402
-from core.models import resolve_source  # noqa: E402
+from core.analysis import Weights, spectra_on  # noqa: E402
+from core.cluster import connect  # noqa: E402
+from core.executor import OnRay  # noqa: E402
+from core.models import gguf_to_folder, resolve_source  # noqa: E402
 
 import projection  # noqa: E402  (benchmarks/projection.py)
 
@@ -30,11 +34,17 @@ import projection  # noqa: E402  (benchmarks/projection.py)
 def ray_seconds(workers: int, repeat: int) -> float:
     ray = connect(True, num_cpus=workers)
     src = resolve_source("demo")
-    spectra_on_ray(src, device="cpu")                       # warm the workers (imports, first read)
+    folder = gguf_to_folder(src.path)
+    executor = OnRay(True, "cpu")
+
+    def weights() -> Weights:
+        return Weights.of_checkpoint(folder, label=src.label, identity=src.identity())
+
+    spectra_on(executor, weights())                         # warm up (imports, first read)
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        spectra_on_ray(src, device="cpu")
+        spectra_on(executor, weights())
         best = min(best, time.perf_counter() - start)
     ray.shutdown()
     return best

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .analysis import Analysis, analyze, analyze_weights
+from .analysis import Analysis, Weights, analyze, analyze_weights
 from .checkpoints import stored_keys
 from .models import LoadedModel, MatrixInfo, file_identity, load_model
 from .progress import Progress
@@ -120,8 +120,9 @@ def adapter_analyses(folder: str | Path, base: str | LoadedModel | None = None, 
             yield info, (w + adapter.update(info.name)) if info.name in adapter.factors else w
 
     updated: list[MatrixInfo] = [m for m in loaded.matrices if m.name in adapter.factors]
-    merged = analyze_weights(merged_items(), loaded.matrices, label=f"{name} merged", identity=f"lora-merged:{key}",
+    merged = analyze_weights(Weights(loaded.matrices, f"{name} merged", f"lora-merged:{key}", merged_items()),
                              xmin=xmin, device=device, progress=progress)
-    update = analyze_weights(((i, adapter.update(i.name)) for i in updated), updated, label=f"{name} update BA",
-                             identity=f"lora-update:{key}", xmin=xmin, device=device, progress=progress)
+    update = analyze_weights(Weights(updated, f"{name} update BA", f"lora-update:{key}",
+                                     ((i, adapter.update(i.name)) for i in updated)),
+                             xmin=xmin, device=device, progress=progress)
     return base_analysis, merged, update

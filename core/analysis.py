@@ -8,22 +8,34 @@ and left out of the fit and the metrics; ``quant`` is a GGUF source's quantizati
 Results are cached under ``$SPECTRASCOPE_HOME/analyses/<key>`` keyed by the weights'
 identity, the xmin method and the engine version: a second analysis of the same model
 returns at once.
+
+Where the spectra are computed is an ``Executor`` (``core.executor``: this thread, several
+devices, Ray): the matrices are split into groups of about equal cost (``plan_devices``), one
+per slot, and each group reads its own tensors, one at a time within the memory budget (a Ray
+worker reads them from the safetensors checkpoint when it sees the same files, else the driver
+ships that group's tensors). Finished groups are kept under ``analyses/partial`` as they end,
+so after a failure a rerun computes only what is missing. The table is the same whichever way.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 
 from .config import atomic_dir, atomic_file, home, resolve_device
-from .devices import check_devices, spectra_on_devices
+from .checkpoints import open_checkpoint
+from .devices import check_devices, plan_devices
+from .executor import Executor, Local, executor_for
 from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import no_fit_status, spectral_metrics
@@ -169,18 +181,48 @@ def _store(folder: Path, result: Analysis, *, keep_existing: bool = True) -> Non
         log.warning("could not cache the analysis in %s: %s", folder, exc)
 
 
+@dataclass
+class Weights:
+    """The matrices of one analysis: ``infos`` in order, ``items`` their ``(info, weight)``
+    pairs read lazily in that order, ``read`` one weight by name (several slots read their own;
+    without it ``items`` is read once into memory), ``folder`` a safetensors checkpoint of
+    ``nbytes`` bytes that Ray workers may read themselves, ``quant`` a GGUF's quantization types."""
+
+    infos: list[MatrixInfo]
+    label: str
+    identity: str
+    items: Iterable[tuple[MatrixInfo, object]] | None = None
+    read: Callable[[str], object] | None = None
+    folder: str | None = None
+    nbytes: int = 0
+    quant: Mapping[str, str] | None = None
+
+    @classmethod
+    def of_model(cls, loaded: LoadedModel, *, label: str | None = None, identity: str | None = None,
+                 quant: Mapping[str, str] | None = None) -> "Weights":
+        return cls(loaded.matrices, label or loaded.source, identity or loaded.identity, iter_weights(loaded),
+                   lambda name: loaded.weight(name).detach().cpu(), quant=quant)
+
+    @classmethod
+    def of_checkpoint(cls, path: str | os.PathLike, *, label: str, identity: str,
+                      quant: Mapping[str, str] | None = None) -> "Weights":
+        ckpt = open_checkpoint(path)
+        return cls(ckpt.matrices, label, identity, ckpt.iter_weights(), ckpt.read, str(path), ckpt.nbytes, quant)
+
+
 def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "peak", device: str = "auto",
             streaming: bool = False, use_cache: bool = True, trust_remote_code: bool = False,
-            devices: list[str] | None = None, ray: str | bool | None = None, progress: Progress = None) -> Analysis:
+            devices: list[str] | None = None, ray: str | bool | None = None, executor: Executor | None = None,
+            progress: Progress = None) -> Analysis:
     """Eigenvalues, power-law fits and shape metrics of every prunable matrix of a model.
 
     ``source``: ``"demo"``, a Hugging Face folder, a ``.gguf`` or ``.safetensors`` file, a hub
     id, or an already loaded ``LoadedModel``. ``streaming=True`` reads a safetensors
     checkpoint one tensor at a time instead of loading the model (bounded memory).
-    ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the spectra over several devices;
-    ``ray`` (``True`` for a local instance, or a cluster address) computes them as Ray tasks
-    (``core.cluster``; with ``streaming`` each task reads its tensors one at a time). The table
-    and the cache are the same whichever way.
+    ``executor`` computes the spectra (``core.executor``); ``devices`` (e.g. ``["cuda:0",
+    "cuda:1"]``) and ``ray`` (``True`` for a local instance, or a cluster address) build one
+    (``executor_for``). On Ray each task of a safetensors folder reads its own tensors. The
+    table and the cache are the same whichever way.
     """
     if xmin not in XMIN_METHODS:
         raise ValueError(f"xmin={xmin!r} is unknown; use one of {', '.join(XMIN_METHODS)}")
@@ -208,29 +250,18 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             log.info("analysis of %s from cache %s", label, folder)
             return cached
 
-    items, spectra = (), None
-    if ray:   # the spectra as Ray tasks (core.cluster); the table and cache as below
-        from .cluster import spectra_on_ray
-
-        loaded = source if isinstance(source, LoadedModel) else None
-        spectra = spectra_on_ray(loaded or src, address=ray, device=device, trust_remote_code=trust_remote_code,
-                                 keep=identity, budget_bytes=(256 << 20) if streaming else (1 << 30),
-                                 progress=progress)
-        infos = [s.info for s in spectra]
-    elif streaming:
-        from .checkpoints import open_checkpoint
-
-        ckpt = open_checkpoint(src.path)
-        items, infos = ckpt.iter_weights(), ckpt.matrices
+    executor = executor or executor_for(device, devices, ray)      # a wrong Ray address fails here
+    if isinstance(source, LoadedModel):
+        weights = Weights.of_model(source, quant=quant)
+    elif src.kind == "folder" and (streaming or executor.remote):   # Ray workers read the folder themselves
+        weights = Weights.of_checkpoint(src.path, label=label, identity=identity, quant=quant)
     else:
-        loaded = source if isinstance(source, LoadedModel) else load_model(
-            source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False, progress=progress)
-        items, infos = iter_weights(loaded), loaded.matrices
-    # one table builder whichever route computed the spectra; the quantization types come from the source
+        loaded = load_model(source, device="cpu", trust_remote_code=trust_remote_code, tokenizer=False,
+                            progress=progress)
+        weights = Weights.of_model(loaded, label=label, identity=identity, quant=quant)
     # streaming holds at most 256 MiB of weights (as float64) at once: memory follows the largest matrix
-    return analyze_weights(items, infos, label=label, identity=identity, xmin=xmin, device=dev,
-                           quant=quant, store=True, replace=stale or not use_cache, lookup=False,
-                           budget_bytes=(256 << 20) if streaming else (1 << 30), devices=devices, spectra=spectra,
+    return analyze_weights(weights, xmin=xmin, device=dev, store=True, replace=stale or not use_cache, lookup=False,
+                           keep=True, budget_bytes=(256 << 20) if streaming else (1 << 30), executor=executor,
                            progress=progress)
 
 
@@ -252,34 +283,183 @@ def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, 
     reused after the registry was reset must not get another run's spectra)."""
     if saved is not None:
         return analyze(saved, xmin=xmin, device=device, progress=progress)
-    return analyze_weights(iter_weights(model), model.matrices, label=f"{model.source} ({tag})", xmin=xmin,
-                           identity=f"{tag}-{model.identity.replace(':', '-')}", device=device, replace=True,
-                           progress=progress)
+    weights = Weights.of_model(model, label=f"{model.source} ({tag})",
+                               identity=f"{tag}-{model.identity.replace(':', '-')}")
+    return analyze_weights(weights, xmin=xmin, device=device, replace=True, progress=progress)
 
 
-def analyze_weights(items: Iterable[tuple[MatrixInfo, object]], infos: list[MatrixInfo], *, label: str,
-                    identity: str, xmin: str = "peak", device: str = "auto", quant: Mapping[str, str] | None = None,
-                    store: bool = True, replace: bool = False, lookup: bool = True, budget_bytes: int = 1 << 30,
-                    devices: list[str] | None = None, spectra: list[Spectrum] | None = None,
-                    progress: Progress = None) -> Analysis:
-    """The analysis of any ``(info, weight)`` pairs (a model's, an adapter's updates, ...) named
-    ``label``, cached under ``identity`` when ``store`` (and read from that cache unless ``replace``).
-    ``devices``: several devices share the spectra; ``spectra``: already computed (Ray)."""
+def analyze_weights(weights: Weights, *, xmin: str = "peak", device: str = "auto", store: bool = True,
+                    replace: bool = False, lookup: bool = True, keep: bool = False, budget_bytes: int = 1 << 30,
+                    executor: Executor | None = None, progress: Progress = None) -> Analysis:
+    """The analysis of any ``weights`` (a model's, an adapter's updates, ...), its spectra
+    computed by ``executor`` (default: ``device``, in this thread), cached under its identity
+    when ``store`` (and read from that cache unless ``replace``). ``keep``: finished groups of
+    spectra are kept for a rerun (``spectra_on``)."""
     if store and lookup and not replace:     # (``analyze`` has looked already: each damage is reported once)
-        cached = _load_cached(cache_folder(identity, xmin))
+        cached = _load_cached(cache_folder(weights.identity, xmin))
         if cached is not None:
             return cached
     dev = resolve_device(device)
     start = time.perf_counter()
-    if spectra is None and devices and len(devices) > 1:
-        spectra = spectra_on_devices(items, devices, compute=compute_spectra, infos=infos, budget_bytes=budget_bytes,
-                                     progress=progress)
-    elif spectra is None:
-        spectra = compute_spectra(items, total=len(infos), device=dev, progress=progress, budget_bytes=budget_bytes)
-    report(progress, len(infos), len(infos), "fits and metrics")
-    table = build_table(spectra, xmin=xmin, device=dev, quant=quant)
-    result = Analysis(table, {s.info.name: s.eigs for s in spectra}, label, identity, xmin, str(dev),
+    spectra = spectra_on(executor or Local(device), weights, keep=keep, budget_bytes=budget_bytes, progress=progress)
+    report(progress, len(weights.infos), len(weights.infos), "fits and metrics")
+    table = build_table(spectra, xmin=xmin, device=dev, quant=weights.quant)
+    result = Analysis(table, {s.info.name: s.eigs for s in spectra}, weights.label, weights.identity, xmin, str(dev),
                       time.perf_counter() - start)
     if store:
-        _store(cache_folder(identity, xmin), result, keep_existing=not replace)
+        _store(cache_folder(weights.identity, xmin), result, keep_existing=not replace)
     return result
+
+
+# --- the spectra on an executor ----------------------------------------------------------------
+
+@dataclass
+class _Group:
+    """One slot's matrices: read from ``folder`` (a Ray worker that sees it), else ``items``."""
+
+    infos: list[MatrixInfo]
+    folder: str | None
+    nbytes: int
+    items: object
+    budget_bytes: int
+    workers: int | None = None
+    progress: Progress = None
+
+
+def _group_spectra(group: _Group, device: str) -> list[Spectrum] | None:
+    """The spectra of one group on ``device``, one tensor at a time within its budget; ``None``
+    when the group names a checkpoint this process does not see (no such folder, other files)."""
+    items = group.items
+    if group.folder is not None:
+        try:
+            ckpt = open_checkpoint(group.folder)
+            if ckpt.nbytes != group.nbytes:
+                return None
+        except (OSError, ValueError):
+            return None
+        items = ((info, ckpt.read(info.name)) for info in group.infos)
+    return compute_spectra(items, total=len(group.infos), device=device, workers=group.workers,
+                           budget_bytes=group.budget_bytes, progress=group.progress)
+
+
+def spectra_on(executor: Executor, weights: Weights, *, groups: int | None = None, ship: bool = False,
+               keep: bool = False, budget_bytes: int = 1 << 30, progress: Progress = None,
+               cancel: object = None) -> list[Spectrum]:
+    """The spectra of ``weights`` on ``executor``, in the model's order.
+
+    The matrices are split into ``groups`` (default one per slot) of about equal estimated
+    cost; each group reads its own tensors, one at a time within ``budget_bytes`` (divided
+    among local devices). On Ray a group of a safetensors folder is read by its worker when it
+    sees the same files; a worker that does not hands back and the driver ships that group's
+    tensors through the object store (``ship``: every group). ``keep``: each finished group is
+    stored as it ends (under the weights' identity), so after a failure (raised once every
+    other group ended) a rerun computes only the missing matrices."""
+    infos = weights.infos
+    read = weights.read
+    if read is None and (len(executor.slots) > 1 or executor.remote):
+        held = {info.name: w for info, w in weights.items}          # no reader by name: read once
+        read = held.__getitem__
+    kind = getattr(executor, "device_kind", None) or executor.slots[0].split(":")[0]
+    kept = _kept_folder(weights.identity, kind) if keep else None
+    done: dict[str, Spectrum] = _kept(kept, infos) if kept else {}
+    if done:
+        log.info("%d of %d spectra kept from an earlier run in %s", len(done), len(infos), kept)
+    todo = [i for i in infos if i.name not in done]
+    slots = [str(k) for k in range(groups or len(executor.slots))]
+    plan = plan_devices([(i.rows, i.cols) for i in todo], slots)
+    parts = [p for p in ([i for i, d in zip(todo, plan) if d == k] for k in slots) if p]
+    local_budget = max(1, budget_bytes // max(1, min(len(parts), len(executor.slots))))
+    counts = [0] * len(parts)
+    lock = threading.Lock()
+    what = "eigenvalues (Ray)" if executor.remote else "eigenvalues"
+
+    def counted(k: int) -> Progress:
+        def tell(n: int, _total: int, _message: str = "") -> None:
+            with lock:
+                counts[k] = n
+                report(progress, len(done) + sum(counts), len(infos), what)
+        return tell
+
+    def group(k: int, part: list[MatrixInfo], ship_it: bool) -> _Group:
+        if executor.remote:
+            tensors = [(i, read(i.name)) for i in part] if ship_it else None
+            return _Group(part, None if ship_it else weights.folder, weights.nbytes, tensors, budget_bytes,
+                          workers=1 if executor.slots[0] == "cpu" else None)
+        lazy = weights.items if read is None else ((i, read(i.name)) for i in part)
+        return _Group(part, None, 0, lazy, local_budget, progress=counted(k) if progress else None)
+
+    failed: list[BaseException] = []
+    blind: list[int] = []
+
+    def take(results: Iterator, order: list[int]) -> None:
+        for j, result in results:
+            k = order[j]
+            if result is None:
+                log.info("a Ray worker does not see %s; shipping %d tensors through the object store",
+                         weights.folder, len(parts[k]))
+                blind.append(k)
+            elif isinstance(result, BaseException):
+                failed.append(result)
+            else:
+                if kept:
+                    _keep(kept, result)
+                with lock:
+                    done.update((s.info.name, s) for s in result)
+                    counts[k] = 0
+                    report(progress, len(done) + sum(counts), len(infos), what)
+
+    report(progress, len(done), len(infos), what)
+    first = ship or weights.folder is None
+    order = list(range(len(parts)))
+    take(executor.map(_group_spectra, (group(k, parts[k], first) for k in order), cancel=cancel), order)
+    if blind:         # workers that do not see the checkpoint: their groups' tensors shipped
+        order, blind[:] = list(blind), []
+        take(executor.map(_group_spectra, (group(k, parts[k], True) for k in order), cancel=cancel), order)
+    if failed:
+        rest = "" if not kept else (f"; the {len(done)} of {len(infos)} finished spectra are kept and a rerun "
+                                    "computes only the rest")
+        if not executor.remote:
+            if rest:
+                log.warning("spectra failed%s", rest)
+            raise failed[0]
+        raise RuntimeError(f"a Ray spectra task failed: {executor.failure(failed[0])}{rest}") from failed[0]
+    if kept and kept.is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+    return [done[i.name] for i in infos]
+
+
+def _kept_folder(identity: str, device: str) -> Path:
+    """Where the finished spectra of the weights ``identity`` wait for a rerun."""
+    return home() / "analyses" / "partial" / f"{identity.replace(':', '-')}-{device}-v{ENGINE_VERSION}"
+
+
+def _keep(folder: Path, spectra: list[Spectrum]) -> None:
+    """Store finished spectra (one file per group, atomically) so a rerun skips them."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, names=np.array([s.info.name for s in spectra]), w_var=np.array([s.w_var for s in spectra]),
+                     reasons=np.array([s.reason for s in spectra]),
+                     **{f"e{k}": s.eigs for k, s in enumerate(spectra)})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1("\n".join(s.info.name for s in spectra).encode()).hexdigest()[:16]
+        atomic_file(folder / f"{key}.npz", write, overwrite=True)
+    except OSError as exc:
+        log.warning("could not keep finished spectra in %s: %s", folder, exc)
+
+
+def _kept(folder: Path, infos: list[MatrixInfo]) -> dict[str, Spectrum]:
+    """The spectra kept in ``folder`` of the matrices ``infos`` (a damaged file is skipped)."""
+    by_name = {i.name: i for i in infos}
+    out: dict[str, Spectrum] = {}
+    for file in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                for k, (name, w_var, reason) in enumerate(zip(z["names"], z["w_var"], z["reasons"])):
+                    info = by_name.get(str(name))
+                    eigs = z[f"e{k}"]
+                    if info is not None and eigs.shape == (min(info.rows, info.cols),):
+                        out[info.name] = Spectrum(info, eigs, float(w_var), str(reason))
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises many types
+            log.warning("ignoring the damaged kept spectra %s (%s)", file, exc)
+    return out

@@ -8,6 +8,10 @@ fits the power laws of every xmin method to one computation of the eigenvalues (
 from __future__ import annotations
 
 import logging
+import math
+import os
+import queue
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,6 +22,7 @@ import torch
 
 from .allocation import METHODS as ALLOCATION_METHODS
 from .analysis import Analysis, analyze, build_table
+from .executor import Executor, Local
 from .calibration import Calibration, bos_plan, cap_seqlen, sample_windows, tokenize
 from .evaluation import perplexity
 from .experiments import (alpha_metrics, calibration_for, choose_allocation, eval_run, load_for, metrics_for,
@@ -27,7 +32,7 @@ from .checks import whole
 from .choices import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS
 from .fit import XMIN_METHODS
 from .models import LoadedModel, MatrixInfo
-from .progress import Cancelled, Progress
+from .progress import Cancelled, Progress, report
 from .pruning import METHODS as PRUNE_METHODS
 from .owlcache import owl_scores_for
 from .pruning import prune
@@ -43,10 +48,23 @@ SWEEP_COLUMNS = ["method", "allocation", "sparsity", "epsilon", "achieved", "per
 TUNE_COLUMNS = ["epsilon", "xmin", "metric", "perplexity", "achieved"]
 
 
+@dataclass
+class RunInputs:
+    """What every run of a sweep shares, computed once: the model (``None``: each worker loads
+    the spec's model itself, once), the calibration, the OWL scores and the metrics table
+    AlphaPruning scores."""
+
+    loaded: LoadedModel | None
+    calibration: object = None
+    owl: dict | None = None
+    metrics: pd.DataFrame | None = None
+
+
 def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
           epsilons: list[float] | Mapping[str, list[float]] | None = None, dense: bool = True,
           loaded: LoadedModel | None = None, registry: Registry | None = None, metrics: pd.DataFrame | None = None,
-          calibration: object = None, progress: Progress = None, cancel: object = None) -> pd.DataFrame:
+          calibration: object = None, executor: Executor | None = None, ship_model: bool | None = None,
+          progress: Progress = None, cancel: object = None) -> pd.DataFrame:
     """Every method x allocation x sparsity (x epsilon for ``alpha``), pruned from the same dense
     model, evaluated, recorded; returns one comparison table (``SWEEP_COLUMNS``), dense first.
 
@@ -56,27 +74,72 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     the epsilon tuned for it; a method left out gets the default epsilon). ``loaded``,
     ``metrics`` and ``calibration`` are computed from ``base`` when not given. A failed run is
     recorded and the sweep goes on (its row has no perplexity); when every run failed,
-    ``ValueError`` says so (``sweep_table``). ``core.cluster.sweep_parallel`` runs the same
-    jobs in parallel into the same table."""
+    ``ValueError`` says so (``sweep_table``).
+
+    ``executor`` (``core.executor``; default ``base.device`` in this thread) runs the runs: on
+    several devices one run per device at a time, on Ray one actor per slot that loads the
+    spec's model once (or streams it, ``base.streaming``) and runs its jobs in turn, each in a
+    private registry copied into ``registry`` as it ends; ``ship_model`` (default: when
+    ``loaded`` was given) sends the driver's model instead. The same jobs, records and table
+    whichever way."""
     jobs = sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
                       dense=dense)
     registry = registry or Registry()
+    executor = executor or Local(base.device)
+    ship_model = loaded is not None if ship_model is None else ship_model
     inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
                           cancel=cancel)
-    runs = []
-    for kind, spec in jobs:
-        log.info("sweep: %s %s %s S=%g eps=%s", kind, spec.method, spec.allocation, spec.sparsity, spec.epsilon)
-        runs.append(run_job(kind, spec, inputs, registry, progress=progress, cancel=cancel))
+    runs: list[dict | None] = [None] * len(jobs)
+    inner = progress if executor.in_thread else None
+    if executor.remote:
+        fn, shared = _remote_run, (inputs if ship_model else replace(inputs, loaded=None))
+    else:
+        # a streamed run fills its skeleton block by block: one skeleton per device, loaded here first
+        # (loading one while another thread runs would put that thread's new tensors on the meta device)
+        models: queue.Queue = queue.Queue()
+        for k in range(len(executor.slots) if base.streaming else 1):
+            models.put(inputs.loaded if k == 0 else load_for(base))
+
+        def fn(job: tuple[str, PruneSpec], device: str) -> dict:
+            kind, spec = job
+            log.info("sweep: %s %s %s S=%g eps=%s", kind, spec.method, spec.allocation, spec.sparsity, spec.epsilon)
+            loaded = models.get() if base.streaming else inputs.loaded
+            try:
+                return run_job(kind, _on(spec, device), replace(inputs, loaded=loaded), registry, progress=inner,
+                               cancel=cancel)
+            finally:
+                if base.streaming:
+                    models.put(loaded)
+        shared = None
+    for i, result in executor.map(fn, jobs, shared=shared, cancel=cancel):
+        kind, spec = jobs[i]
+        if isinstance(result, BaseException):     # failed outside its run (on Ray: its worker's registry is gone)
+            log.info("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, result)
+            run_id = record_failure(registry, kind, spec, executor.failure(result), inputs.loaded)
+        elif executor.remote:
+            run_id = copy_run(registry, *result)
+        else:
+            run_id = int(result["id"])
+        runs[i] = registry.get(run_id)
+        if not executor.in_thread:
+            report(progress, sum(r is not None for r in runs), len(jobs), "sweep runs")
     return sweep_table(jobs, runs)
 
 
-# --- one sweep's jobs, runs and table, for every route (here and core.cluster) ----------------
+def _on(spec: PruneSpec, device: str) -> PruneSpec:
+    """``spec`` on its slot's device (resolved once by the executor)."""
+    return spec if spec.device == device else replace(spec, device=device)
+
+
+# --- one sweep's jobs, runs and table ------------------------------------------------------------
 
 #: dtype of each column of a sweep table, whichever route computed it
 SWEEP_DTYPES = {"method": "str", "allocation": "str", "sparsity": "float64", "epsilon": "float64",
                 "achieved": "float64", "perplexity": "float64", "prune_seconds": "float64",
                 "eval_seconds": "float64", "run_id": "int64", "key": "str", "settings": "str"}
 FAILED_HINT = "spectrascope runs --status failed"
+#: Registry columns a worker's run row carries over into the driver's registry.
+_NOT_COPIED = ("id", "kind", "status", "error", "started_at", "finished_at")
 
 
 def sweep_jobs(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
@@ -90,9 +153,8 @@ def sweep_jobs(base: PruneSpec, *, methods: list[str], allocations: list[str], s
 
 def sweep_inputs(base: PruneSpec, jobs: list[tuple[str, PruneSpec]], *, loaded: LoadedModel | None = None,
                  metrics: pd.DataFrame | None = None, calibration: object = None, progress: Progress = None,
-                 cancel: object = None) -> dict:
-    """What every run of a sweep shares, computed once: the model (``loaded``), the calibration,
-    the OWL scores and the metrics table AlphaPruning scores."""
+                 cancel: object = None) -> RunInputs:
+    """What every run of a sweep shares (``RunInputs``), computed once."""
     loaded = loaded if loaded is not None else load_for(base, progress)   # once every spec is valid
     specs = [s for kind, s in jobs if kind == "prune"]
     allocations = {s.allocation for s in specs}
@@ -102,7 +164,51 @@ def sweep_inputs(base: PruneSpec, jobs: list[tuple[str, PruneSpec]], *, loaded: 
         if "owl" in allocations else None
     if "alpha" in allocations:
         metrics = alpha_metrics(base, loaded, metrics, progress)
-    return {"loaded": loaded, "calibration": calibration, "owl": owl, "metrics": metrics}
+    return RunInputs(loaded, calibration, owl, metrics)
+
+
+# --- on a Ray worker: the model held once per worker process --------------------------------
+
+_WORKER_MODEL: dict[tuple, LoadedModel] = {}
+
+
+def worker_model(spec: PruneSpec) -> LoadedModel:
+    """The spec's model in this worker process (a Ray actor), loaded once (a skeleton when
+    streaming) and kept for its next runs; another model replaces it."""
+    key = (spec.model, spec.dtype, spec.trust_remote_code, spec.streaming)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        _WORKER_MODEL[key] = load_for(spec)
+    return _WORKER_MODEL[key]
+
+
+def _remote_run(job: tuple[str, PruneSpec], device: str, shared: RunInputs) -> tuple[dict, pd.DataFrame]:
+    """On a worker: the run in a private registry (``run_job``); returns its row (done or
+    failed) and matrices. Only a failure outside the run (the model not loading) raises."""
+    kind, spec = job
+    spec = _on(spec, device)
+    inputs = shared if shared.loaded is not None else replace(shared, loaded=worker_model(spec))
+    with tempfile.TemporaryDirectory(prefix="spectrascope-run-") as tmp:
+        registry = Registry(os.path.join(tmp, "runs.sqlite"))
+        run = run_job(kind, spec, inputs, registry)
+        return run, registry.matrices(int(run["id"]))
+
+
+def _plain(value: object) -> object:
+    """A registry value as SQLite takes it (numpy scalars -> Python, NaN -> None)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def copy_run(registry: Registry, row: Mapping, matrices: pd.DataFrame) -> int:
+    """Record a run of another registry (a worker's) in ``registry``; returns its new id."""
+    fields = {k: _plain(v) for k, v in row.items() if k not in _NOT_COPIED}
+    run_id = registry.start(str(row["kind"]), **fields)
+    if len(matrices):
+        registry.add_matrices(run_id, matrices)
+    registry.finish(run_id, str(row["status"]), error=_plain(row.get("error")))
+    registry.update(run_id, started_at=_plain(row["started_at"]), finished_at=_plain(row["finished_at"]))
+    return run_id
 
 
 class _Recording(Registry):
@@ -118,7 +224,7 @@ class _Recording(Registry):
         return self.run_id
 
 
-def run_job(kind: str, spec: PruneSpec, inputs: dict, registry: Registry, *, progress: Progress = None,
+def run_job(kind: str, spec: PruneSpec, inputs: RunInputs, registry: Registry, *, progress: Progress = None,
             cancel: object = None) -> dict:
     """One sweep run (``eval`` of the dense model or ``prune``) recorded in ``registry``;
     returns its registry row: done, or failed with its error (a failure raised before the run
@@ -126,10 +232,10 @@ def run_job(kind: str, spec: PruneSpec, inputs: dict, registry: Registry, *, pro
     recording = _Recording(registry)
     try:
         if kind == "eval":
-            run_id = eval_run(spec, inputs["loaded"], registry=recording, progress=progress, cancel=cancel)[0]
+            run_id = eval_run(spec, inputs.loaded, registry=recording, progress=progress, cancel=cancel)[0]
         else:
-            run_id = prune_and_eval(spec, inputs["loaded"], registry=recording, metrics=inputs["metrics"],
-                                    owl_scores=inputs["owl"], calibration=inputs["calibration"], progress=progress,
+            run_id = prune_and_eval(spec, inputs.loaded, registry=recording, metrics=inputs.metrics,
+                                    owl_scores=inputs.owl, calibration=inputs.calibration, progress=progress,
                                     cancel=cancel).run_id
     except (Cancelled, KeyboardInterrupt):
         raise
@@ -137,7 +243,7 @@ def run_job(kind: str, spec: PruneSpec, inputs: dict, registry: Registry, *, pro
         log.info("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, exc)
         run_id = recording.run_id
         if run_id is None:
-            run_id = record_failure(registry, kind, spec, f"{type(exc).__name__}: {exc}", inputs["loaded"])
+            run_id = record_failure(registry, kind, spec, f"{type(exc).__name__}: {exc}", inputs.loaded)
     return registry.get(run_id)
 
 
@@ -322,18 +428,40 @@ class Tuning:
 def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Sequence[str] | None = None,
          metric_columns: Sequence[str] = DEFAULT_METRIC_COLUMNS, holdout: float = 0.1,
          holdout_windows: int | None = 16, loaded: LoadedModel | None = None, analysis: Analysis | None = None,
-         progress: Progress = None, cancel: object = None) -> Tuning:
+         executor: Executor | None = None, ship_model: bool | None = None, progress: Progress = None,
+         cancel: object = None) -> Tuning:
     """Choose AlphaPruning's allocation for ``base`` (its method, sparsity, mapping, ...): every
     epsilon x xmin method x metric column, pruned and scored by perplexity on held-out
     calibration text (``holdout_split``; at most ``holdout_windows`` windows). The evaluation
-    text is never read. Grid points with equal ratios (e.g. every epsilon 0) are pruned once."""
+    text is never read. Grid points with equal ratios (e.g. every epsilon 0) are pruned once.
+
+    ``executor`` (several devices, Ray): one epsilon per slot at a time, each refitting the
+    driver's one analysis (on Ray each actor loads the model once, unless ``ship_model``);
+    the same table, in the same order, and the same choice as in one thread."""
     whole("holdout_windows (--holdout-windows)", holdout_windows, 1, optional=True)
     epsilons = list(epsilons) if epsilons else list(DEFAULT_EPSILONS)
     if not metric_columns:
         raise ValueError("metric_columns: give at least one column, e.g. alpha,alpha_hat")
     if not (0.0 < holdout < 0.5):
         raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
+    ship_model = loaded is not None if ship_model is None else ship_model
     loaded = loaded if loaded is not None else load_for(base, progress)
+    if executor is not None and not executor.in_thread:
+        grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
+        if analysis is None and base.metrics_file is None:
+            analysis = analyze(loaded, xmin=(xmins or XMIN_METHODS)[0], device=base.device, progress=progress)
+        shared = (base, grid, analysis, loaded if ship_model or not executor.remote else None)
+        parts: list[Tuning | None] = [None] * len(epsilons)
+        for i, result in executor.map(_tune_one, epsilons, shared=shared, cancel=cancel):
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"epsilon {epsilons[i]:g}: {executor.failure(result)}") from result
+            parts[i] = result
+            report(progress, sum(p is not None for p in parts), len(parts), "epsilons")
+        table = pd.concat([p.table.assign(_eps=i) for i, p in enumerate(parts)], ignore_index=True)
+        table["_row"] = table.groupby("_eps").cumcount()          # one thread: xmin, metric, then epsilon
+        table = table.sort_values(["_row", "_eps"], kind="stable").drop(columns=["_row", "_eps"])
+        table = table.reset_index(drop=True)
+        return replace(parts[0], table=table, best=table.loc[table["perplexity"].idxmin()].to_dict())
     tables = xmin_tables(base, loaded, xmins, analysis=analysis, progress=progress)
     for col in metric_columns:
         for x, t in tables.items():
@@ -369,7 +497,14 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
     return Tuning(table, best, base.method, base.sparsity, calib.settings(), ppl.windows * ppl.seqlen, key)
 
 
-# --- the runs of a sweep (also for core.cluster) ------------------------------------------------
+def _tune_one(epsilon: float, device: str, shared: tuple) -> Tuning:
+    """One epsilon of ``tune`` on a slot (the model shipped, or this worker's own)."""
+    base, grid, analysis, loaded = shared
+    base = _on(base, device)
+    return tune(base, epsilons=[epsilon], analysis=analysis, loaded=loaded or worker_model(base), **grid)
+
+
+# --- the runs of a sweep ------------------------------------------------------------------------
 
 def sweep_specs(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
                 epsilons: list[float] | Mapping[str, list[float]] | None = None) -> list[PruneSpec]:

@@ -1,9 +1,10 @@
-"""Ray (core.cluster): a local instance with 2 worker processes gives exactly the
+"""Ray (core.executor.OnRay): a local instance with 2 worker processes gives exactly the
 single-process analysis and sweep; a killed worker's run is retried; failures are recorded."""
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,8 @@ psutil = pytest.importorskip("psutil")
 
 from conftest import tiny_config, tiny_model  # noqa: E402
 from core.analysis import analyze  # noqa: E402
-from core.cluster import spectra_on_ray, sweep_parallel, tune_on_ray  # noqa: E402
+from core.analysis import Weights, spectra_on  # noqa: E402
+from core.executor import OnRay  # noqa: E402
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
 from core.models import iter_weights, load_model, resolve_source, wrap_model  # noqa: E402
 from core.registry import Registry  # noqa: E402
@@ -29,7 +31,8 @@ COMPARED = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexi
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,   # the workers import this checkout's core
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     yield ray
     ray.shutdown()
 
@@ -60,10 +63,11 @@ def test_analysis_on_ray_equals_one_process_and_fills_the_same_cache(local_ray, 
 def test_spectra_through_the_object_store_when_workers_do_not_see_the_files(local_ray, tiny_folder):
     loaded = wrap_model(tiny_model("llama", seed=3))
     want = compute_spectra(iter_weights(loaded), device="cpu")
-    for source in (loaded, resolve_source(str(tiny_folder))):
-        got = spectra_on_ray(source, device="cpu", shared=False, groups=3)
-        ref = want if source is loaded else compute_spectra(
-            iter_weights(load_model(tiny_folder, tokenizer=False)), device="cpu")
+    src = resolve_source(str(tiny_folder))
+    from_folder = compute_spectra(iter_weights(load_model(tiny_folder, tokenizer=False)), device="cpu")
+    for weights, ref in ((Weights.of_model(loaded), want),
+                         (Weights.of_checkpoint(src.path, label=src.label, identity=src.identity()), from_folder)):
+        got = spectra_on(OnRay(True, "cpu"), weights, ship=True, groups=3)
         assert [s.info.name for s in got] == [s.info.name for s in ref]
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(a.eigs, b.eigs)
@@ -95,7 +99,7 @@ def _check_registry(reg: Registry, table: pd.DataFrame) -> None:
 
 def test_sweep_on_ray_equals_one_process(local_ray, tiny_folder, reference, tmp_path):
     reg = Registry(tmp_path / "runs.sqlite")
-    table = sweep_parallel(_base(tiny_folder), ray=True, registry=reg, **GRID)
+    table = sweep(_base(tiny_folder), executor=OnRay(), registry=reg, **GRID)
     pd.testing.assert_frame_equal(table[COMPARED], reference[COMPARED])
     _check_registry(reg, table)
 
@@ -103,14 +107,14 @@ def test_sweep_on_ray_equals_one_process(local_ray, tiny_folder, reference, tmp_
 def test_a_killed_worker_is_retried_and_the_registry_is_complete(local_ray, tiny_folder, reference, tmp_path):
     reg = Registry(tmp_path / "runs.sqlite")
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(table=sweep_parallel(_base(tiny_folder), ray=True,
-                                                                             registry=reg, **GRID)))
+    thread = threading.Thread(target=lambda: out.update(table=sweep(_base(tiny_folder), executor=OnRay(),
+                                                                    registry=reg, **GRID)))
     thread.start()
     killed = None
     deadline = time.time() + 120
     while killed is None and thread.is_alive() and time.time() < deadline:
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            if any("_run_task" in part for part in (proc.info["cmdline"] or [])):
+            if any("_Slot.run" in part for part in (proc.info["cmdline"] or [])):
                 proc.kill()                                       # the worker dies mid-run
                 killed = proc.info["pid"]
                 break
@@ -128,8 +132,8 @@ def test_a_task_failing_twice_is_recorded_as_failed_with_its_error(local_ray, ti
     missing = PruneSpec(model=str(tmp_path / "not-here"), device="cpu",
                         evaluation=EvaluationSpec(dataset="wiki", seqlen=64, max_windows=2))
     with pytest.raises(ValueError, match="every run of the sweep failed") as failed:
-        sweep_parallel(missing, ray=True, registry=reg, loaded=loaded, ship_model=False, dense=False,
-                       methods=["magnitude"], allocations=["uniform"], sparsities=[0.5, 0.6])
+        sweep(missing, executor=OnRay(), registry=reg, loaded=loaded, ship_model=False, dense=False,
+              methods=["magnitude"], allocations=["uniform"], sparsities=[0.5, 0.6])
     assert "spectrascope runs --status failed" in str(failed.value)
     runs = reg.query()
     assert runs["status"].tolist() == ["failed", "failed"]
@@ -142,7 +146,7 @@ def test_tune_on_ray_equals_one_process(local_ray, tiny_folder):
                      calibration=CalibrationSpec(nsamples=2, seqlen=64))
     grid = dict(epsilons=[0.0, 0.4], xmins=["peak", "mid"], metric_columns=["alpha", "alpha_hat"], holdout_windows=2)
     one = tune(base, **grid)
-    got = tune_on_ray(base, ray=True, **grid)
+    got = tune(base, executor=OnRay(), **grid)
     pd.testing.assert_frame_equal(got.table, one.table)
     assert got.best == one.best and got.calibration == one.calibration
     assert got.holdout_tokens == one.holdout_tokens

@@ -178,7 +178,8 @@ def test_a_two_node_cluster_with_a_node_blind_to_the_model_folder(folder, tmp_pa
 @pytest.mark.slow
 def test_a_task_failing_twice_keeps_the_finished_spectra_and_a_rerun_computes_only_the_rest():
     ray = pytest.importorskip("ray")
-    from core.cluster import spectra_on_ray
+    from core.analysis import Weights, spectra_on
+    from core.executor import OnRay
 
     loaded = wrap_model(tiny_model("llama", seed=7))
     want = compute_spectra(iter_weights(loaded), device="cpu")
@@ -186,14 +187,15 @@ def test_a_task_failing_twice_keeps_the_finished_spectra_and_a_rerun_computes_on
     module = loaded.module(planted.name)
     dense = module.weight
     module.weight = torch.nn.Parameter(dense.detach().to_sparse(), requires_grad=False)   # cannot be read
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,     # the workers import this checkout's core
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         with pytest.raises(RuntimeError, match="kept"):
-            spectra_on_ray(loaded, device="cpu", groups=4, keep=loaded.identity)
+            spectra_on(OnRay(True, "cpu"), Weights.of_model(loaded), groups=4, keep=True)
         module.weight = dense                                                            # the cause removed
         seen: list[int] = []
-        got = spectra_on_ray(loaded, device="cpu", groups=4, keep=loaded.identity,
-                             progress=lambda done, total, _: seen.append(done))
+        got = spectra_on(OnRay(True, "cpu"), Weights.of_model(loaded), groups=4, keep=True,
+                         progress=lambda done, total, _: seen.append(done))
     finally:
         ray.shutdown()
     assert 0 < seen[0] < len(want), seen           # the rerun started from the kept spectra
@@ -204,31 +206,25 @@ def test_a_task_failing_twice_keeps_the_finished_spectra_and_a_rerun_computes_on
 
 # --- several devices read their own tensors while they work ------------------------------------
 
-def test_several_devices_start_before_every_weight_is_read_and_report_progress():
-    from core.devices import spectra_on_devices
+def test_several_devices_read_their_own_tensors_within_the_budget_and_report_progress():
+    from core.analysis import Weights, spectra_on
+    from core.executor import Devices
 
     torch.manual_seed(0)
     infos = [MatrixInfo(f"m{i}", i, "x", 32, 16) for i in range(12)]
     weights = {i.name: torch.randn(i.rows, i.cols) for i in infos}
-    events: list[str] = []
-    lock = threading.Lock()
+    readers: set[str] = set()
 
-    def read():                         # the checkpoint, read lazily
-        for info in infos:
-            with lock:
-                events.append("read")
-            yield info, weights[info.name]
-
-    def on_cpu(part, *, device, **options):       # fake devices, real spectra on the CPU
-        with lock:
-            events.append("start")
-        return compute_spectra(part, device="cpu", workers=1, **options)
+    def read(name):                     # the checkpoint, one tensor at a time
+        readers.add(threading.current_thread().name)
+        return weights[name]
 
     seen: list[tuple[int, int]] = []
-    got = spectra_on_devices(read(), ["cuda:0", "cuda:1"], compute=on_cpu, infos=infos, budget_bytes=3 * 32 * 16 * 8,
-                             progress=lambda done, total, _: seen.append((done, total)))
+    got = spectra_on(Devices(["cpu", "cpu"]), Weights(infos, "fake", "fake:budget", read=read),
+                     budget_bytes=3 * 32 * 16 * 8, progress=lambda done, total, _: seen.append((done, total)))
     want = compute_spectra(((i, weights[i.name]) for i in infos), device="cpu", workers=1)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.eigs, b.eigs)
-    assert events.index("start") < len(events) - 1 - events[::-1].index("read")   # a device began before the last read
     assert seen and seen[-1] == (12, 12)
+    assert len({d for d, _ in seen}) > 3              # matrix by matrix, not one step at the end
+    assert len(readers) == 2 and threading.current_thread().name not in readers    # each device reads its own

@@ -1,9 +1,6 @@
-"""Scheduling over several devices (core.devices): plans on fake device lists, the per-device
-queue, and the CUDA path (skipped without CUDA)."""
+"""Several devices (core.devices, core.executor.Devices): plans on fake device lists, spectra
+and sweeps on a device list, and the CUDA path (skipped without CUDA)."""
 from __future__ import annotations
-
-import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -12,13 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config, tiny_model
-from core.analysis import analyze
+from core.analysis import Weights, analyze, spectra_on
 from core.cli import main
-from core.cluster import sweep_parallel
+from core.executor import Devices
 from core.spec import EvaluationSpec, PruneSpec
 from core.registry import Registry
 from core.sweeps import sweep
-from core.devices import map_on_devices, matrix_cost, parse_devices, plan_devices, plan_loads, spectra_on_devices
+from core.devices import matrix_cost, parse_devices, plan_devices, plan_loads
 from core.models import MatrixInfo, wrap_model
 from core.spectra import compute_spectra
 
@@ -56,48 +53,16 @@ def test_llama_7b_plan_is_balanced_on_eight_devices():
     assert all(len({s for s, d in zip(LLAMA_7B, plan) if d == dev}) <= 3 for dev in EIGHT)
 
 
-def test_queue_runs_one_item_at_a_time_per_device_and_hands_back_errors():
-    busy: dict[str, int] = {}
-    worst = {d: 0 for d in EIGHT[:3]}
-    lock = threading.Lock()
-
-    def fn(item, device):
-        with lock:
-            busy[device] = busy.get(device, 0) + 1
-            worst[device] = max(worst[device], busy[device])
-        time.sleep(0.01)
-        with lock:
-            busy[device] -= 1
-        if item == 5:
-            raise RuntimeError("item 5 broke")
-        return item * 10, device
-
-    out = dict(map_on_devices(fn, range(12), EIGHT[:3]))
-    assert sorted(out) == list(range(12))
-    assert isinstance(out[5], RuntimeError) and str(out[5]) == "item 5 broke"
-    assert all(out[i][0] == i * 10 for i in out if i != 5)
-    assert set(worst.values()) == {1}                              # never two runs on one device
-    assert len({out[i][1] for i in out if i != 5}) >= 2             # the devices shared the work
-
-
-def test_spectra_on_devices_keeps_the_input_order():
+def test_spectra_on_several_devices_keep_the_input_order():
     torch.manual_seed(0)
     shapes = [(8, 8), (16, 8), (8, 16), (8, 8), (32, 16)]
-    items = [(MatrixInfo(f"m{i}", i, "x", r, c), torch.randn(r, c)) for i, (r, c) in enumerate(shapes)]
-    seen = []
-
-    def on_cpu(part, *, device, **_):     # fake devices, real spectra on the CPU
-        part = list(part)
-        seen.append((device, [i.name for i, _ in part]))
-        return compute_spectra(part, device="cpu", workers=1)
-
-    got = spectra_on_devices(items, ["cuda:0", "cuda:1"], compute=on_cpu)
-    want = compute_spectra(items, device="cpu", workers=1)
+    infos = [MatrixInfo(f"m{i}", i, "x", r, c) for i, (r, c) in enumerate(shapes)]
+    weights = {i.name: torch.randn(i.rows, i.cols) for i in infos}
+    got = spectra_on(Devices(["cpu", "cpu"]), Weights(infos, "fake", "fake:order", read=weights.__getitem__))
+    want = compute_spectra(((i, weights[i.name]) for i in infos), device="cpu", workers=1)
     assert [s.info.name for s in got] == [f"m{i}" for i in range(5)]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.eigs, b.eigs)
-    assert sorted(d for d, _ in seen) == ["cuda:0", "cuda:1"]
-    assert sorted(n for _, names in seen for n in names) == sorted(f"m{i}" for i in range(5))
 
 
 @pytest.mark.cuda
@@ -134,7 +99,7 @@ def test_sweep_with_one_run_per_device_equals_the_sequential_sweep(demo, tmp_pat
                 loaded=loaded)
     want = sweep(base, registry=Registry(tmp_path / "a.sqlite"), **grid)
     reg = Registry(tmp_path / "b.sqlite")
-    got = sweep_parallel(base, devices=["cpu"], registry=reg, **grid)
+    got = sweep(base, executor=Devices(["cpu", "cpu"]), registry=reg, **grid)
     cols = ["method", "allocation", "sparsity", "achieved", "perplexity"]
     pd.testing.assert_frame_equal(got[cols], want[cols])
     assert set(reg.query()["status"]) == {"done"} and len(reg.query()) == len(got)

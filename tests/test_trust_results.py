@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -233,7 +234,7 @@ def test_sweep_on_several_devices_writes_the_same_table_as_one_process(tiny, tex
 
 
 def test_sweep_tables_are_equal_dtype_for_dtype_across_routes_in_the_library(tiny, text_file, tmp_path):
-    from core.cluster import sweep_parallel
+    from core.executor import Devices
     from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
     from core.sweeps import sweep
 
@@ -241,7 +242,7 @@ def test_sweep_tables_are_equal_dtype_for_dtype_across_routes_in_the_library(tin
                      seqlen=32), evaluation=EvaluationSpec(dataset=str(text_file), seqlen=32, max_windows=2))
     grid = dict(methods=["magnitude"], allocations=["uniform"], sparsities=[0.5])
     one = sweep(base, registry=Registry(tmp_path / "a.sqlite"), **grid)
-    dev = sweep_parallel(base, devices=["cpu"], registry=Registry(tmp_path / "b.sqlite"), **grid)
+    dev = sweep(base, executor=Devices(["cpu", "cpu"]), registry=Registry(tmp_path / "b.sqlite"), **grid)
     timing = ["prune_seconds", "eval_seconds"]
     pd.testing.assert_frame_equal(dev.drop(columns=timing), one.drop(columns=timing))
 
@@ -249,7 +250,7 @@ def test_sweep_tables_are_equal_dtype_for_dtype_across_routes_in_the_library(tin
 @pytest.mark.slow
 def test_sweep_on_ray_writes_the_same_table_as_one_process(tiny, text_file, tmp_path):
     ray = pytest.importorskip("ray")
-    from core.cluster import sweep_parallel
+    from core.executor import OnRay
     from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
     from core.sweeps import sweep, sweep_report
 
@@ -257,9 +258,10 @@ def test_sweep_on_ray_writes_the_same_table_as_one_process(tiny, text_file, tmp_
                      seqlen=32), evaluation=EvaluationSpec(dataset=str(text_file), seqlen=32, max_windows=2))
     grid = dict(methods=["magnitude"], allocations=["uniform"], sparsities=[0.5])
     one = sweep(base, registry=Registry(tmp_path / "a.sqlite"), **grid)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:
-        on_ray = sweep_parallel(base, ray=True, registry=Registry(tmp_path / "b.sqlite"), **grid)
+        on_ray = sweep(base, executor=OnRay(), registry=Registry(tmp_path / "b.sqlite"), **grid)
     finally:
         ray.shutdown()
     same = [c for c in one.columns if c not in ("prune_seconds", "eval_seconds", "run_id")]

@@ -21,8 +21,7 @@ def add_analyze(p: argparse.ArgumentParser) -> None:
     add_overwrite(p)
     p.add_argument("--streaming", action="store_true",
                    help="read a safetensors checkpoint one tensor at a time (models larger than memory; "
-                   "with --ray each task reads its own tensors, with --devices they are read while the devices work, "
-                   "within 256 MiB)")
+                   "with --devices or --ray each device or Ray task reads its own tensors, within 256 MiB)")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -69,8 +68,6 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
-    from .prune import only_with
-
     only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
     if args.out:     # the same check as every --out: a .csv, not into a model's folder, not over a file
         output_file(args.out, "--out", (".csv",), overwrite=args.overwrite)
@@ -99,7 +96,7 @@ def add_parallel(p: argparse.ArgumentParser) -> None:
     """``--devices`` and ``--ray [ADDRESS]`` (analyze and sweep)."""
     p.add_argument("--devices", metavar="LIST", help="several devices at once: GPU numbers (0,1,2,3), names "
                    "(cuda:0,cuda:1) or cuda for every visible GPU")
-    add_ray(p, "run as Ray tasks")
+    add_ray(p, "run on Ray (one actor per GPU, else per CPU)")
 
 
 def add_ray(p: argparse.ArgumentParser, what: str) -> None:
@@ -110,3 +107,19 @@ def add_ray(p: argparse.ArgumentParser, what: str) -> None:
                    "started with `ray start --head --port PORT`; --ray auto joins $RAY_ADDRESS or the cluster `ray "
                    "start` runs on this machine. A cluster with token authentication needs RAY_AUTH_MODE=token and "
                    "its token (RAY_AUTH_TOKEN) here too; ray:// (Ray Client) addresses are not supported")
+
+
+def only_with(args: argparse.Namespace, needed: str, *options: str, holds: bool | None = None) -> None:
+    """Refuse ``options`` given while ``needed`` (what they only matter with) does not hold: they
+    would silently do nothing. ``holds`` defaults to whether the option ``needed`` is given;
+    options are named as on the command line (``--max-windows``)."""
+    if holds is None:
+        holds = bool(getattr(args, _dest(needed), None))
+    given = [o for o in options if getattr(args, _dest(o), None) not in (None, False)]
+    if given and not holds:
+        raise ValueError(f"{', '.join(given)} only matter{'s' if len(given) == 1 else ''} with {needed}, which is "
+                         f"not given; add {needed} or drop {', '.join(given)}")
+
+
+def _dest(option: str) -> str:
+    return option.split()[0].lstrip("-").replace("-", "_")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from functools import partial
 from pathlib import Path
 
 from ..checks import choice, output_file
@@ -15,7 +14,7 @@ from ..spec import ALLOCATIONS, PruneSpec
 from ..progress import Progress
 from ..runkey import run_key
 from ..zeroshot import with_accuracy
-from .analyze import add_overwrite, add_parallel, add_ray
+from .analyze import add_overwrite, add_parallel, add_ray, only_with
 from .zeroshot import check_zeroshot, opts_zeroshot
 from .jsonout import dumps
 
@@ -77,22 +76,6 @@ def _floats(text: str, name: str) -> list[float]:
         what = f"{', '.join(bad)} not in [0, 1)" if bad else "no value"
         raise ValueError(f"{name} {text!r}: {what}; give comma-separated fractions in [0, 1), e.g. 0.5,0.6,0.7")
     return values
-
-
-def only_with(args: argparse.Namespace, needed: str, *options: str, holds: bool | None = None) -> None:
-    """Refuse ``options`` given while ``needed`` (what they only matter with) does not hold: they
-    would silently do nothing. ``holds`` defaults to whether the option ``needed`` is given;
-    options are named as on the command line (``--max-windows``)."""
-    if holds is None:
-        holds = bool(getattr(args, _dest(needed), None))
-    given = [o for o in options if getattr(args, _dest(o), None) not in (None, False)]
-    if given and not holds:
-        raise ValueError(f"{', '.join(given)} only matter{'s' if len(given) == 1 else ''} with {needed}, which is "
-                         f"not given; add {needed} or drop {', '.join(given)}")
-
-
-def _dest(option: str) -> str:
-    return option.split()[0].lstrip("-").replace("-", "_")
 
 
 def alpha_options(args: argparse.Namespace, allocation: str) -> None:
@@ -257,12 +240,9 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     epsilons = parse_epsilons(args.epsilons, methods) if args.epsilons else None   # None: each spec's default
     _zeroshot_options(args)
     base = PruneSpec.from_args(args, method=methods[0] if methods else "wanda")
-    if args.streaming and (args.ray or args.devices):
-        raise ValueError(f"--streaming with {'--ray' if args.ray else '--devices'}: a streamed sweep runs in one "
-                         "process, one block at a time; drop one of them")
     check_zeroshot(base)
-    from ..cluster import connect, sweep_parallel
     from ..devices import devices_of
+    from ..executor import executor_for
     from ..experiments import calibration_for, load_for
     from ..registry import Registry
     from ..sweeps import sweep, sweep_jobs, sweep_report
@@ -270,19 +250,15 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
     # every run's spec is valid (e.g. no sparsity above r_max) before the model loads
     sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
-    if args.ray:
-        connect(args.ray)      # a wrong address fails in seconds, before the model loads
+    # where the runs go (one per device, one Ray actor per slot); a wrong address fails before the model loads
+    executor = executor_for(args.device, devices_of(args.device, args.devices), args.ray)
     start = time.perf_counter()
     loaded = load_for(base, progress)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
-    grid = dict(methods=methods, allocations=allocations, sparsities=sparsities,
-                epsilons=epsilons, calibration=calib, progress=progress)
-    if args.ray or devices_of(args.device, args.devices):   # parallel runs (core.cluster)
-        table = sweep_parallel(base, ray=args.ray, devices=devices_of(args.device, args.devices), loaded=loaded,
-                               ship_model=False, registry=registry, **grid)
-    else:
-        table = sweep(base, loaded=loaded, registry=registry, **grid)
+    table = sweep(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
+                  calibration=calib, loaded=loaded, ship_model=False, registry=registry, executor=executor,
+                  progress=progress)
     seconds = time.perf_counter() - start
     table = with_accuracy(table)
     atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False), overwrite=args.overwrite)
@@ -312,21 +288,18 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
     add_overwrite(p)
-    add_ray(p, "one Ray task per epsilon")
+    add_ray(p, "one epsilon per Ray actor at a time")
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
     spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
-    from ..cluster import connect, tune_on_ray
+    from ..executor import executor_for
     from ..sweeps import tune
 
-    if args.ray:
-        connect(args.ray)      # a wrong address fails in seconds, before the model loads
-    run = partial(tune_on_ray, ray=args.ray) if args.ray else tune
-    result = run(spec, epsilons=epsilons,
-                 xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols), holdout=args.holdout,
-                 holdout_windows=args.holdout_windows, progress=progress)
+    executor = executor_for(spec.device, None, args.ray)      # a wrong address fails before the model loads
+    result = tune(spec, epsilons=epsilons, xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols),
+                  holdout=args.holdout, holdout_windows=args.holdout_windows, executor=executor, progress=progress)
     if out is not None:
         atomic_file(out, lambda tmp: result.table.to_csv(tmp, index=False), overwrite=args.overwrite)
     if args.json:
