@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checks import first_line
-from .models import FAMILIES, Family, MatrixInfo
+from .families import FAMILIES, Family, MatrixInfo
 
 log = logging.getLogger(__name__)
 

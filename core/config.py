@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .housekeeping import clean, discard, forget, temp_path
+from .paths import home, home_path  # noqa: F401  (re-exported: core.config names them)
 
 if TYPE_CHECKING:   # torch is imported where a device or dtype is resolved: the CLI parses without it
     import torch
@@ -51,27 +52,6 @@ class NoSpaceLeft(OSError, ValueError):
 class FileTooLarge(OSError, ValueError):
     """A file-size limit (EFBIG: ``ulimit -f``, the file system's largest file) was reached
     during a write (also a ValueError: callers report it in one line)."""
-
-
-def home_path() -> Path:
-    """Where Spectrascope's own folder is (``$SPECTRASCOPE_HOME``, default ``~/.cache/spectrascope``),
-    neither created nor checked (for reading only)."""
-    return Path(os.environ.get("SPECTRASCOPE_HOME") or Path.home() / ".cache" / "spectrascope").expanduser()
-
-
-def home() -> Path:
-    """Spectrascope's own folder (``home_path``), created if missing, writable."""
-    path = home_path()
-    fix = "set SPECTRASCOPE_HOME to a writable folder"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise NotADirectoryError(f"Spectrascope's folder {path} is a file, not a folder; {fix}") from None
-    except OSError as exc:
-        raise PermissionError(f"cannot create Spectrascope's folder {path} ({exc.strerror}); {fix}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"Spectrascope's folder {path} is not writable; {fix}")
-    return path
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

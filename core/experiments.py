@@ -29,7 +29,7 @@ from .registry import Registry, software_versions
 from .runkey import RunKey, run_key
 from .zeroshot import ZeroShot, record_zeroshot
 
-from .spec import PruneSpec
+from .spec import PruneSpec, untunable
 from .texts import check_text
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,8 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         metrics = metrics if tuned.xmin == spec.xmin else None     # scored with the fit the tuning chose
         spec = tuned
     elif alpha and spec.epsilon is None and spec.metrics_file is None:
-        log.warning("epsilon %g (the paper's default): a streamed run cannot tune it on this model; tune a copy "
-                    "that fits in memory or give --epsilon", DEFAULT_EPSILON)
+        log.warning("epsilon %g (the paper's default), not auto: %s; give --epsilon to choose it", DEFAULT_EPSILON,
+                    untunable(spec))
     epsilon = (DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon) if alpha else None
     ratios, params, sparsity = None, {}, spec.sparsity
     if not spec.nm:   # before the run is recorded: a bad ratios or metrics file is refused, not a failed run

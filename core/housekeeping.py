@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .paths import home
+
 log = logging.getLogger(__name__)
 
 MARK = ".partial~"
@@ -82,8 +84,6 @@ def owner_alive(host: str, pid: int, start: str) -> bool:
 # --- the ledger ------------------------------------------------------------------------------
 
 def _ledger() -> Path:
-    from .config import home     # config imports this module
-
     folder = home() / LEDGER
     folder.mkdir(exist_ok=True)
     return folder

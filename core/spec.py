@@ -24,16 +24,27 @@ _NM = re.compile(r"(\d+):(\d+)")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def untunable(spec: "PruneSpec") -> str:
+    """Why ``--epsilon auto`` cannot tune this run ("" when it can)."""
+    c, e = spec.calibration, spec.evaluation
+    if spec.streaming:
+        return "tuning needs the model in memory and a streamed run does not hold it"
+    if c.dataset == e.dataset and Path(c.dataset).expanduser().is_file():
+        return "the calibration file is also the evaluation text, so held-out text would be evaluation text"
+    return ""
+
+
 def _epsilon(spec: "PruneSpec") -> float | str | None:
-    """``"auto"`` when asked, and by default for ``alpha`` on the model's own metrics in memory
-    (a streamed run keeps the paper's 0.3, with a warning when it runs); else a fraction."""
-    if spec.epsilon == "auto" or (spec.epsilon is None and spec.allocation == "alpha" and spec.metrics_file is None
-                                  and spec.nm is None and not spec.streaming):
+    """``"auto"`` when asked, and by default for ``alpha`` on the model's own metrics where it
+    can tune (``untunable``: otherwise the paper's 0.3, with a warning when the run starts);
+    else a fraction."""
+    default = spec.epsilon is None and spec.allocation == "alpha" and spec.metrics_file is None and spec.nm is None
+    if spec.epsilon == "auto" or (default and not untunable(spec)):
         if spec.allocation != "alpha":
             _fail("epsilon", "auto", "tunes AlphaPruning's epsilon; use it with allocation alpha")
-        if spec.streaming:
-            _fail("epsilon", "auto", "tuning needs the model in memory, a streamed run does not hold it; give a "
-                  "number (tune a copy that fits in memory, or use 0.3, the paper's)")
+        if untunable(spec):
+            _fail("epsilon", "auto", f"{untunable(spec)}; give a number (0.3 is the paper's) or tune a copy "
+                  "that fits in memory on other text")
         return "auto"
     return _fraction("epsilon", spec.epsilon, optional=True)
 
@@ -132,7 +143,6 @@ class PruneSpec:
         _choice("method", self.method, PRUNE_METHODS)
         _choice("allocation", self.allocation, ALLOCATIONS)
         put(self, "sparsity", _fraction("sparsity", self.sparsity))
-        put(self, "epsilon", _epsilon(self))
         _text("metric", self.metric)
         _choice("xmin", self.xmin, XMIN_METHODS)
         _choice("mapping", self.mapping, MAPPINGS)
@@ -168,6 +178,7 @@ class PruneSpec:
         _flag("trust_remote_code", self.trust_remote_code)
         _flag("analyze_output", self.analyze_output)
         _flag("streaming", self.streaming)
+        put(self, "epsilon", _epsilon(self))     # after the texts and streaming it depends on
         if self.streaming and self.evaluation.zeroshot:
             # the zero-shot harness scores each document with the whole model's forward: not block by block
             _fail("streaming", self.streaming, "--zeroshot needs the whole model in memory (the harness runs "

@@ -253,7 +253,8 @@ def record_failure(registry: Registry, kind: str, spec: PruneSpec, error: str, l
     run_id = registry.start(kind, model=loaded.source if loaded is not None else spec.model,
                             model_identity=loaded.identity if loaded is not None else None,
                             method=spec.method if prune else "dense", allocation=spec.allocation if prune else None,
-                            sparsity=spec.sparsity if prune else None, epsilon=spec.epsilon if prune else None,
+                            sparsity=spec.sparsity if prune else None,
+                            epsilon=spec.epsilon if prune and spec.epsilon != "auto" else None,
                             device=spec.device)
     registry.finish(run_id, "failed", error=error)
     return run_id

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from core.fasttune import dense_statistics, fast_tune
 from core.models import wrap_model
-from core.spec import CalibrationSpec, PruneSpec
+from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.sweeps import TUNE_COLUMNS, holdout_split, tune
 from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
@@ -104,9 +104,14 @@ def test_epsilon_auto_is_alphas_default_where_it_can_tune(tmp_path):
     assert PruneSpec(allocation="alpha", metrics_file=metrics).epsilon is None      # a profile keeps the paper's 0.3
     assert PruneSpec(allocation="alpha", streaming=True, save=tmp_path / "out").epsilon is None
     assert PruneSpec(allocation="uniform").epsilon is None
-    for bad in (dict(allocation="uniform", epsilon="auto"),
-                dict(allocation="alpha", epsilon="auto", streaming=True, save=tmp_path / "o")):
-        with pytest.raises(ValueError, match="epsilon='auto'"):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    same = dict(calibration=CalibrationSpec(str(text)), evaluation=EvaluationSpec(dataset=str(text)))
+    assert PruneSpec(allocation="alpha", **same).epsilon is None      # tuning would read the evaluation text
+    for bad, why in ((dict(allocation="uniform", epsilon="auto"), "use it with allocation alpha"),
+                     (dict(allocation="alpha", epsilon="auto", streaming=True, save=tmp_path / "o"), "in memory"),
+                     (dict(allocation="alpha", epsilon="auto", **same), "would be evaluation text")):
+        with pytest.raises(ValueError, match=f"epsilon='auto'.*{why}"):
             PruneSpec(**bad)
     spec = PruneSpec(allocation="alpha")
     assert "--epsilon" in spec.to_argv() and spec.to_argv()[spec.to_argv().index("--epsilon") + 1] == "auto"
