@@ -184,7 +184,7 @@ def test_the_sensitivity_allocation_keeps_the_mean_and_spares_the_sensitive(foll
     assert cli(["prune", *base, "--allocation", "sensitivity", "--sparsity", "0.6", "--epsilon", "0.2",
                 "--json"]) == 0
     run = json.loads(capsys.readouterr().out)
-    assert run["allocation"] == "sensitivity" and run["achieved"] == pytest.approx(0.6, abs=0.01)
+    assert run["allocation"] == "sensitivity" and run["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     stem = tmp_path / "sweep"
     assert cli(["sweep", *base[:2], "--methods", "magnitude", "--allocations", "uniform,sensitivity",
                 "--sparsities", "0.6", *base[4:], "--max-windows", "2", "--out", str(stem)]) == 0
