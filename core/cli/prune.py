@@ -127,7 +127,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     p.add_argument("--method", required=True, choices=PRUNE_METHODS)
     p.add_argument("--allocation", choices=ALLOCATIONS, help="layer-wise ratios: uniform (default), alpha "
-                   "(AlphaPruning) or owl; file with --ratios (the default then)")
+                   "(AlphaPruning), owl or sensitivity (measured by `spectrascope sensitivity`, or now; cached); file with "
+                   "--ratios (the default then)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target parameter-weighted sparsity (default 0.5)")
     p.add_argument("--epsilon", type=float, help="AlphaPruning's tau range (default 0.3; see tune)")
     _opts_alpha(p)
