@@ -9,6 +9,10 @@ whose spectra are less heavy-tailed (larger ``alpha``: less well trained) more s
 2. linear map into [1 - eps, 1 + eps]:  q_i = (1 - eps) + 2 eps (m_i - min m) / (max m - min m);
 3. rescale so the parameter-weighted mean is the target S:  r_i = q_i S sum(n) / sum(n q).
 
+Sensitivity (``core.sensitivity``): the measured rise in held-out loss when a block (or a
+kind of a block) alone is pruned, the ``delta_loss`` column, mapped as the alpha metric but the
+other way round: more sensitive, less sparsity (``epsilon`` is the range as for alpha).
+
 OWL (Yin et al., ICML 2024) gives blocks with a larger share D_l of outlier Wanda scores
 less sparsity: q_i = S - (d_l - mean d) with d_l = 2 lam (D_l - min D) / (max D - min D),
 the mean weighted by parameters; below 0 it is raised to 0. Uniform: q_i = 1.
@@ -47,6 +51,9 @@ DEFAULT_EPSILON = 0.3
 DEFAULT_R_MAX = _DEFAULT_R_MAX
 #: OWL's lambda: block sparsities span S - lam .. S + lam (the paper's value 0.08).
 OWL_LAMBDA = 0.08
+#: The allocations that map a score column with the tau map; ``sensitivity`` scores this column.
+SCORED = ("alpha", "sensitivity")
+SENSITIVITY_COLUMN = "delta_loss"
 #: Columns every input table needs besides the metric column.
 REQUIRED_COLUMNS = ("name", "block", "kind", "params")
 #: Columns written by :meth:`Allocation.to_csv` (and the CLI's ``--out``).
@@ -103,8 +110,8 @@ class Allocation:
         if self.method == "file":
             return dict(self.details)
         bounds = {"r_max": self.r_max, "dense_kinds": list(self.dense_kinds)}
-        if self.method == "alpha":
-            return {"epsilon": self.epsilon, "mapping": self.mapping, "metric": self.metric, **bounds,
+        if self.method in SCORED:
+            return {**self.details, "epsilon": self.epsilon, "mapping": self.mapping, "metric": self.metric, **bounds,
                     "reverse": self.reverse}
         return {**self.details, **bounds}
 
@@ -119,6 +126,9 @@ class Allocation:
             how = "uniform allocation" if self.method == "uniform" else f"ratios from {self.details['path']}"
         elif self.method == "owl":
             how = f"OWL allocation (lambda {self.details['lambda']:g})"
+        elif self.method == "sensitivity":
+            how = (f"sensitivity allocation (measured {self.metric}, more sensitive less sparse; {self.mapping} "
+                   f"mapping, epsilon {self.epsilon:g})")
         else:
             how = (f"alpha allocation (metric {self.metric}, {self.mapping} mapping, epsilon {self.epsilon:g}"
                    f"{', reversed' if self.reverse else ''})")
@@ -155,7 +165,9 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
     ``metric`` column (any numeric column of the analysis table: alpha, log_norm, ...).
     ``method``: ``alpha`` (AlphaPruning), ``uniform`` or ``owl`` (needs ``owl_scores``,
     {block: outlier share} from ``core.pruning.owl_scores``; 0 <= ``owl_lambda`` < 1).
-    mapping, epsilon, metric and reverse only matter for ``alpha``. ``mapping``: ``block``
+    ``sensitivity``: the table's ``delta_loss`` column (``core.sensitivity``; ``metric`` is
+    ignored), mapped like alpha with mapping and epsilon, a higher value giving less sparsity.
+    mapping, epsilon, metric and reverse only matter for ``alpha`` (and ``sensitivity``). ``mapping``: ``block``
     (each matrix takes its block's mean metric) or ``matrix``. ``epsilon``: the tau range,
     0 <= epsilon < 1 (at 1 the lowest share would be 0); 0 gives uniform ratios.
     ``r_max``: upper bound of any ratio, 0 < r_max < 1. ``dense_kinds``: kinds (``("k",
@@ -185,7 +197,12 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
         raise ValueError(f"sparsity={sparsity:g} is above r_max={r_max:g}: no matrix may be pruned beyond r_max, "
                          "so the mean cannot reach the target; lower sparsity or raise r_max")
 
-    cols, names, params, values = _columns(table, metric, need_metric=method == "alpha")
+    if method == "sensitivity":
+        metric = SENSITIVITY_COLUMN
+        if not isinstance(table, pd.DataFrame) or metric not in table.columns:
+            raise ValueError("method='sensitivity' needs the measured sensitivities as a delta_loss column; measure "
+                             "them with `spectrascope sensitivity` (core.sensitivity)")
+    cols, names, params, values = _columns(table, metric, need_metric=method in SCORED)
     kinds = cols["kind"].to_numpy(dtype=object)
     dense_kinds = _dense_kinds(dense_kinds, kinds)
     codes, block_ids = pd.factorize(cols["block"].to_numpy(), sort=False)
@@ -193,7 +210,7 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
 
     warnings: list[str] = []
     filled = np.zeros(len(names), dtype=bool)
-    if method == "alpha":
+    if method in SCORED:
         values, filled = _fill_missing(values, codes, block_ids, metric)
         if filled.any():
             warnings.append(f"{int(filled.sum())} matrices have no {metric} (NaN) and took their block's mean: "
@@ -201,7 +218,7 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
     elif method == "owl":
         per_block = _block_scores(owl_scores, block_ids)
         values, metric = per_block[codes], "outlier_share"
-    if method != "alpha":
+    if method not in SCORED:
         epsilon, reverse = 0.0, False
 
     dense = np.isin(kinds, dense_kinds) if dense_kinds else np.zeros(len(names), dtype=bool)
@@ -220,12 +237,12 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
                          f"at most {reachable:.4f} is reachable; lower sparsity, raise r_max or keep fewer kinds dense")
 
     q = np.ones(len(names))
-    if method == "alpha" and epsilon > 0.0:
+    if method in SCORED and epsilon > 0.0:
         score = values
         if mapping == "block":
             sums = np.bincount(codes, weights=values, minlength=n_blocks)
             score = (sums / np.bincount(codes, minlength=n_blocks))[codes]
-        q = _tau_map(score, prunable, epsilon, reverse)
+        q = _tau_map(score, prunable, epsilon, reverse != (method == "sensitivity"))
     elif method == "owl":  # _tau_map gives d + (1 - lambda); the constant goes with the mean
         d = _tau_map(values, prunable, owl_lambda, False)
         q = np.maximum(sparsity - (d - float(n[prunable] @ d[prunable]) / n_prunable), 0.0)

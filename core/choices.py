@@ -8,7 +8,8 @@ re-exports it from here (``core.fit.XMIN_METHODS`` is ``XMIN_METHODS``)."""
 XMIN_METHODS = ("full", "peak", "peak-compat", "mid")
 
 #: Layer-wise allocation methods (``core.allocation.METHODS``) and how a matrix takes its metric.
-ALLOCATION_METHODS = ("uniform", "alpha", "owl")
+#: ``sensitivity``: from the measured loss rise of each block alone pruned (``core.sensitivity``).
+ALLOCATION_METHODS = ("uniform", "alpha", "owl", "sensitivity")
 MAPPINGS = ("block", "matrix")
 
 #: Pruning methods (``core.pruning.METHODS``: the registered methods, checked there to match).

@@ -136,7 +136,8 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
                       progress: Progress = None, cancel: object = None) -> Allocation:
     """The per-matrix ratios of ``spec`` for ``loaded``: from its ratios file, or by its
     allocation method (``alpha`` scores ``metrics``; ``owl`` needs ``owl_scores`` or the
-    ``calibration`` to compute them)."""
+    ``calibration`` to compute them; ``sensitivity`` the measured sensitivities of ``core.sensitivity``,
+    read from its cache or measured now)."""
     table = matrix_table(loaded.matrices)
     if spec.allocation == "file":
         return ratios_from_file(spec.ratios_file, table)
@@ -150,10 +151,19 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
     if spec.allocation == "alpha" and spec.epsilon == "auto":
         _fail("epsilon", "auto", "is tuned when a run starts (prune_and_eval, core.fasttune.auto_epsilon); give a "
               "number to compute ratios directly")
-    return allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric, mapping=spec.mapping,
+    sensitivity = None
+    if spec.allocation == "sensitivity":    # measured once per model, method, sparsity and mapping; cached
+        from .sensitivity import measured_for
+
+        sensitivity = measured_for(spec, loaded, progress=progress, cancel=cancel)
+        table = table.assign(delta_loss=sensitivity.per_matrix(table))
+    alloc = allocate(table, sparsity=spec.sparsity, method=spec.allocation, metric=spec.metric, mapping=spec.mapping,
                     epsilon=DEFAULT_EPSILON if spec.epsilon is None else spec.epsilon,
                     r_max=DEFAULT_R_MAX if spec.r_max is None else spec.r_max, dense_kinds=spec.dense_kinds,
                     reverse=spec.reverse, owl_scores=owl_scores)
+    if sensitivity is not None:
+        alloc.details["sensitivity"] = sensitivity.provenance()
+    return alloc
 
 
 # --- pipelines ---------------------------------------------------------------------------

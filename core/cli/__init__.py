@@ -38,6 +38,7 @@ from .prune import add_eval, add_prune, add_sweep, add_tune, run_eval, run_prune
 from .prune import parse_epsilons as _epsilons  # noqa: F401  (kept importable for tests and scripts)
 from .zeroshot import add_zeroshot, run_zeroshot
 from .runs import add_clean, add_runs, run_clean, run_runs
+from .sensitivity import add_sensitivity, run_sensitivity
 
 EPILOG = """machine-readable progress (for the dashboard and scripts):
   spectrascope --progress-json COMMAND ... writes, instead of the progress bar, one JSON
@@ -74,6 +75,9 @@ COMMANDS: dict[str, Command] = {
     "clean": Command("remove the temporaries of killed runs, listing what it frees", add_clean, run_clean),
     "compare": Command("several analyses side by side: models, saved tables, pruned runs, checkpoints, adapters",
                        add_compare, run_compare),
+    "sensitivity": Command("does the metric predict what matters? each block (or matrix kind) pruned alone, the rise "
+                           "in held-out loss, and its Spearman correlation with alpha or any analysis column",
+                           add_sensitivity, run_sensitivity),
     "owl-scores": Command("OWL's per-block outlier scores on calibration text, cached on disk", add_owl_scores,
                           run_owl_scores),
 }

@@ -51,8 +51,8 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
     source.add_argument("--profile", metavar="NAME", help="a published LLaMA alpha profile, e.g. llama-7b-hf "
                         "(an unknown name lists them all)")
     p.add_argument("--metric", default="alpha", help="the score column (default alpha)")
-    # OWL needs a model and calibration text, which a metrics table does not have: `prune` does it
-    methods = [m for m in ALLOCATION_METHODS if m != "owl"]
+    # OWL and sensitivity need a model and calibration text, which a metrics table does not have: `prune` does it
+    methods = [m for m in ALLOCATION_METHODS if m not in ("owl", "sensitivity")]
     p.add_argument("--method", default="alpha", choices=methods, help="default alpha (AlphaPruning)")
     p.add_argument("--mapping", default="block", choices=MAPPINGS,
                    help="block (default): each matrix takes its block's mean metric; matrix: its own")

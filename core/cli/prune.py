@@ -80,7 +80,8 @@ def _floats(text: str, name: str) -> list[float]:
 
 def alpha_options(args: argparse.Namespace, allocation: str) -> None:
     """AlphaPruning's own options are refused with another allocation (see ``core.allocation.allocate``)."""
-    only_with(args, "--allocation alpha", "--epsilon", "--metrics", "--reverse", holds=allocation == "alpha")
+    only_with(args, "--allocation alpha", "--metrics", "--reverse", holds=allocation == "alpha")
+    only_with(args, "--allocation alpha or sensitivity", "--epsilon", holds=allocation in ("alpha", "sensitivity"))
 
 
 def _zeroshot_options(args: argparse.Namespace) -> None:
@@ -120,7 +121,8 @@ def add_prune(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     p.add_argument("--method", required=True, choices=PRUNE_METHODS)
     p.add_argument("--allocation", choices=ALLOCATIONS, help="layer-wise ratios: uniform (default), alpha "
-                   "(AlphaPruning) or owl; file with --ratios (the default then)")
+                   "(AlphaPruning), owl or sensitivity (measured by `spectrascope sensitivity`, or now; cached); file with "
+                   "--ratios (the default then)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target parameter-weighted sparsity (default 0.5)")
     p.add_argument("--epsilon", type=_epsilon, help="AlphaPruning's tau range, or auto (the default with the "
                    "model's own metrics: fast tuning on held-out calibration text chooses epsilon and xmin, and "
@@ -213,7 +215,9 @@ def run_eval(args: argparse.Namespace, progress: Progress) -> str:
 def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_model(p)
     p.add_argument("--methods", default=",".join(PRUNE_METHODS), help="comma-separated (default all)")
-    p.add_argument("--allocations", default=",".join(ALLOCATION_METHODS), help="comma-separated (default all)")
+    p.add_argument("--allocations", default=",".join(a for a in ALLOCATION_METHODS if a != "sensitivity"),
+                   help=f"comma-separated, of {','.join(ALLOCATION_METHODS)} (default all but sensitivity, which "
+                   "first measures each method's sensitivities at each sparsity: minutes each, then cached)")
     p.add_argument("--sparsities", default="0.5,0.6,0.7", help="comma-separated (default 0.5,0.6,0.7)")
     p.add_argument("--epsilons", help="AlphaPruning epsilons, comma-separated, for every method "
                    "(0.2,0.3) or per method (wanda=0.3,sparsegpt=auto); default auto: each method and sparsity "
