@@ -1,6 +1,6 @@
 """Fast tuning against today's full ``tune`` on the demo: the same grid, the same held-out windows.
 
-For each method and sparsity, ``core.sweeps.tune`` (every candidate pruned block by block with
+For each method and sparsity, ``core.tuning.tune`` (every candidate pruned block by block with
 the real method and scored) and ``core.fasttune.fast_tune`` (masks from one pass of dense
 statistics, the best and uniform confirmed with the full protocol) run in the same process on
 the same loaded model; prints each one's time, winner and held-out perplexity, and the ratio.
@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.analysis import analyze  # noqa: E402
-from core.experiments import load_for  # noqa: E402
+from core.prepare import load_for  # noqa: E402
 from core.fasttune import fast_tune  # noqa: E402
 from core.spec import CalibrationSpec, PruneSpec  # noqa: E402
-from core.sweeps import tune  # noqa: E402
+from core.tuning import tune  # noqa: E402
 
 
 def main() -> int:

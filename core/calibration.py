@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .choices import BOS_MODES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
 from .texts import EMBEDDED, load_text
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .spec import PruneSpec
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +168,18 @@ def calibration_data(tokenizer: object, *, dataset: str = EMBEDDED, nsamples: in
     log.info("calibration: %d windows x %d tokens from %s (%d tokens, seed %d, bos %s%s)",
              nsamples, seqlen, dataset, ids.numel(), seed, bos, " prepended" if plan.prepended else "")
     return Calibration(windows, dataset or EMBEDDED, int(seed), int(ids.numel()), bos, plan.prepended)
+
+
+def holdout_split(base: "PruneSpec", loaded: "LoadedModel", holdout: float) -> tuple[Calibration, torch.Tensor]:
+    """The calibration text of ``base`` tokenized (by its BOS mode) and cut in two: calibration
+    windows drawn from the first ``1 - holdout`` of the tokens, and the held-out rest."""
+    c = base.calibration
+    if c.dataset == base.evaluation.dataset and Path(c.dataset).expanduser().is_file():
+        raise ValueError(f"calibration.dataset={c.dataset!r}: a text file is used whole for calibration and "
+                         "evaluation, so held-out text would be evaluation text; calibrate on another text")
+    plan = bos_plan(loaded.tokenizer, c.bos)
+    seqlen = cap_seqlen(c.seqlen, loaded.model)
+    ids = tokenize(loaded.tokenizer, load_text(c.dataset, split="calib"), defaults=plan.defaults)
+    cut = int(ids.numel() * (1 - holdout))
+    windows = sample_windows(ids[:cut], nsamples=c.nsamples, seqlen=seqlen, seed=c.seed, bos_id=plan.token_id)
+    return Calibration(windows, c.dataset, c.seed, cut, c.bos, plan.prepended), ids[cut:]

@@ -20,7 +20,7 @@ from .analysis import COLUMNS, Analysis, analyze, cache_folder
 from .compare import Entry
 from .checks import model_source
 from .config import home
-from .experiments import read_metrics
+from .metricsfile import read_metrics
 from .models import REPORT_NAME, resolve_source
 from .progress import Progress
 from .registry import Registry

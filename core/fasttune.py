@@ -1,6 +1,6 @@
 """Fast tuning of AlphaPruning's allocation (``tune --fast`` and ``--epsilon auto``).
 
-``core.sweeps.tune`` prunes the model block by block with the real method for every candidate
+``core.tuning.tune`` prunes the model block by block with the real method for every candidate
 (epsilon x xmin method x metric column) and scores each on held-out calibration text. Here:
 
 1. one pass of the DENSE model over the calibration windows collects Wanda's statistics of
@@ -14,7 +14,7 @@
    beats it, said in one line.
 
 The evaluation text is never read: held-out windows come from the calibration text
-(``core.sweeps.holdout_split``).
+(``core.calibration.holdout_split``).
 """
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ from .checks import whole
 from .choices import DEFAULT_EPSILONS, DEFAULT_METRIC_COLUMNS
 from .config import atomic_file, home, resolve_device
 from .evaluation import perplexity
-from .experiments import choose_allocation, load_for
+from .prepare import choose_allocation, load_for
 from .models import LoadedModel
 from .progress import Progress, check_cancel, report
 from .pruning.engine import BlockPipeline
 from .pruning.methods import NormCollector, get_method
 from .pruning.streaming import block_source
 from .spec import PruneSpec
-from .sweeps import TUNE_COLUMNS, Tuning, holdout_split, tune, xmin_tables
+from .calibration import holdout_split
+from .tuning import TUNE_COLUMNS, Tuning, tune, xmin_tables
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ metric of the analysis table.
 
 ``measure``: for each block (``per="block"``), or each matrix kind of each block
 (``per="matrix"``), prune that part alone to ``sparsity`` with the chosen method, measure the
-mean token NLL on held-out windows of the calibration text (``core.sweeps.holdout_split``:
+mean token NLL on held-out windows of the calibration text (``core.calibration.holdout_split``:
 never the evaluation text) and subtract the dense model's; then restore the part's weights
 (only they are saved) and go on. One pass over the blocks: Wanda's and SparseGPT's statistics
 come from the dense model's inputs of each block (``BlockPipeline``) and serve every part of
@@ -237,7 +237,7 @@ def measure(loaded: LoadedModel, settings: SensitivitySettings, *, device: str =
             cancel: object = None) -> Sensitivity:
     """Measure every part's sensitivity (module docstring); ``loaded`` is left as it was."""
     from .spec import CalibrationSpec, PruneSpec
-    from .sweeps import holdout_split
+    from .calibration import holdout_split
 
     s = settings
     if is_skeleton(loaded):

@@ -10,7 +10,9 @@ from core import pruning
 from core.allocation import MAPPINGS
 from core.fit import XMIN_METHODS
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
-from core.sweeps import DEFAULT_METRIC_COLUMNS, pivot, refit
+from core.choices import DEFAULT_METRIC_COLUMNS
+from core.sweeps import pivot
+from core.tuning import refit
 from dashboard import jobs
 from dashboard.errors import shown_errors
 from dashboard.exports import csv_button, export_format_control, show

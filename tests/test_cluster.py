@@ -23,7 +23,8 @@ from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec  # noqa: E402
 from core.models import iter_weights, load_model, resolve_source, wrap_model  # noqa: E402
 from core.registry import Registry  # noqa: E402
 from core.spectra import compute_spectra  # noqa: E402
-from core.sweeps import sweep, tune  # noqa: E402
+from core.sweeps import sweep  # noqa: E402
+from core.tuning import tune  # noqa: E402
 
 pytestmark = pytest.mark.slow
 COMPARED = ["method", "allocation", "sparsity", "epsilon", "achieved", "perplexity"]

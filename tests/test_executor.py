@@ -207,7 +207,7 @@ def test_analysis_and_sweep_tables_equal_on_one_device_and_on_two(tiny, text_fil
 
 def test_tune_on_two_devices_equals_one_thread(tiny, text_file):
     from core.executor import Devices
-    from core.sweeps import tune
+    from core.tuning import tune
 
     from core.spec import EvaluationSpec
 

@@ -323,7 +323,7 @@ def test_owl_allocation_reads_and_fills_the_disk_cache(tmp_path, monkeypatch):
     settings (the Allocation page's background job writes them), and caches what it computes."""
     from core.allocation import allocate, matrix_table
     from core.calibration import Calibration
-    from core.experiments import choose_allocation
+    from core.prepare import choose_allocation
     from core.owlcache import cache_path, read_owl_scores, settings_of
     from core.pruning import owl_scores
 

@@ -12,7 +12,8 @@ from conftest import tiny_model
 from core.fasttune import dense_statistics, fast_tune
 from core.models import wrap_model
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
-from core.sweeps import TUNE_COLUMNS, holdout_split, tune
+from core.calibration import holdout_split
+from core.tuning import TUNE_COLUMNS, tune
 from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
 

@@ -154,7 +154,7 @@ def test_refusals_are_one_line_before_the_work(follows, tmp_path, capsys):
 
 
 def test_the_sensitivity_allocation_keeps_the_mean_and_spares_the_sensitive(follows, tmp_path, capsys):
-    from core.experiments import choose_allocation, load_for
+    from core.prepare import choose_allocation, load_for
     from core.spec import CalibrationSpec, PruneSpec
 
     _, model, text = follows

@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import core.analysis
-import core.sweeps
+import core.tuning
 from conftest import tiny_config, tiny_model
 from core.analysis import analyze
 from core.calibration import tokenize
 from core.cli import COMMANDS, main
 from core.spec import CalibrationSpec, EvaluationSpec, PruneSpec
 from core.models import wrap_model
-from core.sweeps import TUNE_COLUMNS, refit, tune
+from core.tuning import TUNE_COLUMNS, refit, tune
 from core.texts import load_text
 from test_bos import make_tokenizer, text_file  # noqa: F401  (text_file: the shared text fixture)
 
@@ -55,13 +55,13 @@ def test_tune_grid_on_held_out_calibration_text(demo, counted, monkeypatch):
     torch.manual_seed(0)
     loaded = wrap_model(AutoModelForCausalLM.from_config(cfg).eval(), demo.tokenizer)
     scored = []
-    real = core.sweeps.perplexity
+    real = core.tuning.perplexity
 
     def spy(model, **kwargs):                    # records what is scored, then scores it for real
         scored.append(kwargs)
         return real(model, **kwargs)
 
-    monkeypatch.setattr(core.sweeps, "perplexity", spy)
+    monkeypatch.setattr(core.tuning, "perplexity", spy)
     base = PruneSpec(method="wanda", sparsity=0.6, mapping="matrix", device="cpu",   # matrix: every cell differs
                      calibration=CalibrationSpec(nsamples=2, seqlen=64))
     result = tune(base, epsilons=[0.0, 0.2, 0.4], xmins=["peak", "mid"], metric_columns=["alpha", "alpha_hat"],

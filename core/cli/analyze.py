@@ -74,7 +74,7 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     path("--metrics", args.metrics, must_exist=True)      # before the imports: a refusal answers at once
     target_within_bound(args.sparsity, args.epsilon, args.r_max)
     from ..allocation import allocate
-    from ..experiments import read_metrics
+    from ..metricsfile import read_metrics
     from ..profiles import load_profile
 
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)

@@ -21,7 +21,7 @@ def run_owl_scores(args: argparse.Namespace, progress: Progress) -> str:
     spec = PruneSpec.from_args(args, method="wanda", allocation="owl")   # validates model, calibration, device
     if not args.m > 0:
         raise ValueError(f"--m {args.m!r}: the outlier threshold multiple must be positive (OWL uses 5)")
-    from ..experiments import load_for
+    from ..prepare import load_for
     from ..owlcache import OwlSettings, owl_scores_cached
 
     c = spec.calibration

@@ -247,7 +247,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     check_zeroshot(base)
     from ..devices import devices_of
     from ..executor import executor_for
-    from ..experiments import calibration_for, load_for
+    from ..prepare import calibration_for, load_for
     from ..registry import Registry
     from ..sweeps import sweep, sweep_jobs, sweep_report
 
@@ -299,7 +299,7 @@ def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
     spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
     from ..executor import executor_for
-    from ..sweeps import tune
+    from ..tuning import tune
 
     executor = executor_for(spec.device, None, args.ray)      # a wrong address fails before the model loads
     result = tune(spec, epsilons=epsilons, xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols),

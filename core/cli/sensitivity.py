@@ -64,7 +64,7 @@ def run_sensitivity(args: argparse.Namespace, progress: Progress) -> str:
     settings = SensitivitySettings(method=args.method, sparsity=args.sparsity, per=args.per, dataset=args.calib,
                                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, bos=args.bos,
                                    holdout=args.holdout, holdout_windows=args.holdout_windows)
-    from ..experiments import alpha_metrics, load_for
+    from ..prepare import alpha_metrics, load_for
 
     loaded = load_for(spec, progress)
     metrics = alpha_metrics(spec, loaded, None, progress)
