@@ -151,3 +151,22 @@ def test_a_run_with_epsilon_auto_records_the_tuning_and_reuses_it(text_file, tmp
     # another sparsity is tuned on its own
     prune_and_eval(replace(base, sparsity=0.4), loaded, registry=reg)
     assert len(list((tmp_path / "tunings").glob("*.json"))) == 2
+
+
+def test_tune_fast_command_says_what_it_chose_and_refuses_ray(text_file, tmp_path, monkeypatch, capsys):
+    from core.cli import main
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path / "home"))
+    src = tmp_path / "tiny"
+    tiny_model("llama", seed=4).save_pretrained(src)
+    make_tokenizer(False).save_pretrained(src)
+    argv = ["tune", "--model", str(src), "--method", "magnitude", "--sparsity", "0.5", "--epsilons", "0,0.3",
+            "--xmins", "peak", "--metrics-cols", "alpha", "--calib", text_file[0], "--nsamples", "2", "--seqlen",
+            "32", "--holdout-windows", "2", "--device", "cpu", "--fast"]
+    assert main([*argv, "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["reason"] and out["best"]["epsilon"] in (0.0, 0.3) and len(out["rows"]) == 2
+    assert {"perplexity", "uniform"} <= set(out["confirmed"]) and "exact" in out["proxy"]
+    rc = main([*argv, "--ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--fast with --ray" in err[0]

@@ -292,18 +292,30 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     p.add_argument("--out", metavar="FILE.csv", help="write the table of all scores as CSV")
     add_overwrite(p)
+    p.add_argument("--fast", action="store_true", help="score every candidate with masks from one pass of the "
+                   "dense model's statistics, then confirm the best and uniform with the full protocol; chooses "
+                   "uniform (epsilon 0) when no epsilon > 0 beats it (what --epsilon auto runs)")
     add_ray(p, "one epsilon per Ray actor at a time")
 
 
 def run_tune(args: argparse.Namespace, progress: Progress) -> str:
     out = output_file(args.out, "--out", overwrite=args.overwrite) if args.out else None   # before the work
     spec, epsilons = PruneSpec.from_args(args, allocation="alpha"), _floats(args.epsilons, "--epsilons")
-    from ..executor import executor_for
-    from ..tuning import tune
+    if args.fast and args.ray:
+        raise ValueError("--fast with --ray: fast tuning runs in one process (one statistics pass, then cheap "
+                         "masks); drop one of them")
+    grid = dict(epsilons=epsilons, xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols),
+                holdout=args.holdout, holdout_windows=args.holdout_windows, progress=progress)
+    if args.fast:
+        from ..fasttune import FAST_WINDOWS, fast_tune
 
-    executor = executor_for(spec.device, None, args.ray)      # a wrong address fails before the model loads
-    result = tune(spec, epsilons=epsilons, xmins=_names(args.xmins), metric_columns=_names(args.metrics_cols),
-                  holdout=args.holdout, holdout_windows=args.holdout_windows, executor=executor, progress=progress)
+        result = fast_tune(spec, confirm_windows=args.holdout_windows, **{**grid, "holdout_windows": FAST_WINDOWS})
+    else:
+        from ..executor import executor_for
+        from ..tuning import tune
+
+        executor = executor_for(spec.device, None, args.ray)      # a wrong address fails before the model loads
+        result = tune(spec, executor=executor, **grid)
     if out is not None:
         atomic_file(out, lambda tmp: result.table.to_csv(tmp, index=False), overwrite=args.overwrite)
     if args.json:
