@@ -108,6 +108,7 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         calibration = calibration_for(spec, loaded)
     calib = _calibration_settings(calibration)
     alpha = spec.allocation == "alpha" and not spec.nm
+    asked = spec.run_spec()          # as asked (epsilon auto, not what tuning chose): what a resumed sweep matches
     tuning = None
     if alpha and spec.epsilon == "auto":     # tuned on held-out calibration text, never the evaluation text
         tuned, tuning = auto_epsilon(spec, loaded, progress=progress, cancel=cancel)
@@ -135,7 +136,7 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
               "calib_bos": calib.get("bos") if calibration is not None else None,
               "calib_bos_prepended": calib.get("bos_prepended") if calibration is not None else None,
               "device": spec.recorded_device, "dtype": loaded.dtype_name,
-              "output_dir": str(spec.save) if spec.save else None}
+              "output_dir": str(spec.save) if spec.save else None, "spec": asked}
     with registry.record("prune", **fields) as run_id:
         run = _Run(spec, loaded, registry, run_id, params, epsilon, sparsity, calib, progress, cancel)
         if spec.streaming:
@@ -232,7 +233,7 @@ def eval_run(spec: PruneSpec, loaded: LoadedModel | None = None, *, registry: Re
     registry = registry or Registry()
     loaded = loaded if loaded is not None else load_for(spec, progress)
     with registry.record("eval", model=loaded.source, model_identity=loaded.identity, method="dense",
-                         device=spec.recorded_device, dtype=loaded.dtype_name) as run_id:
+                         device=spec.recorded_device, dtype=loaded.dtype_name, spec=spec.run_spec("eval")) as run_id:
         ppl = _evaluate(spec, loaded, registry, run_id, progress, cancel)
         _zeroshot(spec, loaded, registry, run_id, progress)
     return run_id, ppl

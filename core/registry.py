@@ -102,9 +102,10 @@ _RUN_COLUMNS = ("kind", "status", "error", "model", "model_identity", "method", 
                 "eval_bos_prepended", "perplexity", "tokens_per_second", "prune_seconds", "eval_seconds",
                 "device", "dtype", "output_dir", "versions", "started_at", "finished_at")
 #: Columns added after version 1's CREATE TABLE (name: SQL type), added to older databases on open.
-_ADDED_COLUMNS = {"runs": {"host": "TEXT", "pid": "INTEGER", "process_start": "TEXT", "heartbeat_at": "REAL"}}
+_ADDED_COLUMNS = {"runs": {"host": "TEXT", "pid": "INTEGER", "process_start": "TEXT", "heartbeat_at": "REAL",
+                           "spec": "TEXT"}}      # spec: the run's arguments (``run_spec``), for a resumed sweep
 _RUN_COLUMNS += tuple(c for c in _ADDED_COLUMNS["runs"] if c not in _RUN_COLUMNS)
-_JSON_COLUMNS = ("allocation_params", "calibration", "versions")
+_JSON_COLUMNS = ("allocation_params", "calibration", "versions", "spec")
 COMPARE_COLUMNS = ("id", "kind", "model", "model_identity", "method", "allocation", "sparsity", "epsilon", "nm",
                    "achieved_sparsity", "eval_dataset", "eval_seqlen", "eval_windows", "perplexity",
                    "prune_seconds", "eval_seconds", "output_dir", "eval_key", "key", "settings")

@@ -253,6 +253,24 @@ class PruneSpec:
         argv += ["--streaming"] if self.streaming else []
         return argv
 
+    def run_spec(self, kind: str = "prune") -> list[str]:
+        """What defines this spec's numbers as a ``kind`` run (``prune`` or ``eval``): its
+        arguments without where it runs (``--device``, ``--devices``) or where it is saved; the
+        registry keeps it, so a sweep run again reuses an identical finished run (``--resume``)."""
+        argv, out, skip = self.to_argv(), [], {"--device", "--devices", "--save"}
+        if kind == "eval":
+            e = self.evaluation
+            argv = ["eval", "--model", self.model, "--dtype", self.dtype, "--dataset", e.dataset, "--eval-seqlen",
+                    str(e.seqlen), "--max-windows", str(e.max_windows), "--eval-bos", e.bos]
+        i = 0
+        while i < len(argv):
+            if argv[i] in skip:
+                i += 2
+                continue
+            out.append(argv[i])
+            i += 1
+        return out
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: object) -> "PruneSpec":
         """The spec of parsed ``spectrascope`` arguments (``prune``'s, or the subset another

@@ -25,7 +25,7 @@ from .owlcache import owl_scores_for
 from .prepare import alpha_metrics, calibration_for, load_for, on_device, worker_model
 from .progress import Cancelled, Progress, report
 from .pruning import METHODS as PRUNE_METHODS
-from .registry import Registry
+from .registry import Registry, software_versions
 from .runkey import missing, run_key
 from .spec import PruneSpec
 
@@ -51,6 +51,7 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
           epsilons: list[float] | Mapping[str, list[float]] | None = None, dense: bool = True,
           loaded: LoadedModel | None = None, registry: Registry | None = None, metrics: pd.DataFrame | None = None,
           calibration: object = None, executor: Executor | None = None, ship_model: bool | None = None,
+          resume: bool = False,
           progress: Progress = None, cancel: object = None) -> pd.DataFrame:
     """Every method x allocation x sparsity (x epsilon for ``alpha``), pruned from the same dense
     model, evaluated, recorded; returns one comparison table (``SWEEP_COLUMNS``), dense first.
@@ -68,7 +69,12 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     spec's model once (or streams it, ``base.streaming``) and runs its jobs in turn, each in a
     private registry copied into ``registry`` as it ends; ``ship_model`` (default: when
     ``loaded`` was given) sends the driver's model instead. The same jobs, records and table
-    whichever way."""
+    whichever way.
+
+    ``resume``: a job whose identical run (same model weights, same arguments as asked,
+    ``PruneSpec.run_spec``, same software versions) is done in ``registry`` takes that run
+    instead of running again, so a sweep stopped by a failure or a kill computes only what is
+    missing when run again."""
     jobs = sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
                       dense=dense)
     registry = registry or Registry()
@@ -77,6 +83,12 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
     inputs = sweep_inputs(base, jobs, loaded=loaded, metrics=metrics, calibration=calibration, progress=progress,
                           cancel=cancel)
     runs: list[dict | None] = [None] * len(jobs)
+    if resume:
+        for i, run in finished_runs(registry, jobs, inputs.loaded.identity).items():
+            runs[i] = run
+        log.info("sweep --resume: %d of %d runs finished earlier and are reused (runs %s)",
+                 sum(r is not None for r in runs), len(jobs), ", ".join(str(r["id"]) for r in runs if r) or "none")
+    todo = [i for i, r in enumerate(runs) if r is None]
     inner = progress if executor.in_thread else None
     if executor.remote:
         fn, shared = _remote_run, (inputs if ship_model else replace(inputs, loaded=None))
@@ -98,7 +110,8 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
                 if base.streaming:
                     models.put(loaded)
         shared = None
-    for i, result in executor.map(fn, jobs, shared=shared, cancel=cancel):
+    for k, result in executor.map(fn, [jobs[i] for i in todo], shared=shared, cancel=cancel):
+        i = todo[k]
         kind, spec = jobs[i]
         if isinstance(result, BaseException):     # failed outside its run (on Ray: its worker's registry is gone)
             log.info("sweep run %s %s %s failed: %s", kind, spec.method, spec.allocation, result)
@@ -111,6 +124,19 @@ def sweep(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsi
         if not executor.in_thread:
             report(progress, sum(r is not None for r in runs), len(jobs), "sweep runs")
     return sweep_table(jobs, runs)
+
+
+def finished_runs(registry: Registry, jobs: list[tuple[str, PruneSpec]], identity: str) -> dict[int, dict]:
+    """``{job index: registry row}`` of the jobs whose identical run is done in ``registry``: the
+    same weights (``identity``), kind and arguments as asked (``PruneSpec.run_spec``) and the
+    same software versions; the newest such run."""
+    versions = software_versions()
+    done: dict[tuple, int] = {}
+    for r in registry.query(status="done", model_identity=identity).to_dict(orient="records"):
+        if isinstance(r.get("spec"), list) and r.get("versions") == versions:
+            done[(r["kind"], tuple(r["spec"]))] = int(r["id"])
+    keys = [(kind, tuple(spec.run_spec(kind))) for kind, spec in jobs]
+    return {i: registry.get(done[key]) for i, key in enumerate(keys) if key in done}
 
 
 # --- one sweep's jobs, runs and table ------------------------------------------------------------

@@ -227,6 +227,8 @@ def add_sweep(p: argparse.ArgumentParser) -> None:
     _opts_calib(p)
     _opts_eval(p)
     p.add_argument("--out", default="sweep", metavar="STEM", help="writes STEM.csv and STEM.md (default sweep)")
+    p.add_argument("--resume", action="store_true", help="reuse the runs of this sweep that finished earlier "
+                   "(same model, same arguments, same versions; in the registry) and run only the missing ones")
     add_overwrite(p)
     opts_zeroshot(p)
     add_parallel(p)
@@ -262,7 +264,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     calib = calibration_for(base, loaded) if needs else None
     table = sweep(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
                   calibration=calib, loaded=loaded, ship_model=False, registry=registry, executor=executor,
-                  progress=progress)
+                  resume=args.resume, progress=progress)
     seconds = time.perf_counter() - start
     table = with_accuracy(table)
     atomic_file(out_csv, lambda tmp: table.to_csv(tmp, index=False), overwrite=args.overwrite)
