@@ -40,7 +40,7 @@ from .progress import Progress, report
 from .fit import XMIN_METHODS, fit_power_laws
 from .metrics import no_fit_status, spectral_metrics
 from .models import LoadedModel, MatrixInfo, gguf_to_folder, iter_weights, load_model, resolve_source
-from .quant import quant_types
+from .quant import quant_alpha_message, quant_types
 from .spectra import Spectrum, compute_spectra
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ class Analysis:
                          f"max {t['alpha'].max():.3f}")
             by_kind = t.groupby("kind", sort=False)["alpha"].mean()
             lines.append("mean alpha by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
+        if note := quant_alpha_message(t):
+            lines.append(f"note: {note}")
         return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ metrics table AlphaPruning scores and the per-matrix ratios (``choose_allocation
 the runs (``core.experiments``), the sweeps and the tuning."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pandas as pd
@@ -17,8 +18,11 @@ from .metricsfile import read_metrics
 from .models import LoadedModel, is_skeleton, load_model, load_skeleton
 from .owlcache import owl_scores_for
 from .progress import Progress
+from .quant import quant_alpha_message
 from .spec import PruneSpec
 from .texts import check_text
+
+log = logging.getLogger(__name__)
 
 
 def check_inputs(spec: PruneSpec) -> None:
@@ -92,6 +96,8 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
         if spec.metric not in scored.columns:
             _fail("metric", spec.metric, "not a column of the metrics table; use alpha, alpha_hat, log_norm, ...")
         table = table.merge(scored[["name", spec.metric]], on="name", how="left")
+        if note := quant_alpha_message(scored, spec.metric):
+            log.warning(note)
     if spec.allocation == "owl" and owl_scores is None:
         owl_scores = owl_scores_for(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
     if spec.allocation == "alpha" and spec.epsilon == "auto":

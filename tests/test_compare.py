@@ -195,6 +195,17 @@ def test_quant_message_compares_types_within_a_kind():
     assert quant_alpha_message(within.drop(columns="kind")) is None      # a table without kinds
 
 
+def test_analyze_summary_carries_the_quantization_note():
+    from core.analysis import Analysis
+
+    rng = np.random.default_rng(1)
+    table = _quant_table(rng, lambda k, q: 3.0 + 0.8 * (k == "down" and q == "Q6_K")).assign(status="ok")
+    text = Analysis(table, {}, "m", "id", "peak", "cpu", 1.0).summary()
+    assert "note: alpha goes with the storage precision: down matrices" in text
+    plain = Analysis(table.assign(alpha=3.0 + rng.normal(0, 0.2, len(table))), {}, "m", "id", "peak", "cpu", 1.0)
+    assert "note:" not in plain.summary()
+
+
 def test_prune_spec_analyze_output_round_trip():
     from core.cli import build_parser
     from core.spec import PruneSpec
