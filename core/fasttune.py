@@ -43,7 +43,7 @@ from .pruning.methods import NormCollector, get_method
 from .pruning.streaming import block_source
 from .spec import PruneSpec
 from .calibration import holdout_split
-from .tuning import TUNE_COLUMNS, Tuning, tune, xmin_tables
+from .tuning import TUNE_COLUMNS, Tuning, grid_tables, tune
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,7 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
     start = time.perf_counter()
     epsilons = sorted(set(float(e) for e in (epsilons or DEFAULT_EPSILONS)) | {0.0})
     loaded = loaded if loaded is not None else load_for(base, progress)
-    tables = xmin_tables(base, loaded, xmins, analysis=analysis, progress=progress)
-    for col in metric_columns:
-        for x, t in tables.items():
-            if col not in t.columns or not pd.api.types.is_numeric_dtype(t[col]):
-                raise ValueError(f"metric_columns: {col!r} is not a numeric column of the {x} metrics table; "
-                                 "use alpha, alpha_hat, log_norm, ...")
+    tables = grid_tables(base, loaded, xmins, metric_columns, analysis=analysis, progress=progress)
     calib, held = holdout_split(base, loaded, holdout)
     device = resolve_device(base.device)
     stats = dense_statistics(loaded, calib, device, progress, cancel) if base.needs_calibration else None

@@ -63,6 +63,18 @@ def xmin_tables(base: PruneSpec, loaded: LoadedModel, xmins: Sequence[str] | Non
     return {x: refit(analysis, x, device=base.device) for x in xmins}
 
 
+def grid_tables(base: PruneSpec, loaded: LoadedModel, xmins: Sequence[str] | None, metric_columns: Sequence[str],
+                *, analysis: Analysis | None = None, progress: Progress = None) -> dict[str, pd.DataFrame]:
+    """``xmin_tables`` with every scored column checked to be a numeric column of each table."""
+    tables = xmin_tables(base, loaded, xmins, analysis=analysis, progress=progress)
+    for col in metric_columns:
+        for x, t in tables.items():
+            if col not in t.columns or not pd.api.types.is_numeric_dtype(t[col]):
+                raise ValueError(f"metric_columns: {col!r} is not a numeric column of the {x} metrics table; "
+                                 "use alpha, alpha_hat, log_norm, ...")
+    return tables
+
+
 @dataclass
 class Tuning:
     """The scores of ``tune``: ``table`` (``TUNE_COLUMNS``, one row per epsilon x xmin x metric)
@@ -133,12 +145,7 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
         table = table.sort_values(["_row", "_eps"], kind="stable").drop(columns=["_row", "_eps"])
         table = table.reset_index(drop=True)
         return replace(parts[0], table=table, best=table.loc[table["perplexity"].idxmin()].to_dict())
-    tables = xmin_tables(base, loaded, xmins, analysis=analysis, progress=progress)
-    for col in metric_columns:
-        for x, t in tables.items():
-            if col not in t.columns or not pd.api.types.is_numeric_dtype(t[col]):
-                raise ValueError(f"metric_columns: {col!r} is not a numeric column of the {x} metrics table; "
-                                 "use alpha, alpha_hat, log_norm, ...")
+    tables = grid_tables(base, loaded, xmins, metric_columns, analysis=analysis, progress=progress)
     calib, held = holdout_split(base, loaded, holdout)
     scores: dict[tuple, tuple[float, float]] = {}
     rows, ppl = [], None

@@ -100,3 +100,16 @@ def refused(capsys, argv: list[str], *names: str, within: float = 30.0) -> str:
         assert name in lines[0], (name, lines[0])
     assert took < within
     return lines[0]
+
+
+def byte_tokenizer():
+    """A 256-symbol byte-level tokenizer (no download): one token per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+

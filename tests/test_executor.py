@@ -17,37 +17,20 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import byte_tokenizer, tiny_model
 from core.cli import main as cli
+from test_trust_results import text_file  # noqa: F401  (the river text as a file: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("The river flows north through the valley and the town sits on its banks. " * 60 + "\n\n") * 4
 
 
-def _byte_tokenizer():
-    """A 256-symbol byte-level tokenizer (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
     tiny_model("llama", seed=2).save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(TEXT)
+    byte_tokenizer().save_pretrained(path)
     return path
 
 

@@ -15,22 +15,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import refused, tiny_model
+from conftest import byte_tokenizer, refused, tiny_model
 from core.cli import main as cli
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 
-def _byte_tokenizer():
-    """A 256-symbol byte-level tokenizer (no download): one token per byte."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def damaged(tmp_path_factory) -> Path:
     """A tiny llama folder (with a tokenizer) whose checkpoint lacks ``Q0``."""
     folder = tmp_path_factory.mktemp("damaged") / "m"
     tiny_model("llama", seed=1).save_pretrained(folder, safe_serialization=True)
-    _byte_tokenizer().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     file = folder / "model.safetensors"
     tensors = load_file(str(file))
     save_file({k: t for k, t in tensors.items() if k != Q0}, str(file), metadata={"format": "pt"})
@@ -168,7 +158,7 @@ def beside(tmp_path_factory, damaged) -> Path:
 
     folder = tmp_path_factory.mktemp("beside") / "m"
     tiny_model("llama", seed=2).save_pretrained(folder, safe_serialization=True)
-    _byte_tokenizer().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     shutil.copy(damaged / "model.safetensors", folder / "other.safetensors")
     return folder
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import byte_tokenizer, tiny_model
 from core.cli import main as cli
 from core.registry import Registry
 
@@ -26,20 +26,6 @@ TEXT = ("The river flows north through the valley and the town sits on its banks
 
 # --- tiny model folders -------------------------------------------------------------------
 
-def _byte_tokenizer():
-    """A 256-symbol byte-level tokenizer (no download): one token per byte."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    eos = sorted(alphabet)[0]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
-
-
 def _folder(path, *, nan: bool = False, seed: int = 0):
     """A tiny llama folder with a byte tokenizer; ``nan``: every weight NaN (every run fails)."""
     model = tiny_model("llama", seed=seed)
@@ -48,7 +34,7 @@ def _folder(path, *, nan: bool = False, seed: int = 0):
             for p in model.parameters():
                 p.fill_(float("nan"))
     model.save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     return path
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from ..checks import model_source, output_file, path, target_within_bound
 from ..choices import ALLOCATION_METHODS, MAPPINGS, XMIN_METHODS
+from ..config import DTYPES
 from ..progress import Progress
 
 
@@ -84,6 +85,16 @@ def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     if args.out:
         result.to_csv(args.out, overwrite=args.overwrite)
     return "" if args.quiet else result.summary()
+
+
+def add_run_options(p: argparse.ArgumentParser, json_help: str) -> None:
+    """``--device``, ``--dtype``, ``--trust-remote-code``, ``--json`` and ``--quiet`` of a command
+    that loads a model and prints a result (sensitivity, zeroshot)."""
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:

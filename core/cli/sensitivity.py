@@ -7,9 +7,8 @@ import argparse
 
 from ..checks import choice, fraction, model_source, output_file, path, whole
 from ..choices import BOS_MODES, PRUNE_METHODS, XMIN_METHODS
-from ..config import DTYPES
 from ..progress import Progress
-from .analyze import add_overwrite
+from .analyze import add_overwrite, add_run_options
 from .jsonout import dumps
 
 
@@ -39,11 +38,7 @@ def add_sensitivity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.csv", help="write one row per part: block, kind, the metric, delta_loss")
     add_overwrite(p)
     p.add_argument("--no-cache", action="store_true", help="measure again even if cached")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
-    p.add_argument("--json", action="store_true", help="print the correlations as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, "print the correlations as JSON")
 
 
 def run_sensitivity(args: argparse.Namespace, progress: Progress) -> str:

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..checks import model_source
-from ..config import DTYPES
+from .analyze import add_run_options
 from ..progress import Progress
 from ..zeroshot import DEFAULT_BATCH_SIZE, PAPER_TASKS, check_tasks
 from .jsonout import dumps
@@ -45,11 +45,7 @@ def add_zeroshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="score only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"documents per forward pass (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, "print the result as JSON")
 
 
 def run_zeroshot(args: argparse.Namespace, progress: Progress) -> str:
