@@ -208,6 +208,9 @@ def auto_epsilon(spec: PruneSpec, loaded: LoadedModel, *, progress: Progress = N
     (``reason``, the choice, the confirmed perplexities, the grid's settings). The choice is
     kept under ``$SPECTRASCOPE_HOME/tunings`` for the same model, method, sparsity, allocation
     settings and calibration, so a second run does not tune again."""
+    if loaded.tokenizer is None:
+        raise ValueError(f"epsilon='auto': tuning scores held-out calibration text, and {loaded.source} has no "
+                         "tokenizer; give a number (--epsilon 0.3 is the paper's)")
     key = _auto_key(spec, loaded)
     path = home() / "tunings" / f"{key}.json"
     record = None

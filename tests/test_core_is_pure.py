@@ -81,7 +81,7 @@ def test_no_import_of_core_reaches_streamlit_even_inside_a_function():
 
 
 def test_compare_html_report_runs_without_streamlit(tmp_path):
-    from tests.conftest import saved_tiny
+    from conftest import saved_tiny
 
     folder = saved_tiny()
     report = tmp_path / "r.html"

@@ -306,15 +306,15 @@ def test_on_ray_the_tables_equal_one_thread_actors_load_the_model_once_and_runs_
     loads = tmp_path / "loads.txt"
 
     def count_loads():                    # in every Ray worker: note each model load by its process
-        import core.sweeps as sweeps
+        import core.prepare as prepare
 
-        real = sweeps.load_for
+        real = prepare.load_for
 
         def counted(spec, progress=None):
             with open(loads, "a") as f:
                 f.write(f"{os.getpid()} {spec.streaming}\n")
             return real(spec, progress)
-        sweeps.load_for = counted
+        prepare.load_for = counted
 
     base = _base(tiny, text_file)
     one_table = analyze(tiny, device="cpu", use_cache=False).table

@@ -170,3 +170,16 @@ def test_tune_fast_command_says_what_it_chose_and_refuses_ray(text_file, tmp_pat
     rc = main([*argv, "--ray"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--fast with --ray" in err[0]
+
+
+def test_epsilon_auto_on_a_model_without_a_tokenizer_is_refused_before_the_run(tmp_path, monkeypatch):
+    from core.experiments import prune_and_eval
+    from core.registry import Registry
+
+    monkeypatch.setenv("SPECTRASCOPE_HOME", str(tmp_path))
+    loaded = wrap_model(tiny_model("llama", seed=4))                  # no tokenizer
+    reg = Registry(tmp_path / "runs.sqlite")
+    with pytest.raises(ValueError, match="epsilon='auto'.*no tokenizer.*--epsilon"):
+        prune_and_eval(PruneSpec(method="magnitude", allocation="alpha", sparsity=0.5, device="cpu"), loaded,
+                       registry=reg)
+    assert reg.query().empty                                           # refused before it was recorded

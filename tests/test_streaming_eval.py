@@ -84,12 +84,12 @@ def test_eval_streaming_gives_the_loaded_perplexity(llama, capsys):
 def test_prune_streaming_eval_evaluates_the_output_block_by_block(llama, tmp_path, capsys, monkeypatch, method):
     args = ["prune", "--model", str(llama), "--method", method, "--sparsity", "0.5", *QUICK]
     in_memory = _json(capsys, args + ["--eval"])
-    import core.experiments as experiments
     import core.models as models
+    import core.prepare as prepare
 
     def whole(*a, **k):
         raise AssertionError("the streamed output was loaded whole")
-    monkeypatch.setattr(experiments, "load_model", whole)
+    monkeypatch.setattr(prepare, "load_model", whole)
     monkeypatch.setattr(models, "load_model", whole)
     streamed = _json(capsys, args + ["--eval", "--streaming", "--save", str(tmp_path / "out")])
     monkeypatch.undo()
