@@ -229,8 +229,10 @@ def test_sweep_tables_are_equal_dtype_for_dtype_across_routes_in_the_library(tin
     grid = dict(methods=["magnitude"], allocations=["uniform"], sparsities=[0.5])
     one = sweep(base, registry=Registry(tmp_path / "a.sqlite"), **grid)
     dev = sweep(base, executor=Devices(["cpu", "cpu"]), registry=Registry(tmp_path / "b.sqlite"), **grid)
-    timing = ["prune_seconds", "eval_seconds"]
+    # run ids are each registry's own, given in the order the runs end (two devices: either order)
+    timing = ["prune_seconds", "eval_seconds", "run_id"]
     pd.testing.assert_frame_equal(dev.drop(columns=timing), one.drop(columns=timing))
+    assert sorted(dev["run_id"]) == sorted(one["run_id"]) and dev["run_id"].dtype == one["run_id"].dtype
 
 
 @pytest.mark.slow
