@@ -84,7 +84,7 @@ def dense_statistics(loaded: LoadedModel, calibration: Calibration, device: torc
 class _Masks:
     """The dense weights of every matrix, kept to restore the model after each candidate."""
 
-    def __init__(self, loaded: LoadedModel, method: str, stats: dict[str, NormCollector] | None) -> None:
+    def __init__(self, loaded: LoadedModel, stats: dict[str, NormCollector] | None) -> None:
         self.loaded, self.stats = loaded, stats
         self.rule = get_method("wanda" if stats is not None else "magnitude").rule
         self.dense = {m.name: loaded.weight(m.name).detach().clone() for m in loaded.matrices}
@@ -131,9 +131,8 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
                 same = tuple(sorted((k, round(v, 12)) for k, v in ratios.items()))
                 candidates.setdefault(same, ratios)
                 keys.append((eps, xmin, metric, same))
-    masks = _Masks(loaded, base.method, stats)
+    masks = _Masks(loaded, stats)
     scores: dict[tuple, float] = {}
-    model_device = next(loaded.model.parameters()).device
     try:
         for k, (same, ratios) in enumerate(candidates.items()):
             check_cancel(cancel, f"at candidate {k + 1}")
@@ -143,8 +142,7 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
             scores[same] = ppl.perplexity
             report(progress, k + 1, len(candidates), f"fast tuning: candidate {k + 1}/{len(candidates)}")
     finally:
-        masks.restore()
-        loaded.model.to(model_device)
+        masks.restore()                  # perplexity() moves the model back itself
     rows = [{"epsilon": e, "xmin": x, "metric": m, "perplexity": scores[s], "achieved": float("nan")}
             for e, x, m, s in keys]
     table = pd.DataFrame(rows, columns=TUNE_COLUMNS)

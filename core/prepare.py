@@ -88,6 +88,9 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
     allocation method (``alpha`` scores ``metrics``; ``owl`` needs ``owl_scores`` or the
     ``calibration`` to compute them; ``sensitivity`` the measured sensitivities of ``core.sensitivity``,
     read from its cache or measured now)."""
+    if spec.allocation == "alpha" and spec.epsilon == "auto":
+        _fail("epsilon", "auto", "is tuned when a run starts (prune_and_eval, core.fasttune.auto_epsilon); give a "
+              "number to compute ratios directly")
     table = matrix_table(loaded.matrices)
     if spec.allocation == "file":
         return ratios_from_file(spec.ratios_file, table)
@@ -100,9 +103,6 @@ def choose_allocation(spec: PruneSpec, loaded: LoadedModel, *, metrics: pd.DataF
             log.warning(note)
     if spec.allocation == "owl" and owl_scores is None:
         owl_scores = owl_scores_for(loaded, calibration, device=spec.device, progress=progress, cancel=cancel)
-    if spec.allocation == "alpha" and spec.epsilon == "auto":
-        _fail("epsilon", "auto", "is tuned when a run starts (prune_and_eval, core.fasttune.auto_epsilon); give a "
-              "number to compute ratios directly")
     sensitivity = None
     if spec.allocation == "sensitivity":    # measured once per model, method, sparsity and mapping; cached
         from .sensitivity import measured_for
