@@ -21,7 +21,11 @@
    the device against the in-memory one, and the peak device memory against the checkpoint;
 9. multi-device prune + eval (``multi_device``): Wanda and perplexity of a small LLaMA with its
    blocks placed across cuda:0 + cpu, and across every visible GPU when there are several,
-   against one device (masks and perplexity must agree).
+   against one device (masks and perplexity must agree);
+10. 2:4 deployment (``deploy_24``, ``benchmarks/bench_deploy.py``): each LLaMA-7B matrix shape's
+   matmul with PyTorch's semi-structured sparse kernels against dense, end-to-end greedy
+   generation tokens/s of a 4-block 2:4 LLaMA with and without them, and what zlib makes of a
+   saved block (dense, 50% unstructured, 2:4). On the CPU it times dense only and says why.
 
 Each stage prints its line as soon as it ends, so a run cut short still reports what it did.
 
@@ -56,6 +60,7 @@ from core.pruning import prune  # noqa: E402
 from core.spectra import compute_spectra, eigenvalues  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_deploy  # noqa: E402  (benchmarks/bench_deploy.py)
 import projection  # noqa: E402  (benchmarks/projection.py)
 
 FULL = dict(hidden=4096, inter=11008, blocks=32, heads=32, vocab=32000, nsamples=128, seqlen=2048)
@@ -320,6 +325,8 @@ def table(res: dict) -> str:
     rows += [tuple(r) for r in multi.get("rows", [])] or \
         ([("multi-device prune + eval", multi.get("error", "no result"), "identical")] if multi else [])
     rows += _projection_rows(res.get("projection"), res["small"]) + _streamed_rows(res.get("streamed_eval"))
+    if "deploy_24" in res:
+        rows += bench_deploy.rows(res["deploy_24"])
     head = (f"GPU check {res['date']} on {res['device_name']} ({res['device']}, {res['dtype']}; "
             f"{'small shapes' if res['small'] else 'LLaMA-7B shapes'}; torch {res['torch']})")
     lines = [head, "", "| check | result | goal |", "|---|---|---|"]
@@ -388,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("projection", _guard, projected, args.small, args.device)
     stage("streamed_eval", _guard, streamed_eval, s, args.device, dtype, 2 if args.small else 16)
     stage("multi_device", _guard, multi_device, SMALL if args.small else MULTI, args.device)
+    stage("deploy_24", _guard, bench_deploy.run, args.small, args.device)
     text = table(res)
     res["table"] = text
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"gpu_check{'_small' if args.small else ''}.json")
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nwrote {out}")
     stages = ("analysis", "wanda", "sparsegpt", "routes", "wanda_full", "projection", "streamed_eval",
-              "multi_device")
+              "multi_device", "deploy_24")
     failed = any("error" in res.get(k, {}) for k in stages) or "FAILED" in res["cuda_tests"]["status"]
     return 1 if failed else 0
 

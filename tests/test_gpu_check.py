@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_small_on_cpu_prints_the_table(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--small", "--device", "cpu",
-                           "--json", str(out)], capture_output=True, text=True, timeout=170,
+                           "--json", str(out)], capture_output=True, text=True, timeout=400,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
@@ -42,3 +42,16 @@ def test_gpu_check_small_on_cpu_prints_the_table(tmp_path):
     streamed = res["streamed_eval"]
     assert streamed["blocks"] == 2 and streamed["rel_diff"] < 1e-4
     assert any(c.startswith("streamed evaluation, 2 blocks") for c in checks)
+    # 2:4 deployment: on the CPU the kernels are refused with the reason, dense is still timed,
+    # the pruned model is 2:4 everywhere, and the saved zeros compress (the dense block does not)
+    deploy = res["deploy_24"]
+    assert deploy["kernels"].startswith("semi-structured sparse kernels need a CUDA GPU")
+    assert len(deploy["matmul"]) == 9 and all(m["dense_ms"] > 0 and "sparse_ms" not in m for m in deploy["matmul"])
+    gen = deploy["generation"]
+    assert gen["two_of_four"] == gen["matrices"] == 14 and set(gen["dense_tok_s"]) == {"1", "4"}
+    disk = {d["model"]: d for d in deploy["disk"]}
+    assert len({d["bytes"] for d in disk.values()}) == 1                  # --save writes the same bytes
+    assert disk["dense"]["zlib_bytes"] > 0.9 * disk["dense"]["bytes"]      # random float16: incompressible
+    assert disk["2:4"]["zlib_bytes"] < 0.8 * disk["dense"]["zlib_bytes"]
+    assert sum(c.startswith("2:4 matmul ") for c in checks) == 9
+    assert any(c.startswith("generation, 2-block 2:4 LLaMA, batch 4") for c in checks)
