@@ -62,15 +62,23 @@ def checkpoint_picks(result: TrainingResult, count: int = 5) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n - 1, min(count, n))})
 
 
+#: the training ESD is drawn from λ+ / ZOOM up: a square layer's MP bulk reaches down to 0 (six
+#: decades below λ+ on a log axis), which would squeeze the tail that training grows into a sliver
+ZOOM = 100.0
+
+
 def training_esd_figure(result: TrainingResult, picks: list[int] | None = None) -> go.Figure:
-    """The measured layer's ESD at several checkpoints, overlaid on log-log axes, with the MP edge
-    λ+ of the initial matrix: the bulk of step 0 ends there; training pushes eigenvalues past it."""
+    """The measured layer's ESD at several checkpoints, overlaid on log-log axes from λ+/``ZOOM``
+    up, with the MP edge λ+ of the initial matrix: the bulk of step 0 ends there; training pushes
+    eigenvalues past it."""
     picks = checkpoint_picks(result) if picks is None else picks
     fig = go.Figure()
     xs, ys = [[result.mp_edge0]], []
+    low = result.mp_edge0 / ZOOM
     for j, i in enumerate(picks):
         cp = result.checkpoints[i]
-        x, density = _density(cp.eigs, bins=60)
+        x, density = _density(cp.eigs, bins=120)
+        x, density = x[x >= low], density[x >= low]
         alpha = f"α={cp.alpha:.2f}" if cp.fit.ok else "no fit"
         fig.add_trace(go.Scatter(x=x, y=density, mode="lines", name=f"step {cp.step} ({alpha})",
                                  line=dict(color=_ramp(j, len(picks)), width=2),
@@ -79,8 +87,8 @@ def training_esd_figure(result: TrainingResult, picks: list[int] | None = None) 
     y = np.concatenate(ys) if ys else np.array([1e-3, 1.0])
     _edge(fig, result.mp_edge0, float(y.min()), float(y.max()), legend=True,
           name=f"λ+ of the initial matrix {result.mp_edge0:.3g}")
-    fig.update_layout(**LAYOUT, title=f"ESD of the {result.rows} x {result.cols} {result.layer} during training",
-                      xaxis_title=EIG_AXIS, yaxis_title="density")
+    fig.update_layout(**LAYOUT, title=f"ESD of the {result.rows} x {result.cols} {result.layer} during training "
+                      f"(λ ≥ λ+/{ZOOM:g})", xaxis_title=EIG_AXIS, yaxis_title="density")
     log_axis(fig, xs, axis="x")
     log_axis(fig, ys, axis="y")
     return fig

@@ -465,7 +465,7 @@ def test_learn_watch_a_network_learn(page, server):
     page.goto(server)
     wait_idle(page, timeout=120_000)
     open_page(page, "Learn HT-SR", "Empirical spectral density")
-    page.get_by_role("button", name="6 · Watch a network learn").click()
+    page.get_by_text("6 · Watch a network learn", exact=True).click()
     page.get_by_test_id("stButton").filter(has_text="Train").wait_for()
     wait_idle(page)
     set_slider_min(page, "steps")
@@ -482,6 +482,8 @@ def test_learn_watch_a_network_learn(page, server):
           f"accuracy {accuracy[0]:.2f} -> {accuracy[-1]:.2f}")
     assert alpha[0] > 5 and alpha[-1] < alpha[0] - 2 and accuracy[-1] > accuracy[0] + 0.3
     page.locator(".js-plotly-plot").filter(has_text="during training").wait_for(state="visible")
+    page.set_viewport_size({"width": 1400, "height": 2000})   # the ESD and the alpha/accuracy curves in one shot
+    page.wait_for_timeout(800)
     shot(page, "learn-watch-network")
     if os.environ.get("SPECTRASCOPE_UPDATE_SCREENSHOTS") == "1":
         shutil.copy(ARTIFACTS / "learn-watch-network.png", ROOT / "assets" / "learn-watch-network.png")
@@ -493,7 +495,7 @@ def test_learn_watch_a_network_learn(page, server):
         wait_sidebar(page, collapsed=False)
     cut = []
     for n, name in enumerate(["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "5 · alpha → sparsity"]):
-        page.get_by_role("button", name=name).click()
+        page.get_by_text(name, exact=True).click()
         page.locator(".katex-display").first.wait_for(state="visible")
         wait_idle(page)
         cut += page.evaluate("() => Array.from(document.querySelectorAll('.katex-display')).map(d => "
