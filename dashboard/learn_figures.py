@@ -104,7 +104,7 @@ def _ramp(j: int, n: int) -> str:
 
 def run_label(result: TrainingResult) -> str:
     s = result.setup
-    return f"lr {s.lr:g} · batch {s.batch} · noise {s.label_noise:.0%}"
+    return f"lr {s.lr:g} · batch {s.batch} · noise {s.label_noise:.0%} · {s.steps} steps"
 
 
 def training_curves_figure(results: list[TrainingResult]) -> go.Figure:

@@ -356,7 +356,7 @@ else:
         show(training_curves_figure(runs), "lesson6_alpha", model="", key="l_t_curves")
         st.caption("Left: alpha of the hidden layer at each checkpoint (shaded: the well-trained band 2-6); right: "
                    "test accuracy. The thick line is the last run; earlier runs of this session stay for comparison "
-                   f"(up to {MAX_RUNS}). Measured on this kind of 2-core CPU, seed 0, 1200 steps: the good setting takes "
+                   f"(up to {MAX_RUNS}). Measured (seed 0, 1200 steps, `benchmarks/bench_learn.py --training`): the good setting takes "
                    "alpha from about 7.7 (random) to 2.7 at 65% accuracy; learning rate 0.02 only reaches about 4.1; "
                    "0.5 overshoots below 2 (very heavy-tailed) and ends near 54%; 50% label noise slows the fall and "
                    "the accuracy peaks, then sinks as the network memorises the wrong labels; batch 4 with learning "

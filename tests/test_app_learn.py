@@ -264,7 +264,7 @@ def test_a_second_setting_is_overlaid_and_the_knob_shows():
     train_fast(at, l_lr=0.5)
     curves = figures(at)[1]
     runs = {t["name"] for t in curves["data"] if t.get("showlegend", True) and "lr" in t["name"]}
-    assert runs == {"lr 0.5 · batch 16 · noise 0%", "lr 0.1 · batch 16 · noise 0%"}
+    assert runs == {"lr 0.5 · batch 16 · noise 0% · 300 steps", "lr 0.1 · batch 16 · noise 0% · 300 steps"}
     hot, good = (arr(t["y"]) for t in curves["data"][:3:2])       # alpha traces, newest first
     assert hot[-1] < good[-1]
     train_fast(at, l_lr=0.1)                                      # the same setting again: no new run

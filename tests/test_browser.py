@@ -482,6 +482,17 @@ def test_learn_watch_a_network_learn(page, server):
           f"accuracy {accuracy[0]:.2f} -> {accuracy[-1]:.2f}")
     assert alpha[0] > 5 and alpha[-1] < alpha[0] - 2 and accuracy[-1] > accuracy[0] + 0.3
     page.locator(".js-plotly-plot").filter(has_text="during training").wait_for(state="visible")
+    # the README's picture: the default 1200 steps beside the fast run (the page overlays the runs)
+    page.get_by_test_id("stSlider").filter(has_text="steps").get_by_role("slider").press("ArrowRight")
+    page.get_by_test_id("stSlider").filter(has_text="steps").get_by_role("slider").press("ArrowRight")
+    settle(page)
+    assert slider_value(page, "steps") == "1200"
+    page.get_by_test_id("stButton").filter(has_text="Train").click()
+    page.locator(".js-plotly-plot").filter(has_text="alpha of the layer").wait_for(state="visible", timeout=180_000)
+    wait_idle(page, timeout=180_000)
+    settle(page)
+    alpha = curves.evaluate("p => Array.from(p._fullData[0].y)")
+    assert len(alpha) == 13 and alpha[-1] < 4
     page.set_viewport_size({"width": 1400, "height": 2000})   # the ESD and the alpha/accuracy curves in one shot
     page.wait_for_timeout(800)
     shot(page, "learn-watch-network")
