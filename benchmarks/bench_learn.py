@@ -1,6 +1,10 @@
 """Rerun time of every Learn HT-SR control (AppTest, no browser): set a new value, time `.run()`.
 Each control is measured with values never seen before in the session (cache misses) and once
-more with a value already seen (cache hit). Prints one line per control and the load average."""
+more with a value already seen (cache hit). Prints one line per control and the load average.
+
+``--training``: the "watch a network learn" lesson's settings instead (core, no page): for each
+setting, alpha at the start and the end, the lowest alpha, test accuracy at the end and its best,
+and the seconds it took (``python benchmarks/bench_learn.py --training``)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +18,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("SPECTRASCOPE_HOME", tempfile.mkdtemp())
 
-LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"]
+LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity",
+           "6 · Watch a network learn"]
+# the lesson's settings compared in the README (the page's knobs: learning rate, batch, label noise, steps)
+SETTINGS = [dict(), dict(steps=300), dict(lr=0.02), dict(lr=0.5), dict(label_noise=0.5), dict(batch=4),
+            dict(batch=64), dict(lr=0.3, batch=4), dict(lr=0.3, batch=64), dict(seed=1)]
 # (lesson, widget kind, key, new values): each new value is a cache miss
 CONTROLS = [
     (0, "slider", "l_var", [2.0, 3.1]),
@@ -41,7 +49,7 @@ def main() -> None:
 
     at = new_app("learn")
     rows = []
-    for i, name in enumerate(LESSONS):     # switching lessons (first visit of each)
+    for i, name in enumerate(LESSONS[:5]):  # switching lessons (first visit of each; 6 trains on a click)
         at.button_group(key="l_lesson").set_value(name)
         rows.append((f"lesson -> {name}", timed(at)))
     for lesson, kind, key, values in CONTROLS:
@@ -66,5 +74,18 @@ def main() -> None:
     print("loadavg:", Path("/proc/loadavg").read_text().strip(), "cpus:", os.cpu_count())
 
 
+def training() -> None:
+    from core.lesson_training import TrainingSetup, train
+
+    print("| setting | alpha start → end (lowest) | test accuracy end (best) | seconds |")
+    print("|---|---|---|---|")
+    for knobs in SETTINGS:
+        r = train(TrainingSetup(**knobs))
+        name = ", ".join(f"{k} {v}" for k, v in knobs.items()) or "default (lr 0.1, batch 16, 1200 steps)"
+        print(f"| {name} | {r.alphas[0]:.2f} → {r.alphas[-1]:.2f} ({r.alphas.min():.2f}) | "
+              f"{r.accuracies[-1]:.1%} ({r.accuracies.max():.1%}) | {r.seconds:.1f} |", flush=True)
+    print("loadavg:", Path("/proc/loadavg").read_text().strip(), "cpus:", os.cpu_count())
+
+
 if __name__ == "__main__":
-    main()
+    training() if "--training" in sys.argv else main()

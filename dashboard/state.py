@@ -119,6 +119,11 @@ class State:
     l_mu = "l_mu"
     l_spike = "l_spike"
     l_seed = "l_seed"
+    l_lr = "l_lr"                # watch a network learn: the knobs, and the runs trained this session
+    l_batch = "l_batch"
+    l_noise = "l_noise"
+    l_steps = "l_steps"
+    l_runs = "l_runs"
 
     DEFAULTS = {
         source: "demo", device: "auto", xmin: "peak", loaded: None, sources: {}, analysis: None, load_error: None,
@@ -134,12 +139,13 @@ class State:
         s_ray: "", t_epsilons: [0.1, 0.2, 0.3, 0.4], t_xmins: ["peak"], t_metrics: ["alpha", "alpha_hat"],
         t_holdout: 4, s_job: None,
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
+        l_lr: 0.1, l_batch: 16, l_noise: 0.0, l_steps: 1200, l_runs: [],
     }
     #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
     KEPT = "_kept_widget_values"
     PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, s_job}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, s_job, l_runs}
 
 
 def setup() -> None:

@@ -1,9 +1,15 @@
 """Learn HT-SR page: one lesson at a time, each reacting to its own controls and agreeing with theory
-in the units its formula states (X = WᵀW/N)."""
+in the app's one convention: eigenvalues of WᵀW (no 1/N, as Spectra and the reference tools), named
+on every axis."""
+import re
+
 import numpy as np
+import pytest
 from test_app_common import arr, figures, new_app, texts
 
-LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"]
+LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity",
+           "6 · Watch a network learn"]
+EIG_AXIS = "eigenvalue λ of WᵀW"
 
 
 def metric(at, label):
@@ -11,7 +17,7 @@ def metric(at, label):
 
 
 def lesson(n: int, **kwargs):
-    """The Learn page showing lesson ``n`` (1-5)."""
+    """The Learn page showing lesson ``n`` (1-6)."""
     return new_app("learn", l_lesson=LESSONS[n - 1], **kwargs)
 
 
@@ -31,11 +37,11 @@ def test_lesson_one_plots_in_the_units_of_its_formula():
     names = [t["name"] for t in fig["data"]]
     assert names[1] == "gaussian W MP law" and not any("shuffled" in n for n in names)
     N, M, var = 800, 400, 1.0
-    lam_plus = var * (1 + 1 / np.sqrt(N / M)) ** 2              # 2.914 for the defaults
+    lam_plus = var * (np.sqrt(N) + np.sqrt(M)) ** 2             # 2331 for the defaults (WᵀW, no 1/N)
     assert abs(arr(fig["data"][1]["x"]).max() / lam_plus - 1) < 0.01
-    assert abs(arr(fig["data"][2]["x"])[0] - lam_plus) < 1e-9     # the λ+ marker
+    assert abs(arr(fig["data"][2]["x"])[0] - lam_plus) < 1e-6     # the λ+ marker
     assert f"{lam_plus:.4g}" in texts(at)
-    assert fig["layout"]["xaxis"]["title"]["text"] == "eigenvalue λ of X = WᵀW/N"
+    assert fig["layout"]["xaxis"]["title"]["text"] == EIG_AXIS
 
 
 def test_variance_moves_the_marchenko_pastur_edge():
@@ -62,7 +68,7 @@ def test_spike_separates_above_threshold_with_its_own_variance():
     at = lesson(3)
     at.slider(key="l_spike").set_value(0.5).run()
     edge = float(metric(at, "bulk edge λ+"))
-    assert abs(edge - (1 + 1 / np.sqrt(2)) ** 2) < 1e-3          # X units, sigma² = 1
+    assert abs(edge / (np.sqrt(800) + np.sqrt(400)) ** 2 - 1) < 1e-3   # WᵀW units, sigma² = 1
     assert float(metric(at, "largest eigenvalue")) < 1.1 * edge
     at.slider(key="l_spike").set_value(2.5).run()
     top, predicted = float(metric(at, "largest eigenvalue")), float(metric(at, "prediction"))
@@ -81,11 +87,20 @@ def test_phases_show_six_named_synthetic_examples_then_real_layers(demo_analysis
     titles = [a["text"] for a in phases["layout"]["annotations"]]
     for name in ("random-like", "bleeding-out", "bulk + spikes", "bulk-decay", "heavy-tailed", "rank-collapse"):
         assert sum(name in t for t in titles) == 1, name
-    assert len(phases["data"]) == 6 and len(figures(at)) == 1
+    assert len([t for t in phases["data"] if t.get("legendgroup") != "edge"]) == 6 and len(figures(at)) == 1
     at.toggle(key="l_phase_real").set_value(True).run()
     layers = figures(at)[1]
     legend = [t["name"] for t in layers["data"] if t.get("showlegend", True)]
     assert len(legend) == 3 and legend[0].startswith("most random-like") and "SmolLM2" in layers["layout"]["title"]["text"]
+    assert all(name.count("α=") == 1 for name in legend), legend          # not "α=18.31 (α=18.31)"
+    # step 2 is in the units of step 1: both name WᵀW, and the real layers' eigenvalues are not divided
+    assert layers["layout"]["xaxis"]["title"]["text"] == EIG_AXIS
+    assert EIG_AXIS in {a["layout"][k]["title"]["text"] for a in [phases] for k in a["layout"]
+                        if k.startswith("xaxis") and "title" in a["layout"][k]}
+    top = arr(layers["data"][0]["x"]).max()
+    name = next(r["name"] for _, r in demo_analysis_full.table.iterrows() if legend[0].endswith(
+        f"{r['block']}.{r['kind']} (α={r['alpha']:.2f})"))
+    assert abs(top / demo_analysis_full.eigs[name].max() - 1) < 1e-9
 
 
 def test_allocation_lesson_names_the_cap_and_draws_no_block_labels():
@@ -145,3 +160,112 @@ def test_only_the_shown_lesson_decomposes_and_variance_needs_no_new_spectrum(mon
     at.button_group(key="l_lesson").set_value(LESSONS[3]).run()   # six 500 x 250 phase examples
     at.button_group(key="l_lesson").set_value(LESSONS[4]).run()
     assert not at.exception and shapes == [(800, 400)] * 3 + [(500, 250)] * 6
+
+
+def test_every_spectrum_axis_names_eigenvalues_of_wtw():
+    at = lesson(1)
+    for n in (1, 2, 3):
+        at.button_group(key="l_lesson").set_value(LESSONS[n - 1]).run()
+        assert not at.exception, at.exception
+        assert figures(at)[0]["layout"]["xaxis"]["title"]["text"] == EIG_AXIS, n
+    shown = texts(at) + " ".join(x.value for x in at.latex)
+    assert "WᵀW/N" not in shown and "W^\\top W / N" not in shown and "X = W" not in shown
+
+
+def test_phase_plots_draw_the_mp_edge_and_bleeding_out_crosses_it():
+    at = lesson(4)
+    fig = figures(at)[0]
+    esds = [t for t in fig["data"] if t.get("legendgroup") != "edge"]
+    edges = [t for t in fig["data"] if t.get("legendgroup") == "edge"]
+    assert len(edges) == 6                                       # one λ+ line per phase
+    by_axis = {t.get("xaxis", "x"): t for t in esds}
+    lam = {t.get("xaxis", "x"): arr(t["x"])[0] for t in edges}
+    random_like, bleeding = by_axis["x"], by_axis["x2"]
+    assert arr(random_like["x"]).max() < 1.05 * lam["x"]         # MP: nothing past the edge
+    past = arr(bleeding["x"])[arr(bleeding["x"]) > 1.05 * lam["x2"]]
+    assert 1 <= past.size and past.max() < 3 * lam["x2"]         # a few, just past λ+
+
+
+@pytest.mark.parametrize("mus", [(0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)])
+def test_heavy_tails_alpha_grows_with_mu_through_the_three_regimes(mus):
+    at = lesson(2)
+    alphas = []
+    for mu in mus:
+        at.slider(key="l_mu").set_value(mu).run()
+        assert not at.exception, at.exception
+        alphas.append(float(metric(at, "fitted alpha")))
+    assert all(b >= a - 0.05 for a, b in zip(alphas, alphas[1:])), alphas    # smaller μ, smaller alpha
+    assert alphas[-1] - alphas[-3] < 0.5                          # μ > 4: MP, alpha no longer follows μ
+    assert "xmin" in texts(at) and "regime" in texts(at)
+
+
+def glyphs(tex: str) -> int:
+    """About how many glyphs a line of TeX renders to: a fraction counts its longer part, a command
+    one glyph (min, max... their letters), an operator two (its spacing), braces, script markers
+    and thin spaces nothing."""
+    tex = re.sub(r"\\text\{([^{}]*)\}", r"\1", tex)
+    while "\\frac" in tex:
+        i = tex.rindex("\\frac")
+        parts, j = [], i + 5
+        for _ in range(2):                       # two balanced groups
+            depth, k = 0, j
+            while True:
+                depth += {"{": 1, "}": -1}.get(tex[k], 0)
+                k += 1
+                if depth == 0:
+                    break
+            parts.append(tex[j + 1:k - 1])
+            j = k
+        tex = tex[:i] + max(parts, key=lambda p: glyphs(p)) + tex[j:]
+    tex = re.sub(r"\\(qquad|quad)", "    ", tex)
+    tex = re.sub(r"\\(min|max|log|exp)\b", lambda m: m.group(1), tex)
+    tex = re.sub(r"=|<|>|\+|-|\\pm|\\approx|\\le|\\ge", lambda m: m.group(0) + " o", tex)   # spaced operators
+    tex = re.sub(r"\\[,!; ]|\\(left|right|Big|big)", "", tex)
+    tex = re.sub(r"\\[A-Za-z]+", "x", tex)
+    return len(re.sub(r"[{}^_$\s]", "", tex))
+
+
+def test_formulas_are_written_in_short_lines_for_narrow_screens():
+    """At 800 px (sidebar open) about 500 px are left: no displayed formula line may be wider than
+    that (KaTeX does not wrap): at most about 42 glyphs per line."""
+    at = lesson(1)
+    for n in range(1, 7):
+        at.button_group(key="l_lesson").set_value(LESSONS[n - 1]).run()
+        for block in at.latex:
+            for line in re.sub(r"\\(begin|end)\{gathered\}", "", block.value).split("\\\\"):
+                assert glyphs(line) <= 42, (n, line, glyphs(line))
+
+
+def train_fast(at, **knobs):
+    for key, value in {"l_steps": 300, **knobs}.items():
+        at.select_slider(key=key).set_value(value).run()
+    at.button(key="l_train").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_watch_a_network_learn_trains_and_shows_alpha_fall_beside_accuracy():
+    at = lesson(6, timeout=120)
+    assert not at.exception, at.exception
+    assert not figures(at)                                       # nothing trained yet
+    train_fast(at)
+    esd, curves = figures(at)
+    assert esd["layout"]["xaxis"]["title"]["text"] == EIG_AXIS and esd["layout"]["xaxis"]["type"] == "log"
+    names = [t["name"] for t in esd["data"]]
+    assert names[0].startswith("step 0 (α=") and any("λ+ of the initial matrix" in n for n in names)
+    alpha, acc = arr(curves["data"][0]["y"]), arr(curves["data"][1]["y"])
+    assert alpha[0] > 5 and alpha[-1] < alpha[0] - 2              # from the MP bulk toward a heavy tail
+    assert acc[-1] > acc[0] + 0.3
+    assert "alpha" in texts(at) and len(at.session_state["l_runs"]) == 1
+
+
+def test_a_second_setting_is_overlaid_and_the_knob_shows():
+    at = train_fast(lesson(6, timeout=120))
+    train_fast(at, l_lr=0.5)
+    curves = figures(at)[1]
+    runs = {t["name"] for t in curves["data"] if t.get("showlegend", True) and "lr" in t["name"]}
+    assert runs == {"lr 0.5 · batch 16 · noise 0% · 300 steps", "lr 0.1 · batch 16 · noise 0% · 300 steps"}
+    hot, good = (arr(t["y"]) for t in curves["data"][:3:2])       # alpha traces, newest first
+    assert hot[-1] < good[-1]
+    train_fast(at, l_lr=0.1)                                      # the same setting again: no new run
+    assert len(at.session_state["l_runs"]) == 2

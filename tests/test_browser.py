@@ -455,3 +455,64 @@ def test_dashboard_end_to_end(page, server):
     print("timings:", json.dumps(timings))
     assert timings["slider_to_preview_s"] < 3.0      # target 1 s; slack for a busy shared CI machine
     assert timings["first_paint_max_s"] < 10.0       # target 5 s
+
+
+def test_learn_watch_a_network_learn(page, server):
+    """Learn's lesson 6 in the browser: train with the fast setting (300 steps) and see alpha fall from
+    the random start beside the test accuracy; then at 800 px with the sidebar open (about 500 px of
+    content) no lesson's formula is wider than its column."""
+    page.set_viewport_size({"width": 1400, "height": 1300})
+    page.goto(server)
+    wait_idle(page, timeout=120_000)
+    open_page(page, "Learn HT-SR", "Empirical spectral density")
+    page.get_by_text("6 · Watch a network learn", exact=True).click()
+    page.get_by_test_id("stButton").filter(has_text="Train").wait_for()
+    wait_idle(page)
+    set_slider_min(page, "steps")
+    assert slider_value(page, "steps") == "300"
+    start = time.perf_counter()
+    page.get_by_test_id("stButton").filter(has_text="Train").click()
+    curves = page.locator(".js-plotly-plot").filter(has_text="alpha of the layer")
+    curves.wait_for(state="visible", timeout=180_000)
+    wait_idle(page, timeout=180_000)
+    seconds = time.perf_counter() - start
+    alpha = curves.evaluate("p => Array.from(p._fullData[0].y)")
+    accuracy = curves.evaluate("p => Array.from(p._fullData[1].y)")
+    print(f"lesson 6 in the browser: {seconds:.1f} s, alpha {alpha[0]:.2f} -> {alpha[-1]:.2f}, "
+          f"accuracy {accuracy[0]:.2f} -> {accuracy[-1]:.2f}")
+    assert alpha[0] > 5 and alpha[-1] < alpha[0] - 2 and accuracy[-1] > accuracy[0] + 0.3
+    page.locator(".js-plotly-plot").filter(has_text="during training").wait_for(state="visible")
+    # the README's picture: the default 1200 steps beside the fast run (the page overlays the runs)
+    page.get_by_test_id("stSlider").filter(has_text="steps").get_by_role("slider").press("ArrowRight")
+    page.get_by_test_id("stSlider").filter(has_text="steps").get_by_role("slider").press("ArrowRight")
+    settle(page)
+    assert slider_value(page, "steps") == "1200"
+    page.get_by_test_id("stButton").filter(has_text="Train").click()
+    page.locator(".js-plotly-plot").filter(has_text="alpha of the layer").wait_for(state="visible", timeout=180_000)
+    wait_idle(page, timeout=180_000)
+    settle(page)
+    alpha = curves.evaluate("p => Array.from(p._fullData[0].y)")
+    assert len(alpha) == 13 and alpha[-1] < 4
+    page.set_viewport_size({"width": 1400, "height": 2000})   # the ESD and the alpha/accuracy curves in one shot
+    page.wait_for_timeout(800)
+    shot(page, "learn-watch-network")
+    if os.environ.get("SPECTRASCOPE_UPDATE_SCREENSHOTS") == "1":
+        shutil.copy(ARTIFACTS / "learn-watch-network.png", ROOT / "assets" / "learn-watch-network.png")
+
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.wait_for_timeout(800)
+    if page.get_by_test_id("stExpandSidebarButton").is_visible():
+        page.get_by_test_id("stExpandSidebarButton").click()
+        wait_sidebar(page, collapsed=False)
+    cut = []
+    for n, name in enumerate(["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "5 · alpha → sparsity"]):
+        page.get_by_text(name, exact=True).click()
+        page.locator(".katex-display").first.wait_for(state="visible")
+        wait_idle(page)
+        cut += page.evaluate("() => Array.from(document.querySelectorAll('.katex-display')).map(d => "
+                             "[d.querySelector('.katex').getBoundingClientRect().width, "
+                             "d.getBoundingClientRect().width]).filter(([w, box]) => w > box + 1)")
+        if n == 0:
+            shot(page, "learn-800")
+    assert not cut, f"formulas wider than their column at 800 px: {cut}"
+    page.set_viewport_size({"width": 1400, "height": 1300})
