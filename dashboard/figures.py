@@ -25,7 +25,7 @@ EIG_AXIS = "eigenvalue λ of WᵀW"
 
 
 #: what each metric of the analysis table is, in the eigenvalues λ of WᵀW (no 1/N)
-_METRIC_DEFS = {"alpha": "power-law exponent of the ESD", "alpha_hat": "alpha·log10 λmax", "log_norm": "log10 Σλ",
+_METRIC_DEFS = {"alpha": "ESD tail exponent", "alpha_hat": "alpha·log10 λmax", "log_norm": "log10 Σλ",
                 "log_spectral_norm": "log10 λmax", "log_alpha_norm": "log10 Σλ^alpha", "stable_rank": "Σλ / λmax",
                 "entropy": "entropy of λ/Σλ", "mp_softrank": "λ+ / λmax", "num_spikes": "eigenvalues above λ+",
                 "D": "KS distance of the fit", "sigma": "standard error of alpha", "xmin": "start of the fitted tail",
@@ -33,10 +33,10 @@ _METRIC_DEFS = {"alpha": "power-law exponent of the ESD", "alpha_hat": "alpha·l
 
 
 def metric_title(metric: str) -> str:
-    """An axis (or colour bar) title naming ``metric``, what it is, and the eigenvalue convention:
-    ``log_spectral_norm = log10 λmax (λ: eigenvalue of WᵀW)``."""
+    """An axis title naming ``metric`` and, in a smaller second line, what it is and the eigenvalue
+    convention: ``log_spectral_norm`` over ``log10 λmax, λ: eigenvalue of WᵀW``."""
     what = _METRIC_DEFS.get(metric)
-    return f"{metric}: {what} (λ: eigenvalue of WᵀW)" if what else f"{metric} (λ: eigenvalue of WᵀW)"
+    return f"{metric}<br><sub>{what + ', ' if what else ''}λ: eigenvalue of WᵀW</sub>"
 
 
 def palette(i: int) -> str:

@@ -173,3 +173,22 @@ def test_conversion_reports_its_phases_and_estimate_through_the_cli(tmp_path, mo
     converted = next((Path(tmp_path) / "models").glob("SmolLM2*"))
     shutil.rmtree(converted)
     assert conversion_seconds(demo_gguf()) == pytest.approx(measured, abs=1.5)   # the next estimate: this rate
+
+
+def test_long_chart_titles_wrap_at_words_for_narrow_windows():
+    """Plotly never wraps a title: the Prune page's "perplexity against sparsity · <settings>"
+    was cut at 800 px. Every chart goes through ``exports.show``, which wraps it."""
+    import plotly.graph_objects as go
+
+    from dashboard.figures import LAYOUT, TITLE_CHARS, wrap_title
+
+    text = "perplexity against sparsity · wikitext-2 · 8×128 · BOS none · calibration c4 128×2048 seed 0"
+    fig = go.Figure()
+    fig.update_layout(**LAYOUT, title=text)
+    lines = wrap_title(fig).layout.title.text.split("<br>")
+    assert len(lines) >= 2 and all(len(line) <= TITLE_CHARS for line in lines), lines
+    assert " ".join(lines).split() == text.split()                         # every word kept, in order
+    assert not any(line.startswith("·") for line in lines)
+    assert fig.layout.margin.t == LAYOUT["margin"]["t"] + 20 * (len(lines) - 1)   # room above the plot
+    short = go.Figure().update_layout(**LAYOUT, title="alpha against depth")
+    assert wrap_title(short).layout.title.text == "alpha against depth"
