@@ -35,8 +35,13 @@ _METRIC_DEFS = {"alpha": "ESD tail exponent", "alpha_hat": "alpha·log10 λmax",
 def metric_title(metric: str) -> str:
     """An axis title naming ``metric`` and, in a smaller second line, what it is and the eigenvalue
     convention: ``log_spectral_norm`` over ``log10 λmax, λ: eigenvalue of WᵀW``."""
+    return f"{metric}<br><sub>{metric_help(metric)}</sub>"
+
+
+def metric_help(metric: str) -> str:
+    """What ``metric`` is, in the eigenvalue convention: ``log10 λmax, λ: eigenvalue of WᵀW``."""
     what = _METRIC_DEFS.get(metric)
-    return f"{metric}<br><sub>{what + ', ' if what else ''}λ: eigenvalue of WᵀW</sub>"
+    return f"{what + ', ' if what else ''}λ: eigenvalue of WᵀW"
 
 
 def palette(i: int) -> str:

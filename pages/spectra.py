@@ -3,7 +3,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard.exports import csv_button, export_format_control, show
-from dashboard.figures import LINEAR_QUANTILE, esd_figure, kind_order, xmin_scan_figure
+from dashboard.figures import LINEAR_QUANTILE, esd_figure, kind_order, metric_help, xmin_scan_figure
 from dashboard.loaders import cached_xmin_scan
 from dashboard.state import State, analysis_page
 
@@ -79,7 +79,7 @@ show_cols = ["name", "rows", "cols", "alpha", "xmin", "D", "sigma", "n_tail", "a
              "log_spectral_norm", "stable_rank", "entropy", "lambda_plus", "num_spikes", "mp_softrank", "status"]
 csv_button(chosen[show_cols], "spectra_table", settings={"xmin": analysis.xmin}, where=h2)
 st.dataframe(chosen[show_cols], hide_index=True, width="stretch",
-             column_config={c: st.column_config.NumberColumn(format="%.4g") for c in show_cols[3:-1]})
+             column_config={c: st.column_config.NumberColumn(format="%.4g", help=metric_help(c)) for c in show_cols[3:-1]})
 
 st.subheader("Fit diagnostics")
 if st.toggle("Show D and alpha as functions of xmin", key=State.sp_scan,
