@@ -239,7 +239,7 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
             raise ValueError(f"--streaming reads safetensors checkpoints; {src.label!r} is a {src.kind} source")
         label, identity = src.label, src.identity()
     folder = cache_folder(identity, xmin)
-    quant = quant_types(_weights_folder(source))
+    quant = quant_types(_weights_folder(source, progress))
     stale = False
     if use_cache:
         cached = _load_cached(folder)
@@ -267,13 +267,13 @@ def analyze(source: str | os.PathLike | LoadedModel = "demo", *, xmin: str = "pe
                            progress=progress)
 
 
-def _weights_folder(source: str | os.PathLike | LoadedModel) -> Path | None:
+def _weights_folder(source: str | os.PathLike | LoadedModel, progress: Progress = None) -> Path | None:
     """The folder holding a source's weights (a GGUF's cached conversion, beside which its
-    quantization types are kept); None for a hub model."""
+    quantization types are kept, converted now if needed, reporting to ``progress``); None for a hub model."""
     if isinstance(source, LoadedModel):
         return source.path
     src = resolve_source(source)
-    return gguf_to_folder(src.path) if src.kind in ("demo", "gguf") else src.path
+    return gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
 
 
 def analyze_copy(model: LoadedModel, saved: str | os.PathLike | None, tag: str, *, xmin: str = "peak",

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ import torch
 from torch import nn
 
 from .checks import first_line, model_source
-from .config import atomic_dir, home, resolve_device, resolve_dtype
+from .config import atomic_dir, atomic_file, home, resolve_device, resolve_dtype
 from .families import FAMILIES, Family, MatrixInfo  # noqa: F401  (re-exported: core.models names them)
-from .progress import Progress, report
+from .progress import Progress, report, ticking
 from .quant import write_quant_types
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,49 @@ def is_converted(folder: Path) -> bool:
     return converted_problem(folder) is None
 
 
+#: GGUF bytes converted per second before this machine has measured its own rate (the demo's 98 MB
+#: took 40-60 s on laptop and shared CI CPUs, most of it transformers reading the GGUF's metadata)
+CONVERSION_RATE = 2.0e6
+
+
+def _converted_folder(gguf: Path) -> Path:
+    return home() / "models" / f"{gguf.stem}-{file_identity([gguf])}"
+
+
+def _rate_file() -> Path:
+    """Where the last conversion's rate is kept (beside the other measurements, not among the models)."""
+    return home() / "timings" / "gguf-conversion.json"
+
+
+def conversion_rate() -> float:
+    """GGUF bytes per second of the last conversion on this machine (``CONVERSION_RATE`` before any)."""
+    try:
+        rate = float(json.loads(_rate_file().read_text())["bytes_per_s"])
+        return rate if rate > 0 else CONVERSION_RATE
+    except (OSError, ValueError, KeyError, TypeError):
+        return CONVERSION_RATE
+
+
+def conversion_seconds(gguf: str | os.PathLike) -> float | None:
+    """The estimated seconds ``gguf_to_folder`` will take for ``gguf`` (its size at
+    ``conversion_rate``); None when its converted folder is complete (nothing to convert)."""
+    gguf = Path(gguf).expanduser().resolve()
+    dest = _converted_folder(gguf)
+    if dest.exists() and converted_problem(dest) is None:
+        return None
+    return gguf.stat().st_size / conversion_rate()
+
+
+def _record_rate(size: int, seconds: float) -> None:
+    """Keep the rate this conversion measured for the next estimate (a failure to write is only logged)."""
+    try:
+        _rate_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_file(_rate_file(), lambda tmp: tmp.write_text(json.dumps({"bytes_per_s": size / max(seconds, 1e-3)})),
+                    overwrite=True)
+    except (OSError, ValueError) as exc:
+        log.info("conversion rate not recorded: %s", exc)
+
+
 def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
     """Convert a GGUF file once into a float32 safetensors folder in the cache and return it.
 
@@ -194,7 +238,7 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    dest = home() / "models" / f"{gguf.stem}-{file_identity([gguf])}"
+    dest = _converted_folder(gguf)
     problem = converted_problem(dest) if dest.exists() else "absent"
     if problem is None:
         return dest
@@ -204,34 +248,40 @@ def gguf_to_folder(gguf: Path, *, progress: Progress = None) -> Path:
 
     from .checkpoints import refuse_missing
 
-    log.warning("converting %s once into a float32 safetensors folder at %s (about a minute)", gguf.name, dest)
-    report(progress, 0, 3, "reading GGUF")
-    try:
-        gmodel, info = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                            dtype=torch.float32, output_loading_info=True)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as exc:  # transformers raises many types for a bad file
-        raise ValueError(f"could not read GGUF file {gguf}: {exc}") from exc
-    refuse_missing(gguf, gmodel, info.get("missing_keys", ()))      # the same message as a folder's check
-    report(progress, 1, 3, "converting")
-    config = gmodel.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
-    fresh.tie_weights()
+    size, started = gguf.stat().st_size, time.perf_counter()
+    estimate = size / conversion_rate()
+    log.warning("converting %s once into a float32 safetensors folder at %s (about %.0f s)", gguf.name, dest, estimate)
+    with ticking(progress, estimate, "convert") as tick:     # transformers reports nothing while it reads
+        tick.step("reading the GGUF")
+        try:
+            gmodel, info = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                dtype=torch.float32, output_loading_info=True)
+            tick.step("reading its tokenizer")
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as exc:  # transformers raises many types for a bad file
+            raise ValueError(f"could not read GGUF file {gguf}: {exc}") from exc
+        refuse_missing(gguf, gmodel, info.get("missing_keys", ()))      # the same message as a folder's check
+        tick.step("copying the weights")
+        config = gmodel.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config = AutoConfig.for_model(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(gmodel.state_dict(), assign=True, strict=False)
+        fresh.tie_weights()
 
-    def write(tmp: Path) -> None:
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        write_quant_types(gguf, tmp)   # each matrix's ggml type (Q4_K, Q6_K, ...), for the analysis table
+        def write(tmp: Path) -> None:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "spectrascope_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+            write_quant_types(gguf, tmp)   # each matrix's ggml type (Q4_K, Q6_K, ...), for the analysis table
 
-    report(progress, 2, 3, "saving")
-    atomic_dir(dest, write, replace=True, keep=is_converted)
-    report(progress, 3, 3, "converted")
+        tick.step("saving as safetensors")
+        atomic_dir(dest, write, replace=True, keep=is_converted)
+    took = time.perf_counter() - started
+    _record_rate(size, took)
+    report(progress, int(round(took)), int(round(took)), f"convert: done in {took:.0f} s")
     return dest
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable, Optional
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 Progress = Optional[Callable[[int, int, str], None]]
 
@@ -23,6 +25,56 @@ def report(progress: Progress, done: int, total: int, message: str = "") -> None
     """Call ``progress`` if somebody listens (keeps call sites one line)."""
     if progress is not None:
         progress(done, total, message)
+
+
+class Ticker:
+    """The progress of work that reports nothing while it runs (a library call of a minute):
+    ``done``/``total`` are elapsed/estimated seconds, reported by :func:`ticking` every ``every``
+    seconds from a daemon thread and on each :meth:`step` (the step's name). Past the estimate the
+    total grows with the elapsed time, so the bar never claims the work is done before it is."""
+
+    def __init__(self, progress: Progress, seconds: float, phase: str, every: float = 1.0):
+        self.progress, self.seconds, self.phase, self.every = progress, max(float(seconds), 1.0), phase, every
+        self.step_name, self.start = "", time.monotonic()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+
+    def step(self, name: str) -> None:
+        """A new step of the work begins: report it now."""
+        self.step_name = name
+        self.tick()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def tick(self) -> None:
+        elapsed = self.elapsed()
+        over = elapsed >= self.seconds
+        total = int(elapsed) + 1 if over else int(round(self.seconds))
+        note = f"s; longer than the ~{self.seconds:.0f} s estimated" if over else f"s of ~{self.seconds:.0f} s"
+        with self._lock:
+            report(self.progress, int(elapsed), total, f"{self.phase}: {self.step_name} ({note})")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.tick()
+
+
+@contextmanager
+def ticking(progress: Progress, seconds: float, phase: str, every: float = 1.0) -> Iterator[Ticker]:
+    """A :class:`Ticker` reporting ``phase`` against an estimate of ``seconds`` while the block
+    runs (nothing, and no thread, when nobody listens). The callback is then also called from
+    the ticker's thread."""
+    ticker = Ticker(progress, seconds, phase, every)
+    thread = None
+    if progress is not None:
+        thread = threading.Thread(target=ticker._run, name=f"progress-{phase}", daemon=True)
+        thread.start()
+    try:
+        yield ticker
+    finally:
+        ticker._stop.set()
+        if thread is not None:
+            thread.join()
 
 
 def is_cancelled(cancel: object) -> bool:

@@ -9,7 +9,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from dashboard.figures import FONT, wrap_title
 
+
+#: the size every chart is exported at (CSS px; PNGs at twice that): one layout for the file whatever
+#: the window's width, wide enough for a legend row of several entries (a narrow window wrapped it)
+EXPORT_SIZE = {"width": 1200}
 #: session key of the chart download format, "png" or "svg" (not yet in ``State``: it belongs there)
 EXPORT_FORMAT = "fig_format"
 
@@ -30,12 +35,17 @@ def show(fig: go.Figure, name: str, *, settings: dict | str | None = None, model
          key: str | None = None, where=None, **kwargs):
     """Draw ``fig`` full width with a download button (the camera in its toolbar) that saves it
     as PNG or SVG, as chosen with :func:`export_format_control`; the file name holds the model,
-    ``name`` and ``settings``. The export runs in the browser (plotly.js), so it works offline and
-    needs no kaleido. ``kwargs`` go to ``st.plotly_chart`` (``on_select``...); returns its result."""
+    ``name`` and ``settings``. The file is laid out at ``EXPORT_SIZE`` wide (the figure's own height)
+    in ``figures.FONT``; a long title is wrapped (``figures.wrap_title``): narrow windows cut it
+    otherwise. The export runs in the browser (plotly.js), so it works offline and needs no
+    kaleido. ``kwargs`` go to ``st.plotly_chart`` (``on_select``...); returns its result."""
     fmt = st.session_state.get(EXPORT_FORMAT) or "png"
     config = {"displaylogo": False, "toImageButtonOptions": {
-        "format": fmt, "filename": export_name(name, model=model, settings=settings), "scale": 2 if fmt == "png" else 1}}
-    return (where or st).plotly_chart(fig, width="stretch", key=key or name, config=config, **kwargs)
+        "format": fmt, "filename": export_name(name, model=model, settings=settings), "scale": 2 if fmt == "png" else 1,
+        **EXPORT_SIZE, "height": fig.layout.height or 450}}
+    if not fig.layout.font.family:      # a figure not built on figures.LAYOUT: the font its export has too
+        fig.update_layout(font=FONT)
+    return (where or st).plotly_chart(wrap_title(fig), width="stretch", key=key or name, config=config, **kwargs)
 
 
 def export_format_control(where=None) -> None:

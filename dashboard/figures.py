@@ -11,9 +11,37 @@ from plotly.subplots import make_subplots
 from core.metrics import ALPHA_HIGH, ALPHA_LOW, log_histogram, mp_bulk_edges, mp_density
 
 COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D"]
-#: legends go below the plot (horizontal, wrapping) so that narrow screens keep the plot's width
-LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420,
-              legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0))
+#: the font of every figure: fonts every browser has, so that a PNG/SVG export (drawn without the
+#: page's web fonts) measures and draws the legend with the same font (Streamlit's "Source Sans"
+#: is a web font: the export fell back to a wider font and cut legend entries)
+FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
+#: legends go below the plot (horizontal, wrapping) so that narrow screens keep the plot's width;
+#: anchored to the figure's bottom edge ("container"), where Plotly reserves room for them, so that
+#: they never overlap the x-axis title however tall the plot area is
+LAYOUT = dict(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420, font=FONT,
+              legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, xanchor="left", x=0))
+#: the x-axis title of a figure whose x is an eigenvalue: one convention in the whole app
+EIG_AXIS = "eigenvalue λ of WᵀW"
+
+
+#: what each metric of the analysis table is, in the eigenvalues λ of WᵀW (no 1/N)
+_METRIC_DEFS = {"alpha": "ESD tail exponent", "alpha_hat": "alpha·log10 λmax", "log_norm": "log10 Σλ",
+                "log_spectral_norm": "log10 λmax", "log_alpha_norm": "log10 Σλ^alpha", "stable_rank": "Σλ / λmax",
+                "entropy": "entropy of λ/Σλ", "mp_softrank": "λ+ / λmax", "num_spikes": "eigenvalues above λ+",
+                "D": "KS distance of the fit", "sigma": "standard error of alpha", "xmin": "start of the fitted tail",
+                "rank": "positive eigenvalues", "lambda_plus": "Marchenko-Pastur edge λ+"}
+
+
+def metric_title(metric: str) -> str:
+    """An axis title naming ``metric`` and, in a smaller second line, what it is and the eigenvalue
+    convention: ``log_spectral_norm`` over ``log10 λmax, λ: eigenvalue of WᵀW``."""
+    return f"{metric}<br><sub>{metric_help(metric)}</sub>"
+
+
+def metric_help(metric: str) -> str:
+    """What ``metric`` is, in the eigenvalue convention: ``log10 λmax, λ: eigenvalue of WᵀW``."""
+    what = _METRIC_DEFS.get(metric)
+    return f"{what + ', ' if what else ''}λ: eigenvalue of WᵀW"
 
 
 def palette(i: int) -> str:
@@ -33,6 +61,32 @@ def fmt_params(n: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f}"
+
+
+#: the longest title line: Plotly never wraps a title, and a longer one is cut in a narrow window
+TITLE_CHARS = 56
+
+
+def wrap_title(fig: go.Figure, chars: int = TITLE_CHARS) -> go.Figure:
+    """Break ``fig``'s title into lines of at most ``chars`` characters at its spaces (a line
+    starts at a word, never with a separator such as "·") and make room for the extra lines
+    above the plot. Every chart the pages show goes through here (``exports.show``)."""
+    title = fig.layout.title
+    text = title.text if title is not None else None
+    if not text or len(text) <= chars or "<br>" in text:
+        return fig
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > chars and word not in ("·", "-", "–", "|"):
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    lines = [ln.removeprefix("· ") for ln in lines]
+    top = fig.layout.margin.t if fig.layout.margin.t is not None else LAYOUT["margin"]["t"]
+    fig.update_layout(title_text="<br>".join(lines), margin_t=top + 20 * (len(lines) - 1))
+    return fig
 
 
 def _mark(fig: go.Figure, x: list[float], y: list[float], *, name: str, color: str, dash: str,
@@ -124,14 +178,54 @@ def log_colorbar(values, title: str) -> dict:
     return dict(title=dict(text=title), tickvals=np.log10(vals).tolist(), ticktext=list(text))
 
 
-def _hist(eigs: np.ndarray, linear: bool, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram of the positive eigenvalues: log bins (core) or linear bins."""
+def _hist(eigs: np.ndarray, linear: bool, bins: int = 80, upper: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the positive eigenvalues: log bins (core) or linear bins over ``0..upper``
+    (default: the largest), the density ``counts / (n * width)`` of all ``n`` positive values
+    (values above ``upper`` are counted in ``n`` but fall in no bin)."""
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
     if linear:
-        density, edges = np.histogram(x, bins=bins, density=True)
-        return edges, density
+        top = float(upper if upper is not None else x.max()) if x.size else 1.0
+        counts, edges = np.histogram(x, bins=np.linspace(0.0, top, bins + 1))
+        return edges, counts / (max(x.size, 1) * np.diff(edges))
     return log_histogram(x, bins=bins)
+
+
+#: the Spectra page's linear scale shows the eigenvalues up to this quantile: heavy tails reach
+#: 10-1000 times the median, so an axis to the largest would squeeze the bulk into its first percent
+LINEAR_QUANTILE = 0.9
+
+
+def linear_upper(eigs_list, quantile: float = LINEAR_QUANTILE) -> float | None:
+    """The right end of a linear ESD axis over the bulk: the largest ``quantile`` of the
+    positive eigenvalues of each matrix (None: none positive)."""
+    tops = []
+    for eigs in eigs_list:
+        x = np.asarray(eigs, dtype=np.float64)
+        x = x[np.isfinite(x) & (x > 0)]
+        if x.size:
+            tops.append(float(np.quantile(x, quantile)))
+    return max(tops) if tops else None
+
+
+def density_steps(edges: np.ndarray, density: np.ndarray, *, keep_empty: bool = False) -> tuple[list, list]:
+    """x and y of a step line (``shape="hv"``) over the histogram bins, without the empty bins
+    (unless ``keep_empty``): on a log density axis an empty bin has no place (log 0), and a line
+    down to the axis's bottom draws a comb. Runs of non-empty bins are separated by a gap (None)."""
+    xs: list = []
+    ys: list = []
+    run: list[int] = []
+    nonzero = [(i, d) for i, d in enumerate(density) if keep_empty or d > 0]
+    for k, (i, d) in enumerate(nonzero):
+        run.append(i)
+        last = k + 1 == len(nonzero) or nonzero[k + 1][0] != i + 1
+        if last:
+            xs += [float(edges[j]) for j in run] + [float(edges[run[-1] + 1])]
+            ys += [float(density[j]) for j in run] + [float(density[run[-1]])]
+            if k + 1 < len(nonzero):
+                xs.append(None), ys.append(None)
+            run = []
+    return xs, ys
 
 
 def _axes(fig: go.Figure, xs: list, ys: list, *, linear: bool, row: int | None = None, col: int | None = None) -> None:
@@ -146,17 +240,23 @@ def _axes(fig: go.Figure, xs: list, ys: list, *, linear: bool, row: int | None =
 
 def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True, show_mp: bool = True,
                bins: int = 80, unit: float = 1.0, unit_label: str = "WᵀW", mp_name: str = "MP (shuffled)",
-               full_legend: bool | None = None, title: str = "Empirical spectral density") -> go.Figure:
+               full_legend: bool | None = None, title: str = "Empirical spectral density",
+               clip: float | None = None) -> go.Figure:
     """ESD of one or several matrices. ``items``: dicts with label, eigs, row (table row as dict).
 
     Each matrix has one colour for its ESD and every overlay (power-law fit, xmin, MP density,
     λ+). The legend has one entry per matrix (a click hides all its lines) unless ``full_legend``
     (default: only one matrix), which names every line. ``unit``: eigenvalues are drawn divided
     by it (``unit=N`` draws X = WᵀW/N, with ``unit_label`` naming it), densities rescaled to match.
+    ``clip`` (linear only): bins and axis end at that quantile of the eigenvalues (the bulk; see
+    :func:`linear_upper`), the x-axis title says how many lie beyond. Log bins without an
+    eigenvalue are left out (:func:`density_steps`).
     """
     fig = go.Figure()
     full = len(items) == 1 if full_legend is None else full_legend
     xs, ys = [], []
+    upper = (linear_upper([np.asarray(it["eigs"], dtype=np.float64) / unit for it in items], clip)
+             if linear and clip else None)
     for i, it in enumerate(items):
         color = palette(i)
         row, label = it["row"], it["label"]
@@ -165,19 +265,22 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
         pos = eigs[np.isfinite(eigs) & (eigs > 0)] / unit
         if pos.size == 0:
             continue
-        edges, density = _hist(pos, linear, bins)
+        edges, density = _hist(pos, linear, bins, upper)
         shown = density[density > 0]
         y0, y1 = (float(shown.min()), float(shown.max())) if shown.size else (1e-6, 1.0)
+        if linear:
+            y0 = 0.0
         alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail")
         fitted = alpha is not None and np.isfinite(alpha) and np.isfinite(xmin) and n_tail
         entry = label if full or not fitted else f"{label} (α={alpha:.2f})"
-        fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1] if len(density) else 0),
-                                 mode="lines", line=dict(shape="hv", color=color, width=2),
-                                 name=f"{entry} ESD" if full else entry, legendgroup=group))
+        sx, sy = density_steps(edges, density, keep_empty=linear)
+        fig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", line=dict(shape="hv", color=color, width=2),
+                                 connectgaps=False, name=f"{entry} ESD" if full else entry, legendgroup=group))
         xs.append(edges), ys.append(shown)
         if show_fit and fitted:
             x0 = xmin / unit
-            lam = np.geomspace(x0, pos.max(), 60)
+            top = pos.max() if upper is None else min(pos.max(), upper)
+            lam = np.geomspace(x0, max(top, x0), 60)
             share = float(n_tail) / pos.size
             pdf = share * (alpha - 1) / x0 * (lam / x0) ** (-alpha)
             fig.add_trace(go.Scatter(x=lam, y=pdf, mode="lines", line=dict(color=color, dash="dash", width=2),
@@ -195,8 +298,15 @@ def esd_figure(items: list[dict], *, linear: bool = False, show_fit: bool = True
             _vmark(fig, hi / unit, y0, y1, name=f"{label} λ+ (MP edge) {hi / unit:.3g}", color=color,
                    dash="longdash", group=group, legend=full)
             xs.append([hi / unit])
-    fig.update_layout(**LAYOUT, title=title, xaxis_title=f"eigenvalue λ of {unit_label}", yaxis_title="density")
+    x_title = f"eigenvalue λ of {unit_label}"
+    if upper is not None:
+        beyond = sum(int(np.sum(np.asarray(it["eigs"], dtype=np.float64) / unit > upper)) for it in items)
+        x_title += (f" (linear: up to the {clip:.0%} quantile, {upper:.4g}; "
+                    f"{beyond} larger eigenvalue{'s' * (beyond != 1)} beyond the axis)")
+    fig.update_layout(**LAYOUT, title=title, xaxis_title=x_title, yaxis_title="density")
     _axes(fig, xs, ys, linear=linear)
+    if upper is not None:
+        fig.update_xaxes(range=[0.0, upper])
     return fig
 
 
@@ -222,7 +332,7 @@ def xmin_scan_figure(scans: list[tuple[str, pd.DataFrame, float]]) -> go.Figure:
     fig.update_layout(**{**LAYOUT, "height": 340})
     for c in (1, 2):
         log_axis(fig, xs, axis="x", row=1, col=c)
-    fig.update_xaxes(title_text="xmin")
+    fig.update_xaxes(title_text=f"xmin ({EIG_AXIS})")
     fig.update_yaxes(title_text="D", row=1, col=1)
     fig.update_yaxes(title_text="alpha", range=[0, 12], row=1, col=2)
     return fig
@@ -252,7 +362,7 @@ def heatmap_figure(pivot: pd.DataFrame, metric: str) -> go.Figure:
                      colorbar=dict(title=dict(text="alpha<br><sub>2-6: well trained</sub>"),
                                    tickvals=[1.5, 2, 4, 6, 8], ticktext=["≤1.5", "2", "4", "6", "≥8"]))
     else:
-        color = dict(colorscale="Viridis", colorbar=dict(title=dict(text=metric)))
+        color = dict(colorscale="Viridis", colorbar=dict(title=dict(text=f"{metric}<br><sub>λ of WᵀW</sub>")))
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, hoverinfo="skip", xgap=1, ygap=1, **color))
     bx, ky = np.meshgrid(np.arange(len(x)), np.arange(len(y)))
     fig.add_trace(go.Scatter(
@@ -278,7 +388,7 @@ def depth_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figur
                                  + " %{y:.3f}<extra></extra>"))
     if metric == "alpha":
         _band(fig)
-    fig.update_layout(**LAYOUT, title=f"{metric} against depth", xaxis_title="block", yaxis_title=metric)
+    fig.update_layout(**LAYOUT, title=f"{metric} against depth", xaxis_title="block", yaxis_title=metric_title(metric))
     return fig
 
 
@@ -295,7 +405,7 @@ def distribution_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> g
     for i, kind in enumerate(kinds):
         fig.add_trace(go.Histogram(x=table.loc[table["kind"] == kind, metric], name=kind, opacity=0.75,
                                    marker_color=palette(i), nbinsx=30))
-    fig.update_layout(**LAYOUT, barmode="stack", title=f"distribution of {metric}", xaxis_title=metric,
+    fig.update_layout(**LAYOUT, barmode="stack", title=f"distribution of {metric}", xaxis_title=metric_title(metric),
                       yaxis_title="matrices")
     return fig
 
@@ -337,7 +447,7 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
     if metric == "alpha":
         _band(fig)
     fig.update_layout(**{**LAYOUT, "height": 400}, title=f"{metric} of every matrix, by kind", showlegend=False,
-                      yaxis_title=metric)
+                      yaxis_title=metric_title(metric))
     return fig
 
 

@@ -6,11 +6,11 @@ import streamlit as st
 
 from core.analysis import analyze
 from core.fit import XMIN_METHODS
-from core.models import resolve_source
+from core.models import gguf_to_folder, resolve_source
 from dashboard.errors import USER_ERRORS, message
 from dashboard.exports import export_format_control, show
 from dashboard.figures import fmt_params, kind_box_figure, kind_order
-from dashboard.loaders import cached_model, progress_callback
+from dashboard.loaders import PHASES, PhaseProgress, cached_model, load_plan
 from dashboard.state import PAGES, State, setup
 
 #: seconds the last successful "Load and analyse" spent loading the model (not yet in ``State``)
@@ -56,13 +56,18 @@ if submitted:
     try:
         src = resolve_source(source)
         started = time.perf_counter()
-        with st.spinner(f"Loading {src.label} (the demo's first use converts its GGUF, about a minute)..."):
-            loaded = cached_model(src.identity(), source, device)
+        box, bar = st.empty(), st.progress(0.0, text=f"Loading {src.label}")
+        progress = PhaseProgress(box, bar, load_plan(src, xmin))
+        if src.kind in ("demo", "gguf"):        # first use: converted once on disk, reporting as it goes
+            gguf_to_folder(src.path, progress=progress)
+        progress.enter("load")
+        loaded = cached_model(src.identity(), source, device)
         ss[LOAD_SECONDS] = time.perf_counter() - started
-        bar = st.progress(0.0, text="analysis")
+        progress.enter("load", f"done ({ss[LOAD_SECONDS]:.1f} s with the conversion)" if src.kind in ("demo", "gguf")
+                       else f"done in {ss[LOAD_SECONDS]:.1f} s")
         # computes, or reads core's disk cache (then ``cached`` says so): this call's result is shown
-        analysis = analyze(loaded, xmin=xmin, device=device, progress=progress_callback(bar))
-        bar.empty()
+        analysis = analyze(loaded, xmin=xmin, device=device, progress=progress)
+        box.empty(), bar.empty()
     except USER_ERRORS as exc:
         ss[State.load_error] = message(exc)
     else:
@@ -75,8 +80,14 @@ if ss[State.load_error]:
         st.warning(f"Still loaded: **{analysis.model}**, the model from before. Every page keeps using it "
                    "until a load succeeds.", icon=":material/history:")
 if analysis is None:
-    st.info("Press **Load and analyse** to start. The demo model needs no network; its spectra take "
-            "about 10 s on a laptop CPU the first time and are cached on disk afterwards.")
+    try:
+        plan = load_plan(resolve_source(ss[State.source].strip() or "demo"), ss[State.xmin])
+    except USER_ERRORS:
+        plan = {}
+    st.info("Press **Load and analyse** to start. The demo model needs no network. What it will do:\n\n"
+            + "\n".join(f"- **{PHASES[k]}**: {v}" for k, v in plan.items())
+            + "\n\nEach phase shows its progress as it runs; what is cached on disk is not done again.",
+            icon=":material/info:")
     st.stop()
 
 summary = loaded.summary() if loaded is not None else {}

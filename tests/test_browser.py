@@ -434,8 +434,7 @@ def test_dashboard_end_to_end(page, server):
     page.get_by_test_id("stSidebarNav").get_by_role("link", name="Prune & compare").click()
     page.get_by_role("heading", name="Prune & compare").wait_for()
     wait_idle(page)
-    page.get_by_test_id("stSidebarCollapseButton").get_by_role("button").click()
-    wait_sidebar(page, collapsed=True)
+    wait_sidebar(page, collapsed=True)      # the page link closed it again (assets/sidebar.js), no click needed
     shot(page, "prune-800")
     page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('stSidebarCollapsed-'))"
                   ".forEach(k => localStorage.removeItem(k))")   # forget the toggle choice: a first visit
@@ -516,3 +515,102 @@ def test_learn_watch_a_network_learn(page, server):
             shot(page, "learn-800")
     assert not cut, f"formulas wider than their column at 800 px: {cut}"
     page.set_viewport_size({"width": 1400, "height": 1300})
+
+
+def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home):
+    """Issue 21, on a server of its own with an EMPTY home (nothing converted, nothing cached):
+    the Home box names the phases with the conversion's estimate; after "Load and analyse" the
+    conversion's progress shows within seconds and moves (core's ticking, from its thread), then
+    the spectra; a second load is fast. At 800 px the sidebar closes again after each page link
+    (the content keeps the width) and the Prune page's headings fit. Timings to
+    tests/artifacts/timings-first-load.json."""
+    from playwright.sync_api import sync_playwright
+
+    empty = Path(home) / "first-load-home"
+    shutil.rmtree(empty, ignore_errors=True)
+    empty.mkdir()
+    port = free_port()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = open(ARTIFACTS / "streamlit-first-load.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
+                             str(port), "--server.headless", "true"], cwd=ROOT,
+                            env={**os.environ, "SPECTRASCOPE_HOME": str(empty)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url, timings = f"http://localhost:{port}", {}
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "streamlit did not start"
+            time.sleep(0.3)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.get_by_role("button", name="Load and analyse").wait_for()
+            box = page.get_by_test_id("stAlert").first.inner_text()
+            estimate = int(re.search(r"convert the GGUF: about (\d+) s", box).group(1))
+            assert "spectra" in box and "fits" in box, box
+
+            start = time.perf_counter()
+            page.get_by_role("button", name="Load and analyse").click()
+            bar = page.get_by_test_id("stProgress")
+            bar.filter(has_text="convert").first.wait_for(timeout=10_000)
+            timings["first_progress_s"] = round(time.perf_counter() - start, 2)
+            seen: list[str] = []
+            while not page.get_by_text("Median alpha").count():
+                texts = page.get_by_test_id("stProgress").all_inner_texts()
+                if texts and (not seen or texts[0] != seen[-1]):
+                    seen.append(texts[0])
+                assert time.perf_counter() - start < 400, seen[-5:]
+                page.wait_for_timeout(400)
+            timings["first_load_s"] = round(time.perf_counter() - start, 1)
+            timings["conversion_estimate_s"] = estimate
+            converting = [t for t in seen if "convert" in t]
+            assert len(converting) >= 3, seen                  # it moves while transformers reads the GGUF
+            assert any("spectra" in t for t in seen), seen     # and the analysis reports its phase
+            assert timings["first_progress_s"] < 10
+
+            page.goto(url)                                     # a new session: converted, cached on disk
+            page.get_by_role("button", name="Load and analyse").wait_for()
+            assert "done before" in page.get_by_test_id("stAlert").first.inner_text()
+            start = time.perf_counter()
+            page.get_by_role("button", name="Load and analyse").click()
+            page.get_by_text("Median alpha").first.wait_for(timeout=120_000)
+            timings["warm_load_s"] = round(time.perf_counter() - start, 1)
+
+            # 800 px: each page link closes the sidebar again, the content keeps the width
+            page.set_viewport_size({"width": 800, "height": 900})
+            wait_sidebar(page, collapsed=True)
+            for title in ("Prune & compare", "Spectra", "Layer quality"):
+                page.get_by_test_id("stExpandSidebarButton").click()
+                wait_sidebar(page, collapsed=False)
+                page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
+                page.get_by_role("heading", name=title, exact=True).wait_for()
+                wait_sidebar(page, collapsed=True)
+                assert content_width(page) > 700, title
+                wait_idle(page)
+                if title == "Prune & compare":     # no heading runs past the content's right edge
+                    overflow = page.evaluate(
+                        "() => { const m = document.querySelector('[data-testid=\"stMain\"]').getBoundingClientRect();"
+                        " return Array.from(document.querySelectorAll('h1, h2, h3, .gtitle')).filter(h => "
+                        "h.getBoundingClientRect().right > m.right + 1 || h.scrollWidth > h.clientWidth + 1)"
+                        ".map(h => h.textContent); }")
+                    assert not overflow, overflow
+            shot(page, "quality-800")
+            timings["content_width_at_800px_after_links"] = content_width(page)
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        (ARTIFACTS / "timings-first-load.json").write_text(json.dumps(timings, indent=1))
+        print("first-load timings:", json.dumps(timings))
