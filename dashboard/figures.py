@@ -449,21 +449,3 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
     fig.update_layout(**{**LAYOUT, "height": 400}, title=f"{metric} of every matrix, by kind", showlegend=False,
                       yaxis_title=metric_title(metric))
     return fig
-
-
-def phases_figure(examples: list[tuple[str, np.ndarray]], *, unit_label: str = "X") -> go.Figure:
-    """One small log-log ESD per ``(title, eigenvalues)``, three per row, each in its own colour."""
-    rows = -(-len(examples) // 3)
-    fig = make_subplots(rows=rows, cols=3, subplot_titles=[t for t, _ in examples],
-                        horizontal_spacing=0.06, vertical_spacing=0.16)
-    for i, (title, eigs) in enumerate(examples):
-        r, c = i // 3 + 1, i % 3 + 1
-        edges, density = _hist(eigs, linear=False, bins=50)
-        fig.add_trace(go.Scatter(x=edges, y=np.append(density, density[-1]), mode="lines", name=title,
-                                 line=dict(shape="hv", color=palette(i), width=2), showlegend=False,
-                                 hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra>" + title + "</extra>"),
-                      row=r, col=c)
-        _axes(fig, [edges], [density[density > 0]], linear=False, row=r, col=c)
-    fig.update_layout(**{**LAYOUT, "height": 270 * rows, "margin": dict(l=10, r=10, t=40, b=10)})
-    fig.update_xaxes(title_text=f"λ of {unit_label}", row=rows)
-    return fig
