@@ -65,7 +65,7 @@ class Recipe:
 
     def text(self) -> str:
         """YAML with a comment naming each ratio's matrix (``yaml.safe_load`` gives ``as_dict()``)."""
-        out = [f"# llm-compressor recipe written by Spectrascope: {self.source}",
+        out = [f"# llm-compressor recipe written by Spectrascope: {' '.join(self.source.split())}",
                f"# {len(self.targets)} matrices pruned, each its own target with its own sparsity (module order);",
                f"# {len(self.dense)} kept dense (not targets); embeddings and the output head are never targets.",
                "sparsity_stage:", "  sparsity_modifiers:", f"    {self.modifier}:"]
