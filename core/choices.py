@@ -14,6 +14,8 @@ MAPPINGS = ("block", "matrix")
 
 #: Pruning methods (``core.pruning.METHODS``: the registered methods, checked there to match).
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+#: The pruners an llm-compressor recipe can name (``core.recipes``: its Wanda and SparseGPT modifiers).
+RECIPE_METHODS = ("wanda", "sparsegpt")
 #: OWL: a Wanda score is an outlier above OWL_M times its block's mean.
 OWL_M = 5.0
 

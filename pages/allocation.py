@@ -200,3 +200,20 @@ c1, c2 = st.columns(2)
 c1.download_button("Download allocation A as CSV", ratios[cols].to_csv(index=False).encode(), file_name=csv_name,
                    mime="text/csv", icon=":material/download:", on_click="ignore", help=f"saves {csv_name}")
 c2.page_link(PAGES["prune"][0], label="Prune with allocation A", icon=":material/content_cut:")
+
+# --- allocation A as an llm-compressor recipe (core.recipes; docs/recipes.md) ---
+from core.recipes import RECIPE_METHODS, build_recipe  # noqa: E402  (kept with its block)
+
+r1, r2 = st.columns([1, 2])
+recipe_method = r1.radio("llm-compressor pruner", RECIPE_METHODS, horizontal=True, key="a_recipe_method",
+                         help="the recipe's modifier: WandaPruningModifier or SparseGPTModifier")
+try:
+    recipe = build_recipe(ratios, recipe_method, label=f"{model}, {', '.join(settings)}")
+except ValueError as exc:
+    r2.caption(f":material/block: no llm-compressor recipe: {exc}")
+else:
+    recipe_name = file_name(model.split("/")[-1], "recipe", *settings, recipe_method, ext="yaml")
+    r2.download_button("Download allocation A as an llm-compressor recipe", recipe.text().encode(),
+                       file_name=recipe_name, mime="application/x-yaml", icon=":material/download:",
+                       on_click="ignore", help=f"saves {recipe_name}: each matrix a target of {recipe.modifier} "
+                       "with its own sparsity")

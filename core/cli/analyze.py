@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..checks import model_source, output_file, path, target_within_bound
-from ..choices import ALLOCATION_METHODS, MAPPINGS, XMIN_METHODS
+from ..checks import choice, model_source, output_file, path, target_within_bound
+from ..choices import ALLOCATION_METHODS, MAPPINGS, RECIPE_METHODS, XMIN_METHODS
 from ..config import DTYPES
 from ..progress import Progress
 
@@ -64,27 +64,48 @@ def add_allocate(p: argparse.ArgumentParser) -> None:
                    help="comma-separated kinds kept dense, e.g. k,v (the mean over all matrices is still S)")
     p.add_argument("--reverse", action="store_true", help="prune lower-metric matrices more (ablation)")
     p.add_argument("--out", metavar="FILE.csv", help="write name, block, kind, params, metric, ratio")
+    p.add_argument("--recipe", metavar="FILE.yaml", help="write the allocation as an llm-compressor recipe (each "
+                   "matrix a target with its own sparsity; see docs/recipes.md)")
+    p.add_argument("--recipe-method", metavar="METHOD", help="the recipe's pruner: wanda (default; "
+                   "WandaPruningModifier) or sparsegpt (SparseGPTModifier)")
+    p.add_argument("--nm", metavar="N:M", help="a semi-structured recipe: keep N of every M inputs, e.g. 2:4 "
+                   "(llm-compressor's mask_structure; the ratios are then not used)")
     add_overwrite(p)
     p.add_argument("--quiet", action="store_true", help="no summary")
 
 
 def run_allocate(args: argparse.Namespace, progress: Progress) -> str:
     only_with(args, "--method alpha", "--epsilon", "--reverse", holds=args.method == "alpha")
+    only_with(args, "--recipe", "--recipe-method", "--nm")
     if args.out:     # the same check as every --out: a .csv, not into a model's folder, not over a file
         output_file(args.out, "--out", (".csv",), overwrite=args.overwrite)
+    if args.recipe:
+        output_file(args.recipe, "--recipe", (".yaml", ".yml"), overwrite=args.overwrite)
+    recipe_method = args.recipe_method or "wanda"
+    choice("--recipe-method", recipe_method, RECIPE_METHODS)
+    if args.nm:
+        from ..pruning.methods import parse_nm     # torch: only for a recipe with --nm
+    nm = parse_nm(args.nm) if args.nm else None
     path("--metrics", args.metrics, must_exist=True)      # before the imports: a refusal answers at once
     target_within_bound(args.sparsity, args.epsilon, args.r_max)
     from ..allocation import allocate
     from ..metricsfile import read_metrics
     from ..profiles import load_profile
+    from ..recipes import build_recipe
 
     table = load_profile(args.profile) if args.profile else read_metrics(args.metrics, args.metric)
     options = {k: v for k, v in {"epsilon": args.epsilon, "r_max": args.r_max}.items() if v is not None}
     result = allocate(table, sparsity=args.sparsity, method=args.method, metric=args.metric, mapping=args.mapping,
                       dense_kinds=args.dense_kinds, reverse=args.reverse, **options)
+    recipe = build_recipe(result, recipe_method, nm=nm) if args.recipe else None   # refusals before any write
     if args.out:
         result.to_csv(args.out, overwrite=args.overwrite)
-    return "" if args.quiet else result.summary()
+    if recipe is not None:
+        recipe.write(args.recipe, overwrite=args.overwrite)
+    if args.quiet:
+        return ""
+    return result.summary() + (f"\nrecipe: {recipe.modifier}, {len(recipe.targets)} targets -> {args.recipe}"
+                               if recipe is not None else "")
 
 
 def add_run_options(p: argparse.ArgumentParser, json_help: str) -> None:
