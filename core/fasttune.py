@@ -117,6 +117,7 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
     start = time.perf_counter()
     epsilons = sorted(set(float(e) for e in (epsilons or DEFAULT_EPSILONS)) | {0.0})
     loaded = loaded if loaded is not None else load_for(base, progress)
+    base.check_reachable(loaded.matrices)     # an allocation the model cannot have, before any work
     tables = grid_tables(base, loaded, xmins, metric_columns, analysis=analysis, progress=progress)
     calib, held = holdout_split(base, loaded, holdout)
     device = resolve_device(base.device)

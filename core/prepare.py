@@ -41,13 +41,10 @@ def load_for(spec: PruneSpec, progress: Progress = None) -> LoadedModel:
     ``check_inputs`` first: what the work needs later is refused before the load."""
     check_inputs(spec)
     if spec.streaming:
-        loaded = load_skeleton(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                               progress=progress)
-    else:
-        loaded = load_model(spec.model, device="cpu", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                            progress=progress)
-    spec.check_reachable(loaded.matrices)     # an allocation the model cannot have, before any work on it
-    return loaded
+        return load_skeleton(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                             progress=progress)
+    return load_model(spec.model, device="cpu", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                      progress=progress)
 
 
 def calibration_for(spec: PruneSpec, loaded: LoadedModel) -> Calibration:

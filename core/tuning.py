@@ -129,6 +129,7 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
         raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
     ship_model = loaded is not None if ship_model is None else ship_model
     loaded = loaded if loaded is not None else load_for(base, progress)
+    base.check_reachable(loaded.matrices)     # an allocation the model cannot have, before any work
     if executor is not None and not executor.in_thread:
         grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
         if analysis is None and base.metrics_file is None:

@@ -260,7 +260,7 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
     executor = executor_for(args.device, devices_of(args.device, args.devices), args.ray)
     start = time.perf_counter()
     loaded = load_for(base, progress)
-    for _, spec in jobs:      # an allocation the model cannot have (dense kinds, r_max), before any work on it
+    for spec in (s for kind, s in jobs if kind == "prune"):   # an allocation the model cannot have, before any work
         spec.check_reachable(loaded.matrices)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
