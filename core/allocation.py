@@ -230,11 +230,7 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
         raise ValueError(f"dense_kinds={','.join(dense_kinds)} covers every kind in the table, which leaves nothing "
                          "to prune; keep at least one kind prunable")
     target = sparsity * n_total  # sum of n_i r_i over the prunable matrices
-    if target > r_max * n_prunable:
-        reachable = r_max * n_prunable / n_total
-        raise ValueError(f"sparsity={sparsity:g} cannot be reached with dense_kinds={','.join(dense_kinds)} and "
-                         f"r_max={r_max:g}: the other matrices hold {n_prunable / n_total:.1%} of the parameters, so "
-                         f"at most {reachable:.4f} is reachable; lower sparsity, raise r_max or keep fewer kinds dense")
+    _check_budget(sparsity, r_max, dense_kinds, n_prunable, n_total)
 
     q = np.ones(len(names))
     if method in SCORED and epsilon > 0.0:
@@ -272,6 +268,32 @@ def allocate(table: pd.DataFrame, *, sparsity: float, method: str = "alpha", met
                       epsilon=epsilon, r_max=r_max, dense_kinds=dense_kinds, reverse=bool(reverse),
                       weighted_mean=weighted_mean, n_clipped=n_clipped, n_filled=int(filled.sum()),
                       warnings=tuple(warnings), details=details)
+
+
+def _check_budget(sparsity: float, r_max: float, dense_kinds: tuple[str, ...], n_prunable: float,
+                  n_total: float) -> None:
+    if sparsity * n_total > r_max * n_prunable:
+        reachable = r_max * n_prunable / n_total
+        raise ValueError(f"sparsity={sparsity:g} cannot be reached with dense_kinds={','.join(dense_kinds)} and "
+                         f"r_max={r_max:g}: the other matrices hold {n_prunable / n_total:.1%} of the parameters, so "
+                         f"at most {reachable:.4f} is reachable; lower sparsity, raise r_max or keep fewer kinds dense")
+
+
+def check_reachable(table: pd.DataFrame, *, sparsity: float, dense_kinds: Iterable[str] | str = (),
+                    r_max: float | None = None) -> None:
+    """Refuse, before any work, a target ``sparsity`` that no allocation of ``table``'s matrices
+    (name, block, kind, params: :func:`matrix_table` or an analysis table) can reach: with
+    ``dense_kinds`` kept at 0 and no ratio above ``r_max``, the other matrices cannot carry the
+    mean (``allocate`` raises the same error, but only after the metrics or scores it needs)."""
+    r_max = DEFAULT_R_MAX if r_max is None else r_max
+    cols, names, params, _ = _columns(table, None, need_metric=False)
+    kinds = _dense_kinds(dense_kinds, cols["kind"].to_numpy(dtype=object))
+    n = params.astype(np.float64)
+    dense = np.isin(cols["kind"].to_numpy(dtype=object), kinds) if kinds else np.zeros(len(n), dtype=bool)
+    if dense.all():
+        raise ValueError(f"dense_kinds={','.join(kinds)} covers every kind in the table, which leaves nothing "
+                         "to prune; keep at least one kind prunable")
+    _check_budget(float(sparsity), float(r_max), kinds, float(n[~dense].sum()), float(n.sum()))
 
 
 def _tau_map(score: np.ndarray, prunable: np.ndarray, epsilon: float, reverse: bool) -> np.ndarray:

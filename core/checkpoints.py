@@ -385,6 +385,24 @@ def refuse_missing(label: object, model: torch.nn.Module, missing: object,
                      "incomplete; re-download it")
 
 
+def _check_shapes(files: list[Path], rename: Callable[[str], str], state: dict, arch: str) -> None:
+    """Refuse a safetensors tensor whose stored shape is not the one the config expects, naming
+    its file and tensor (transformers would name only the folder). Tensors that loading
+    converts (fused or split: their names' last parts change) are left to transformers."""
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        for key, entry in _header(file).items():
+            name = rename(key)
+            want = state.get(name)
+            if want is None or name.split(".")[-2:] != key.split(".")[-2:]:
+                continue
+            if tuple(want.shape) != entry.shape:
+                raise ValueError(f"{file} holds tensor {key!r} with shape {list(entry.shape)}, but the {arch} of its "
+                                 f"config.json needs {list(want.shape)}: the file is damaged or of another model; "
+                                 "re-save or re-download this file")
+
+
 def check_complete(folder: str | Path, model: torch.nn.Module | None = None, *, label: str | None = None,
                    trust_remote_code: bool = False) -> None:
     """Refuse a checkpoint that lacks a tensor its architecture expects, before any work.
@@ -409,6 +427,7 @@ def check_complete(folder: str | Path, model: torch.nn.Module | None = None, *, 
         return
     rename = _renamer(model, state)
     stored = {rename(key) for key in keys}
+    _check_shapes(files, rename, state, type(model).__name__)
     ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
     missing = [names[0] for names in groups
                if not any(n in stored for n in names) and not _ignored(ignore_missing, names[0])]

@@ -102,6 +102,7 @@ def prune_and_eval(spec: PruneSpec, loaded: LoadedModel | None = None, *, regist
         _fail("analyze_output", True, "a streamed prune analyses its saved output; give save (--save DIR)")
     registry = registry or Registry()     # a read-only or damaged registry is refused here, before the work
     loaded = loaded if loaded is not None else load_for(spec, progress)
+    spec.check_reachable(loaded.matrices)      # before calibration, tuning or scoring
     if not spec.needs_calibration:
         calibration = None
     elif calibration is None:

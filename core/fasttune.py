@@ -37,7 +37,7 @@ from .config import atomic_file, home, resolve_device
 from .evaluation import perplexity
 from .prepare import choose_allocation, load_for
 from .models import LoadedModel
-from .progress import Progress, check_cancel, report
+from .progress import Progress, check_cancel, report, within
 from .pruning.engine import BlockPipeline
 from .pruning.methods import NormCollector, get_method
 from .pruning.streaming import block_source
@@ -117,6 +117,7 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
     start = time.perf_counter()
     epsilons = sorted(set(float(e) for e in (epsilons or DEFAULT_EPSILONS)) | {0.0})
     loaded = loaded if loaded is not None else load_for(base, progress)
+    base.check_reachable(loaded.matrices)     # an allocation the model cannot have, before any work
     tables = grid_tables(base, loaded, xmins, metric_columns, analysis=analysis, progress=progress)
     calib, held = holdout_split(base, loaded, holdout)
     device = resolve_device(base.device)
@@ -149,7 +150,8 @@ def fast_tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins
     lead = table.loc[table["perplexity"].idxmin()].to_dict()
     check = tune(base, epsilons=sorted({0.0, float(lead["epsilon"])}), xmins=[lead["xmin"]] if base.metrics_file
                  is None else None, metric_columns=[lead["metric"]], holdout=holdout, holdout_windows=confirm_windows,
-                 loaded=loaded, analysis=analysis, progress=progress, cancel=cancel)
+                 loaded=loaded, analysis=analysis, progress=within(progress, "confirming against uniform: "),
+                 cancel=cancel)
     full = {float(r["epsilon"]): (float(r["perplexity"]), float(r["achieved"])) for r in check.table.to_dict("records")}
     table["confirmed"] = [full[e][0] if x == lead["xmin"] and m == lead["metric"] and e in full else float("nan")
                           for e, x, m in zip(table["epsilon"], table["xmin"], table["metric"])]

@@ -344,6 +344,73 @@ def resolve_source(source: str | os.PathLike = "demo") -> Source:
     return Source("hub", None, text)
 
 
+#: seconds the hub may take to answer a connection before a hub id is refused as unreachable
+HUB_TIMEOUT = 3.0
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``, as huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE")
+    return bool(constants.HF_HUB_OFFLINE) if env is None else env.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_answers(timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether the hub's host accepts a connection within ``timeout`` seconds (name lookup
+    included: it runs in a thread that is not waited for longer)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def hub_local_only(repo: str) -> bool:
+    """For a hub id: True when it must load from the local cache (offline, or the hub does not
+    answer, and the model is cached); refused at once (``ValueError``, one line) when it is
+    neither reachable nor cached, instead of transformers' retries (tens of seconds)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except ValueError:        # not a valid repo id: transformers' own message says so
+        return False
+    def refuse(why: str) -> None:
+        if "/" not in repo:
+            raise ValueError(f"model {repo!r} is neither a local path (nothing at {Path(repo).resolve()}) nor a model "
+                             f"reachable on the Hugging Face hub ({why}); give a model folder, a .gguf file or a hub "
+                             "id such as org/name")
+        raise ValueError(f"could not load model {repo!r}: {why}; give a local folder or a .gguf file")
+
+    if _hub_offline():
+        if not cached:
+            refuse("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
+        return True
+    if _hub_answers():
+        return False
+    if not cached:
+        refuse(f"the hub cannot be reached within {HUB_TIMEOUT:g} s (no network?) and it is not in the local cache")
+    log.warning("the Hugging Face hub cannot be reached: %s is loaded from the local cache", repo)
+    return True
+
+
 class _NoLoadReport(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
@@ -365,11 +432,12 @@ def _without_load_report() -> Iterator[None]:
 def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                trust_remote_code: bool = False, tokenizer: bool = True, progress: Progress = None) -> LoadedModel:
     """Load a causal LM for analysis, pruning or evaluation (weights on ``device`` in ``dtype``)."""
+    src = resolve_source(source)
+    local_only = hub_local_only(src.label) if src.kind == "hub" else False   # before transformers' retries
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoints import check_complete, refuse_missing
 
-    src = resolve_source(source)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     folder = gguf_to_folder(src.path, progress=progress) if src.kind in ("demo", "gguf") else src.path
     where = str(folder) if folder is not None else src.label
@@ -380,7 +448,8 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
     try:
         with _without_load_report():
             model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dt, trust_remote_code=trust_remote_code,
-                                                               low_cpu_mem_usage=True, output_loading_info=True)
+                                                               low_cpu_mem_usage=True, output_loading_info=True,
+                                                               local_files_only=local_only)
     except Exception as exc:  # transformers and safetensors raise many types for bad files
         first = first_line(exc)
         if src.kind == "hub" and "/" not in src.label:
@@ -396,7 +465,7 @@ def load_model(source: str | os.PathLike = "demo", *, device: str = "cpu", dtype
     tok = None
     if tokenizer:
         try:
-            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local_only)
         except (OSError, ValueError) as exc:
             log.warning("no tokenizer for %s: %s", src.label, exc)
     family = family_of(model)

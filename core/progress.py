@@ -77,6 +77,14 @@ def ticking(progress: Progress, seconds: float, phase: str, every: float = 1.0) 
             thread.join()
 
 
+def within(progress: Progress, prefix: str) -> Progress:
+    """``progress`` with every message prefixed (``"candidate 2 of 4 · "`` before ``"pruning block
+    1/30"``), so that an inner stage that restarts its count says which outer step it is in."""
+    if progress is None:
+        return None
+    return lambda done, total, message="": progress(done, total, f"{prefix}{message}")
+
+
 def is_cancelled(cancel: object) -> bool:
     if cancel is None:
         return False

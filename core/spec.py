@@ -207,6 +207,17 @@ class PruneSpec:
             _fail("devices", ",".join(names), "--zeroshot runs the whole model on one device; drop --devices "
                   "(or run `spectrascope zeroshot` on the --save folder with --device)")
 
+    def check_reachable(self, matrices: object) -> None:
+        """Refuse at once an allocation this model cannot have: ``sparsity`` out of reach when
+        ``dense_kinds`` stay at 0 and no ratio passes ``r_max`` (``core.allocation.check_reachable``).
+        ``matrices``: the model's (``LoadedModel.matrices``) or a table with name, block, kind, params."""
+        if self.nm is not None or self.allocation not in ALLOCATION_METHODS:
+            return
+        from .allocation import check_reachable, matrix_table
+
+        table = matrices if hasattr(matrices, "columns") else matrix_table(matrices)
+        check_reachable(table, sparsity=self.sparsity, dense_kinds=self.dense_kinds, r_max=self.r_max)
+
     @property
     def recorded_device(self) -> str:
         """The run's device as recorded: ``cuda:0`` or the placement's list ``cuda:0,cuda:1``."""

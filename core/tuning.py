@@ -23,7 +23,7 @@ from .markdown import to_markdown
 from .metricsfile import read_metrics
 from .models import LoadedModel, MatrixInfo
 from .prepare import choose_allocation, load_for, metrics_for, on_device, worker_model
-from .progress import Progress, report
+from .progress import Progress, report, within
 from .pruning import prune
 from .runkey import RunKey, run_key
 from .spec import PruneSpec
@@ -129,6 +129,7 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
         raise ValueError(f"holdout={holdout!r}: give the held-out share of the calibration text, e.g. 0.1")
     ship_model = loaded is not None if ship_model is None else ship_model
     loaded = loaded if loaded is not None else load_for(base, progress)
+    base.check_reachable(loaded.matrices)     # an allocation the model cannot have, before any work
     if executor is not None and not executor.in_thread:
         grid = dict(xmins=xmins, metric_columns=metric_columns, holdout=holdout, holdout_windows=holdout_windows)
         if analysis is None and base.metrics_file is None:
@@ -147,8 +148,7 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
         return replace(parts[0], table=table, best=table.loc[table["perplexity"].idxmin()].to_dict())
     tables = grid_tables(base, loaded, xmins, metric_columns, analysis=analysis, progress=progress)
     calib, held = holdout_split(base, loaded, holdout)
-    scores: dict[tuple, tuple[float, float]] = {}
-    rows, ppl = [], None
+    grid, candidates = [], {}        # every grid point's ratios first: the count of distinct prunings is known
     for xmin, table in tables.items():
         for metric in metric_columns:
             for eps in epsilons:
@@ -156,17 +156,21 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
                                save=None)
                 ratios = choose_allocation(spec, loaded, metrics=table).ratio_by_name()
                 same = tuple(sorted((k, round(v, 12)) for k, v in ratios.items()))
-                if same not in scores:
-                    log.info("tune: eps %g xmin %s metric %s", eps, xmin, metric)
-                    pruned = prune(loaded, ratios, method=spec.method, device=spec.device, copy=True,
-                                   calibration=calib if spec.needs_calibration else None, progress=progress,
-                                   cancel=cancel)
-                    ppl = perplexity(pruned.model, ids=held, seqlen=calib.seqlen, max_windows=holdout_windows,
-                                     device=spec.device, bos=calib.bos, progress=progress, cancel=cancel)
-                    scores[same] = (ppl.perplexity, pruned.sparsity)
-                    del pruned
-                rows.append({"epsilon": float(eps), "xmin": xmin, "metric": metric, "perplexity": scores[same][0],
-                             "achieved": scores[same][1]})
+                candidates.setdefault(same, (ratios, f"epsilon {eps:g}, xmin {xmin}, {metric}"))
+                grid.append((eps, xmin, metric, same))
+    scores: dict[tuple, tuple[float, float]] = {}
+    ppl = None
+    for k, (same, (ratios, what)) in enumerate(candidates.items()):
+        log.info("tune: %s", what)
+        step = within(progress, f"candidate {k + 1} of {len(candidates)} ({what}) · ")
+        pruned = prune(loaded, ratios, method=base.method, device=base.device, copy=True,
+                       calibration=calib if base.method != "magnitude" else None, progress=step, cancel=cancel)
+        ppl = perplexity(pruned.model, ids=held, seqlen=calib.seqlen, max_windows=holdout_windows,
+                         device=base.device, bos=calib.bos, progress=step, cancel=cancel)
+        scores[same] = (ppl.perplexity, pruned.sparsity)
+        del pruned
+    rows = [{"epsilon": float(eps), "xmin": xmin, "metric": metric, "perplexity": scores[same][0],
+             "achieved": scores[same][1]} for eps, xmin, metric, same in grid]
     table = pd.DataFrame(rows, columns=TUNE_COLUMNS)
     best = table.loc[table["perplexity"].idxmin()].to_dict()
     key = run_key({"kind": "prune", "model_identity": loaded.identity, "eval_dataset": f"{calib.dataset} "

@@ -449,3 +449,68 @@ def kind_box_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Fi
     fig.update_layout(**{**LAYOUT, "height": 400}, title=f"{metric} of every matrix, by kind", showlegend=False,
                       yaxis_title=metric_title(metric))
     return fig
+
+
+# --- sensitivity and perplexity (issue 21) ------------------------------------------------------
+
+#: mantissas per decade for a perplexity axis, densest first: a tick at 40 between 30 and 50
+_PPL_MANTISSAS = ([1, 2, 3, 4, 5, 6, 8], [1, 2, 3, 4, 5, 7], [1, 2, 4], [1, 3], [1])
+
+
+def perplexity_ticks(lo: float, hi: float, *, max_ticks: int = 12) -> dict:
+    """Tick settings of a log perplexity axis over ``lo``..``hi`` (padded by 10 %, as the plot's
+    range is): the densest of 1-2-3-4-5-6-8, 1-2-3-4-5-7, 1-2-4, 1-3 per decade that gives at most
+    ``max_ticks`` ticks, labelled as plain numbers (``40``, ``1000``); ``log_ticks`` beyond that."""
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo > 0):
+        return dict(type="log", exponentformat="power")
+    lo, hi = lo / 1.1, hi * 1.1
+    e0, e1 = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    for ms in _PPL_MANTISSAS:
+        ticks = [(m * 10.0 ** e, e, m) for e in range(e0, e1 + 1) for m in ms if lo <= m * 10.0 ** e <= hi]
+        if 3 <= len(ticks) <= max_ticks:
+            return dict(type="log", tickmode="array", tickvals=[t[0] for t in ticks],
+                        ticktext=[_power_label(m, e) for _, e, m in ticks])
+    return log_ticks(lo, hi)
+
+
+def perplexity_axis(fig: go.Figure, values, *, axis: str = "y") -> None:
+    """Make ``axis`` of ``fig`` a log perplexity axis with :func:`perplexity_ticks` for the
+    positive finite ``values`` it shows."""
+    v = np.concatenate([np.ravel(np.asarray(a, dtype=np.float64)) for a in values]) if len(values) else np.array([])
+    v = v[np.isfinite(v) & (v > 0)]
+    ticks = perplexity_ticks(float(v.min()), float(v.max())) if v.size else dict(type="log", exponentformat="power")
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**ticks)
+
+
+def correlation_text(c) -> str:
+    """``Spearman ρ = -0.41 (95% CI -0.70..-0.05, p 0.03, n 30): supports`` for a
+    ``core.sensitivity.Correlation``; ``not enough parts`` when it has no rho."""
+    if not np.isfinite(c.rho):
+        return f"Spearman ρ: not defined (n {c.n}: at least 3 parts with different values are needed)"
+    return (f"Spearman ρ = {c.rho:+.2f} (95% CI {c.low:+.2f}..{c.high:+.2f}, p {c.p:.2g}, n {c.n}): "
+            f"{c.verdict}")
+
+
+def sensitivity_figure(table: pd.DataFrame, metric: str, overall, kinds: list[str] | None = None) -> go.Figure:
+    """Each part's measured sensitivity (``delta_loss``: the rise in held-out loss when it alone is
+    pruned) against its ``metric`` (``core.sensitivity.SensitivityReport.table``), one colour per
+    kind (a single series for whole blocks), each point labelled with its block; the title gives
+    the correlation ``overall`` (:func:`correlation_text`). AlphaPruning's premise is a falling
+    cloud: lower metric, more sensitive."""
+    fig = go.Figure()
+    kinds = kinds or list(dict.fromkeys(table["kind"].tolist()))
+    for i, kind in enumerate(kinds):
+        t = table[table["kind"] == kind]
+        name = "block" if kind == "all" else kind
+        fig.add_trace(go.Scatter(
+            x=t[metric], y=t["delta_loss"], mode="markers", name=name, marker=dict(color=palette(i), size=9),
+            customdata=np.stack([t["block"].astype(int), t["kind"].astype(str)], axis=-1),
+            hovertemplate=f"block %{{customdata[0]}} · %{{customdata[1]}}<br>{metric} %{{x:.3f}}<br>"
+                          "delta_loss %{y:+.4f}<extra></extra>"))
+    fig.add_hline(y=0.0, line=dict(color="#1F2430", dash="dot", width=1))
+    fig.update_layout(**LAYOUT, title=dict(text=f"sensitivity against {metric} · {correlation_text(overall)}",
+                                           font=dict(size=14)),
+                      xaxis_title=f"{metric} (mean over the part's matrices)",
+                      yaxis_title="delta_loss: held-out loss rise, pruned alone")
+    return fig

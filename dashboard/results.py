@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.registry import Registry
-from dashboard.figures import log_axis, palette
+from dashboard.figures import palette, perplexity_axis
 
 #: legend under the plot, so a narrow window keeps the plot's width
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0)
@@ -50,7 +50,7 @@ def results_figure(runs: pd.DataFrame, title: str = "perplexity against sparsity
                                  hovertemplate=f"dense perplexity {ppl:.3f}<extra></extra>"))
     fig.update_layout(template="plotly_white", margin=dict(l=10, r=10, t=50, b=10), height=420, title=title,
                       xaxis_title="sparsity", yaxis_title="perplexity", legend=LEGEND_BELOW)
-    log_axis(fig, [trace.y for trace in fig.data], axis="y")   # powers of ten, as every log axis
+    perplexity_axis(fig, [trace.y for trace in fig.data])      # 20, 30, 40, 50, ...: every value readable
     fig.update_xaxes(range=[-0.02, 1.0])
     return fig
 

@@ -87,6 +87,7 @@ class State:
     b_mapping = "b_mapping"
     b_epsilon = "b_epsilon"
     owl = "owl"                  # {OWL cache file: id of the job computing it}
+    sens = "sens"                # {sensitivity cache file: id of the job measuring it}
     # Prune
     p_method = "p_method"
     p_nm = "p_nm"
@@ -133,7 +134,7 @@ class State:
         a_sparsity: 0.7, a_epsilon: 0.3, a_auto: True, a_rmax: 0.99, a_dense: [], a_compare: False,
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
         p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False, p_analyze: True,
-        p_job: None, owl: {},
+        p_job: None, owl: {}, sens: {},
         s_methods: ["magnitude", "wanda"], s_allocations: ["uniform", "alpha"], s_sparsities: [0.5, 0.6, 0.7],
         s_epsilons: [0.3], s_metric: "alpha", s_xmin: "peak", s_mapping: "block", s_rmax: 0.99, s_dense: [],
         s_ray: "", t_epsilons: [0.1, 0.2, 0.3, 0.4], t_xmins: ["peak"], t_metrics: ["alpha", "alpha_hat"],
@@ -145,7 +146,7 @@ class State:
     KEPT = "_kept_widget_values"
     PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, s_job, l_runs}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, sens, s_job, l_runs}
 
 
 def setup() -> None:

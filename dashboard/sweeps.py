@@ -49,15 +49,18 @@ def _common(base: PruneSpec) -> list[str]:
 
 
 def sweep_argv(base: PruneSpec, *, methods: list[str], allocations: list[str], sparsities: list[float],
-               epsilons: list[float], ray: str = "") -> list[str]:
+               epsilons: list[float], ray: str = "", matrices: object = None) -> list[str]:
     """``spectrascope sweep`` of every method x allocation x sparsity (x epsilon for alpha) from
     ``base`` (model, calibration, evaluation, metric, xmin, mapping, r_max, dense kinds); every
-    run is checked first (ValueError naming the bad setting)."""
+    run is checked first (ValueError naming the bad setting), against the model's ``matrices``
+    (an analysis table) when given: a sparsity its dense kinds and r_max cannot reach."""
     if not (methods and allocations and sparsities):
         raise ValueError("pick at least one method, one allocation and one sparsity")
     if "alpha" in allocations and not epsilons:
         raise ValueError("AlphaPruning needs at least one epsilon")
-    sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons or None)
+    specs = sweep_specs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons or None)
+    for spec in specs if matrices is not None else ():
+        spec.check_reachable(matrices)
     e = base.evaluation
     argv = ["sweep", *_common(base), "--methods", ",".join(methods), "--allocations", ",".join(allocations),
             "--sparsities", _numbers(sparsities), "--metric", base.metric, "--xmin", base.xmin, "--dataset", e.dataset]
@@ -67,16 +70,19 @@ def sweep_argv(base: PruneSpec, *, methods: list[str], allocations: list[str], s
 
 
 def tune_argv(base: PruneSpec, *, epsilons: list[float], xmins: list[str], metrics: list[str],
-              holdout_windows: int, ray: str = "") -> list[str]:
+              holdout_windows: int, ray: str = "", matrices: object = None) -> list[str]:
     """``spectrascope tune`` of ``base``'s method and sparsity over epsilon x xmin x metric,
-    scored on ``holdout_windows`` windows of held-out calibration text."""
+    scored on ``holdout_windows`` windows of held-out calibration text (checked against the
+    model's ``matrices`` when given, as ``sweep_argv``)."""
     if not (epsilons and xmins and metrics):
         raise ValueError("pick at least one epsilon, one xmin method and one metric column")
     for x in xmins:
         if x not in XMIN_METHODS:
             raise ValueError(f"xmin {x!r} is unknown; use {', '.join(XMIN_METHODS)}")
     for eps in epsilons:
-        replace(base, allocation="alpha", epsilon=eps)       # each epsilon checked like a prune run's
+        spec = replace(base, allocation="alpha", epsilon=eps)       # each epsilon checked like a prune run's
+        if matrices is not None:
+            spec.check_reachable(matrices)
     if int(holdout_windows) < 1:
         raise ValueError(f"held-out windows {holdout_windows!r}: give 1 or more")
     argv = ["tune", *_common(base), "--method", base.method, "--sparsity", repr(base.sparsity),

@@ -79,7 +79,8 @@ def prune_spec() -> PruneSpec:
     ratios) and this page's method, N:M, calibration, evaluation and saving."""
     method, nm = ss[State.p_method], (None if ss[State.p_nm] == "none" else ss[State.p_nm])
     return PruneSpec(model=source, method=method, allocation=allocation, sparsity=S,
-                     epsilon=("auto" if auto else eps) if allocation == "alpha" else None, metric=ss[State.a_metric], mapping=mapping,
+                     epsilon=("auto" if auto else eps) if allocation == "alpha" else eps if allocation == "sensitivity"
+                     else None, metric=ss[State.a_metric], mapping=mapping,
                      r_max=ss[State.a_rmax], dense_kinds=tuple(ss[State.a_dense]), metrics_file=metrics_file(),
                      nm=nm, calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=ss[State.p_seqlen]),
                      evaluation=EvaluationSpec(evaluate=True, seqlen=ss[State.p_seqlen],
@@ -98,6 +99,8 @@ def start_eval(dataset: str, seqlen: int, windows: int, bos: str = "auto") -> No
 if start:
     with shown_errors("This pruning job cannot start"):
         spec = prune_spec()
+        if loaded is not None or analysis is not None:    # an allocation this model cannot have: refused now
+            spec.check_reachable(loaded.matrices if loaded is not None else analysis.table)
         what = f"{spec.method} {spec.nm or spec.allocation} S={S:.2f}"
         ss[State.p_job] = jobs.start(spec.to_argv(), what).id
 if baseline:
@@ -205,7 +208,7 @@ table = runs.assign(method=runs["method"].where(runs["kind"] == "prune", "dense"
 table["report"] = table["output_dir"].map(lambda d: f"{d}/{REPORT_NAME}" if isinstance(d, str) and d else "")
 columns = ["id", "method", "allocation", "sparsity", "epsilon", "nm", "achieved_sparsity", "perplexity", "vs dense %",
            "vs uniform %", "settings", "prune_seconds", "output_dir", "report"]
-st.dataframe(table[columns], hide_index=True, width="stretch", key="runs",
+st.dataframe(table[columns], hide_index=True, width="stretch", key="runs", placeholder="—",
              column_config={"perplexity": st.column_config.NumberColumn(format="%.2f"),
                             "vs dense %": st.column_config.NumberColumn(format="%+.1f %%"),
                             "vs uniform %": st.column_config.NumberColumn(format="%+.1f %%"),

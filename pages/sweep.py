@@ -71,6 +71,20 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def run_count(methods: list, allocations: list, sparsities: list, epsilons: list) -> str:
+    """``12 runs: 2 methods × 2 allocations × 3 sparsities`` (AlphaPruning counted once per epsilon:
+    ``(uniform + AlphaPruning × 2 epsilons)``), and the dense baseline the sweep evaluates too."""
+    per = {a: len(epsilons) if a == "alpha" else 1 for a in allocations}
+    n = len(methods) * sum(per.values()) * len(sparsities)
+    if all(k == 1 for k in per.values()):
+        allocs = count(len(allocations), "allocation")
+    else:
+        allocs = "(" + " + ".join(allocation_label(a) + (f" × {count(k, 'epsilon')}" if k != 1 else "")
+                                  for a, k in per.items()) + ")"
+    sizes = f"{count(len(methods), 'method')} × {allocs} × {len(sparsities)} sparsit{'y' if len(sparsities) == 1 else 'ies'}"
+    return f"{count(n, 'run')}: {sizes}, and the dense model evaluated once with the same settings"
+
+
 def base_spec(method: str, sparsity: float) -> PruneSpec:
     """The spec every run of a job starts from: this page's model, sizes and allocation settings."""
     seqlen = ss[State.p_seqlen]
@@ -79,6 +93,9 @@ def base_spec(method: str, sparsity: float) -> PruneSpec:
                      calibration=CalibrationSpec(nsamples=ss[State.p_calib_n], seqlen=seqlen),
                      evaluation=EvaluationSpec(evaluate=True, seqlen=seqlen, max_windows=ss[State.p_eval_windows]),
                      device=ss[State.device])
+
+
+matrices = analysis.table if analysis is not None else None     # what a job's allocation is checked against
 
 
 def launch(make_argv, title: str, out: str) -> None:
@@ -95,11 +112,12 @@ with sweep_tab:
                    format_func=lambda s: f"{s:.0%}")
     c2.multiselect("Epsilons (AlphaPruning)", grid(0.05, 0.9, ss[State.s_epsilons]), key=State.s_epsilons,
                    help="one AlphaPruning run per epsilon; the Allocation page's epsilon by default")
+    st.caption(run_count(ss[State.s_methods], ss[State.s_allocations], ss[State.s_sparsities], ss[State.s_epsilons]))
     if st.button("Start the sweep", type="primary", icon=":material/play_arrow:", key="start_sweep"):
         methods, allocs, sparsities = ss[State.s_methods], ss[State.s_allocations], sorted(ss[State.s_sparsities])
         launch(lambda: sweep_argv(base_spec(methods[0] if methods else "wanda", min(sparsities, default=0.5)),
                                   methods=methods, allocations=allocs, sparsities=sparsities,
-                                  epsilons=sorted(ss[State.s_epsilons]), ray=ss[State.s_ray]),
+                                  epsilons=sorted(ss[State.s_epsilons]), ray=ss[State.s_ray], matrices=matrices),
                f"sweep {','.join(methods)} x {','.join(allocs)} x {','.join(f'{s:g}' for s in sparsities)}",
                "sweep")
 with tune_tab:
@@ -121,7 +139,8 @@ with tune_tab:
     if st.button("Start tuning", type="primary", icon=":material/play_arrow:", key="start_tune"):
         method, S = ss[State.p_method], ss[State.a_sparsity]
         launch(lambda: tune_argv(base_spec(method, S), epsilons=sorted(ss[State.t_epsilons]), xmins=ss[State.t_xmins],
-                                 metrics=ss[State.t_metrics], holdout_windows=ss[State.t_holdout], ray=ss[State.s_ray]),
+                                 metrics=ss[State.t_metrics], holdout_windows=ss[State.t_holdout], ray=ss[State.s_ray],
+                                 matrices=matrices),
                f"tune {method} S={S:.2f}", "tune.csv")
 
 
@@ -162,7 +181,7 @@ def finished(where, job: jobs.Job, result: dict) -> None:
             if table.empty:
                 st.caption("the sweep wrote no table")
                 return
-            st.dataframe(pivot(table), hide_index=True, width="stretch", key=f"pivot_{job.id}")
+            st.dataframe(pivot(table), hide_index=True, width="stretch", key=f"pivot_{job.id}", placeholder="—")
             for key, settings in table[["key", "settings"]].drop_duplicates().itertuples(index=False):
                 st.caption(f"comparison key `{key}`: {settings}")
             csv_button(table, "sweep", model=label, key=f"csv_{job.id}")

@@ -255,11 +255,13 @@ def run_sweep(args: argparse.Namespace, progress: Progress) -> str:
 
     registry = Registry()     # a read-only or damaged registry is refused before the model loads
     # every run's spec is valid (e.g. no sparsity above r_max) before the model loads
-    sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
+    jobs = sweep_jobs(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons)
     # where the runs go (one per device, one Ray actor per slot); a wrong address fails before the model loads
     executor = executor_for(args.device, devices_of(args.device, args.devices), args.ray)
     start = time.perf_counter()
     loaded = load_for(base, progress)
+    for spec in (s for kind, s in jobs if kind == "prune"):   # an allocation the model cannot have, before any work
+        spec.check_reachable(loaded.matrices)
     needs = any(m != "magnitude" for m in methods) or "owl" in allocations
     calib = calibration_for(base, loaded) if needs else None
     table = sweep(base, methods=methods, allocations=allocations, sparsities=sparsities, epsilons=epsilons,
