@@ -17,6 +17,7 @@ Where the kernels cannot run (no CUDA GPU of compute capability 8.0+, or float32
 
     python benchmarks/bench_deploy.py                       # on a GPU machine
     python benchmarks/bench_deploy.py --small --device cpu  # the smoke test
+    python benchmarks/bench_deploy.py --demo-disk           # part 3 on the demo model's own weights
 """
 from __future__ import annotations
 
@@ -162,6 +163,22 @@ def on_disk(s: dict) -> list[dict]:
     return out
 
 
+def demo_on_disk() -> list[dict]:
+    """Part 3 on the demo model's 210 matrices as ``--save`` writes them (float32): dense,
+    50% and 70% unstructured and 2:4 (magnitude), raw and zlib-compressed (level 1)."""
+    from core.models import load_model
+
+    out = []
+    for label, ratio, nm in (("dense", None, None), ("50% unstructured", 0.5, None),
+                             ("70% unstructured", 0.7, None), ("2:4", None, "2:4")):
+        loaded = load_model("demo", device="cpu")
+        if ratio or nm:
+            prune(loaded, ratio, method="magnitude", nm=nm, device="cpu")
+        raw = b"".join(loaded.module(m.name).weight.data.numpy().tobytes() for m in loaded.matrices)
+        out.append({"model": label, "bytes": len(raw), "zlib_bytes": len(zlib.compress(raw, 1))})
+    return out
+
+
 def run(small: bool, device: str, dtype: torch.dtype | None = None) -> dict:
     s = SMALL if small else FULL
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
@@ -201,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="scaled-down shapes (a CPU smoke test)")
     p.add_argument("--json", metavar="FILE", help="also write every number here")
+    p.add_argument("--demo-disk", action="store_true", help="only part 3, on the demo model's weights")
     a = p.parse_args(argv)
+    if a.demo_disk:
+        rows_ = demo_on_disk()
+        print("| matrices as saved | raw | zlib | zlib vs dense |\n|---|---|---|---|")
+        for d in rows_:
+            print(f"| {d['model']} | {d['bytes'] / 2**20:.0f} MiB | {d['zlib_bytes'] / 2**20:.0f} MiB | "
+                  f"{d['zlib_bytes'] / rows_[0]['zlib_bytes']:.2f}x |")
+        return 0
     r = run(a.small, a.device)
     print("| check | result | goal |\n|---|---|---|")
     for row in rows(r):

@@ -122,7 +122,7 @@ if summary:
 with st.expander("Most and least heavy-tailed matrices"):
     ranked = table[fits].sort_values("alpha")
     st.dataframe(pd.concat([ranked.head(3), ranked.tail(3)])[["name", "alpha", "D", "n_tail", "status"]],
-                 hide_index=True, width="stretch", key="extremes")
+                 hide_index=True, width="stretch", key="extremes", placeholder="—")
 
 st.markdown("**Next:**")
 c1, c2, c3 = st.columns(3)

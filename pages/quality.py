@@ -93,5 +93,5 @@ else:
     listed = flagged[["name", "block", "kind", "alpha", "D", "n_tail", "status"]
                      + (["quant"] if "quant" in flagged.columns and flagged["quant"].notna().any() else [])]
     csv_button(listed, "flagged", settings={"xmin": analysis.xmin}, where=h2)
-    st.dataframe(listed, hide_index=True, width="stretch", on_select=lambda: clicked("flagged"),
+    st.dataframe(listed, hide_index=True, width="stretch", placeholder="—", on_select=lambda: clicked("flagged"),
                  selection_mode="single-row", key="flagged")

@@ -78,7 +78,7 @@ h1.subheader("Table")
 show_cols = ["name", "rows", "cols", "alpha", "xmin", "D", "sigma", "n_tail", "alpha_hat", "log_norm",
              "log_spectral_norm", "stable_rank", "entropy", "lambda_plus", "num_spikes", "mp_softrank", "status"]
 csv_button(chosen[show_cols], "spectra_table", settings={"xmin": analysis.xmin}, where=h2)
-st.dataframe(chosen[show_cols], hide_index=True, width="stretch",
+st.dataframe(chosen[show_cols], hide_index=True, width="stretch", placeholder="—",
              column_config={c: st.column_config.NumberColumn(format="%.4g", help=metric_help(c)) for c in show_cols[3:-1]})
 
 st.subheader("Fit diagnostics")
