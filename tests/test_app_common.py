@@ -56,6 +56,8 @@ def arr(value):
         out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
         shape = value.get("shape")
         return out.reshape([int(s) for s in str(shape).split(",")]) if shape else out
+    if isinstance(value, list) and any(v is None for v in value):     # gaps between drawn runs
+        return np.asarray([np.nan if v is None else v for v in value], dtype=float)
     return np.asarray(value)
 
 

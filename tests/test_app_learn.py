@@ -97,7 +97,7 @@ def test_phases_show_six_named_synthetic_examples_then_real_layers(demo_analysis
     assert layers["layout"]["xaxis"]["title"]["text"] == EIG_AXIS
     assert EIG_AXIS in {a["layout"][k]["title"]["text"] for a in [phases] for k in a["layout"]
                         if k.startswith("xaxis") and "title" in a["layout"][k]}
-    top = arr(layers["data"][0]["x"]).max()
+    top = np.nanmax(arr(layers["data"][0]["x"]))
     name = next(r["name"] for _, r in demo_analysis_full.table.iterrows() if legend[0].endswith(
         f"{r['block']}.{r['kind']} (α={r['alpha']:.2f})"))
     assert abs(top / demo_analysis_full.eigs[name].max() - 1) < 1e-9
