@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -217,8 +218,28 @@ def _logical_lines(code: str) -> list[str]:
     return out
 
 
-def _with_args(line: str, args: list[str]) -> str:
-    """``line`` with ``args`` appended to its ``spectrascope`` command (before any operator or comment)."""
+def _options_of(command: str) -> set[str]:
+    from core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and command in a.choices).choices[command]
+    return {s for action in sub._actions for s in action.option_strings}
+
+
+def _groups(args: list[str]) -> list[list[str]]:
+    """``--a 1 --b --c x`` -> [[--a, 1], [--b], [--c, x]]."""
+    groups: list[list[str]] = []
+    for token in args:
+        if token.startswith("-") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def _with_args(line: str, args: list[str], used: set[str]) -> str:
+    """``line`` with those of ``args`` that its ``spectrascope`` command takes appended (before any
+    operator or comment); the options appended are added to ``used``."""
     lex = shlex.shlex(line, posix=True, punctuation_chars=True)
     lex.whitespace_split = True
     lex.commenters = "#"
@@ -227,7 +248,11 @@ def _with_args(line: str, args: list[str]) -> str:
         return line
     start = tokens.index("spectrascope")
     end = next((k for k in range(start, len(tokens)) if tokens[k] in OPERATORS), len(tokens))
-    tokens[end:end] = args
+    command = next(t for t in tokens[start + 1:end] if not t.startswith("-"))
+    takes = _options_of(command)
+    extra = [t for g in _groups(args) if g[0] in takes for t in g]
+    used.update(g[0] for g in _groups(args) if g[0] in takes)
+    tokens[end:end] = extra
     return " ".join(t if t in OPERATORS else shlex.quote(t) for t in tokens)
 
 
@@ -243,8 +268,49 @@ def script(ex: Example) -> str:
     if any(line.startswith("$ ") for line in lines):
         lines = [line[2:] for line in lines if line.startswith("$ ")]
     if ex.args:
-        lines = [_with_args(line, ex.args) for line in lines]
+        used: set[str] = set()
+        lines = [_with_args(line, ex.args, used) for line in lines]
+        unused = [g[0] for g in _groups(ex.args) if g[0] not in used]
+        assert not unused, f"{ex.id}: no command of the example takes {unused} (a typo in its test: args?)"
     return "\n".join(lines) + "\n"
+
+
+DRIVER = """\
+import json, shlex, subprocess, sys
+from core.cli import main
+
+for line in json.load(open(sys.argv[1])):
+    argv = shlex.split(line, comments=True)
+    if not argv:
+        continue
+    if argv[0] == "spectrascope":          # the console script's entry point, in this process
+        print("$", line, flush=True)
+        rc = main(argv[1:])
+    else:
+        rc = subprocess.run(["bash", "-euo", "pipefail", "-c", line]).returncode
+    if rc:
+        print(f"exit {rc}: {line}", file=sys.stderr)
+        sys.exit(rc)
+"""
+
+
+def _plain(line: str) -> bool:
+    """A line the driver can run alone: a ``spectrascope`` command without shell operators, or a
+    command that leaves no state behind for the next line (no cd, export, assignment)."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    lex.commenters = "#"
+    tokens = list(lex)
+    if not tokens:
+        return True
+    if tokens[0] == "spectrascope":
+        return not any(t in OPERATORS for t in tokens)
+    return tokens[0] not in ("cd", "export", "source", ".", "set") and "=" not in tokens[0]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.mark.slow
@@ -256,12 +322,17 @@ def test_example_runs(ex: Example, stage):
     if ex.lang == "python":
         (work / "example.py").write_text(text)
         argv = [sys.executable, "example.py"]
+    elif all(_plain(line) for line in text.splitlines()):
+        # one process per block: `spectrascope` lines run through core.cli.main (what the console
+        # script calls) without paying Python's and torch's start-up for each line
+        (work / "example.json").write_text(json.dumps(text.splitlines()))
+        (work / "driver.py").write_text(DRIVER)
+        argv = [sys.executable, "driver.py", "example.json"]
     else:
         argv = ["bash", "-euo", "pipefail", "-c", text]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    took = time.perf_counter() - start
-    print(f"{ex.id}: {took:.1f} s")
+    print(f"{ex.id}: {time.perf_counter() - start:.1f} s, {_children_cpu() - cpu:.1f} s of CPU")
     assert proc.returncode == 0, (f"{ex.id} failed (exit {proc.returncode}) running:\n{text}\n"
                                   f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
 
