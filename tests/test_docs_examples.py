@@ -197,6 +197,7 @@ def _workspace(stage: dict, name: str) -> tuple[Path, dict]:
     home.mkdir(parents=True)
     for entry in stage["models"].iterdir():
         (work / entry.name).symlink_to(entry)
+    (work / "benchmarks").symlink_to(ROOT / "benchmarks")      # examples run from the repository's root
     (home / "models").symlink_to(Path(_HOME) / "models")
     for entry in stage["caches"].iterdir():
         (home / entry.name).symlink_to(entry)
