@@ -18,7 +18,7 @@ from dashboard.state import State, setup
 # the Spikes lesson's own noise variance, the Phases lesson's second step, lesson 5's S and epsilon.
 LESSON, SPIKE_VAR, PHASE_REAL, L_S, L_EPS = "l_lesson", "l_spike_var", "l_phase_real", "l_S", "l_eps"
 LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity"]
-KEEP = dict(persist_state="session")      # widget values survive page switches and hidden lessons
+KEEP = {}      # widget values survive page switches and hidden lessons: their keys are in State (setup)
 
 setup()
 export_format_control()

@@ -75,17 +75,24 @@ def test_a_pruned_run_is_preselected_against_its_dense_model(tmp_path):
 def _folder_model_with_runs(n: int):
     """A tiny model loaded from a folder (a job can name it), analysed, and ``n`` pruned runs of
     it whose output was analysed (``--analyze-output``): (loaded, analysis, run ids)."""
-    from conftest import saved_tiny
+    from conftest import byte_tokenizer, saved_tiny
     from core.analysis import analyze
-    from core.experiments import prune_and_eval
     from core.models import load_model
-    from core.spec import PruneSpec
 
-    loaded = load_model(str(saved_tiny("llama")), device="cpu")
+    folder = saved_tiny("llama")
+    byte_tokenizer().save_pretrained(folder)            # the Prune page lists runs with a perplexity
+    loaded = load_model(str(folder), device="cpu")
     analysis = analyze(loaded, device="cpu")
-    ids = [prune_and_eval(PruneSpec(method="magnitude", sparsity=s, analyze_output=True, device="cpu"), loaded).run_id
-           for s in (0.3, 0.6)[:n]]
-    return loaded, analysis, ids
+    return loaded, analysis, [_pruned_run(loaded, s) for s in (0.3, 0.6)[:n]]
+
+
+def _pruned_run(loaded, sparsity: float) -> int:
+    from core.experiments import prune_and_eval
+    from core.spec import EvaluationSpec, PruneSpec
+
+    spec = PruneSpec(method="magnitude", sparsity=sparsity, analyze_output=True, device="cpu",
+                     evaluation=EvaluationSpec(evaluate=True, seqlen=32, max_windows=1))
+    return prune_and_eval(spec, loaded).run_id
 
 
 def _runs_link(run_ids):
@@ -137,13 +144,10 @@ def test_the_delta_heatmap_has_a_clickable_marker_per_cell_naming_its_matrix():
 
 
 def test_compare_with_the_dense_model_takes_the_latest_finished_run():
-    from core.experiments import prune_and_eval
-    from core.spec import PruneSpec
-
     loaded, analysis, (r1,) = _folder_model_with_runs(1)
     at = new_app("prune", analysis=analysis, loaded=loaded)
     assert not at.exception, at.exception
-    r2 = prune_and_eval(PruneSpec(method="magnitude", sparsity=0.6, analyze_output=True, device="cpu"), loaded).run_id
+    r2 = _pruned_run(loaded, 0.6)
     at.run()
     button = next(b for b in at.button if "with the dense model" in b.label)
     assert f"run {r2}" in button.label, button.label                         # says which run

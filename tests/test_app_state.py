@@ -101,7 +101,7 @@ def test_a_link_to_a_model_without_a_cached_analysis_says_it_must_be_analysed():
     shown = texts(at)
     assert "must be analysed" in shown and str(folder) in shown, shown
     assert at.session_state["source"] == str(folder)               # Home's box holds it: one click away
-    assert at.slider(key="a_sparsity").value == pytest.approx(0.6)
+    assert at.session_state["a_sparsity"] == pytest.approx(0.6)
 
 
 def test_allocation_without_a_model_says_so_instead_of_falling_back_to_a_profile():
@@ -160,15 +160,18 @@ def test_every_session_key_is_declared_in_state():
         constants = dict(re.findall(r"^([A-Z_]+)\s*=\s*[\"']([^\"']+)[\"']", text, re.M))
         for m in SESSION_USE.finditer(text):
             used = m.group(1)
-            name = constants.get(used) if used[0].isupper() else used
-            if used[0].isupper() and name is None:
+            constant = used[0] not in "f\"'"
+            name = constants.get(used) if constant else used
+            if constant and name is None:
                 continue                     # a constant imported from State or elsewhere
-            if name is None or name.startswith("f") or name.strip("\"'") not in declared:
+            if used.startswith(("f'", 'f"')) or name.strip("\"'") not in declared:
                 strays.append(f"{path.name}: {m.group(0)}")
         for m in re.finditer(r"\.(%s)\(" % "|".join(VALUE_WIDGETS), text):
             key = re.search(r"\bkey=([^,)\s]+)", _call(text, m.end()))
             if key and not key.group(1).startswith("State.") and not key.group(1).startswith("key"):
                 k = key.group(1)
+                if k[0].isupper() and k not in constants:
+                    continue                 # a constant imported from State or elsewhere
                 if constants.get(k) not in declared:
                     strays.append(f"{path.name}: {m.group(1)}(key={k})")
         if "persist_state" in text:
