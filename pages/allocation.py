@@ -29,7 +29,9 @@ if ss[State.a_source] not in sources:
 st.selectbox("Metrics from", sources, key=State.a_source,
              help="the analysed model, or a published LLaMA alpha profile (for models too large to load here)")
 if ss[State.a_source] == "loaded model":
-    analysis = require_analysis()      # or a hint (the profiles above work without a model) and stop
+    if analysis is None:
+        st.caption("The published LLaMA profiles (**Metrics from** above) work without a model.")
+    analysis = require_analysis()      # or why there is none (a hint, or the address's model) and stop
     st.caption(f"Power-law fits with xmin **{analysis.xmin}** (set on Home / model, or by a tuning on Sweep & tune).")
 if ss[State.a_source] == "loaded model":
     table, identity = analysis.table, analysis.identity

@@ -3,7 +3,6 @@ preselection of a pruned run against its dense model, exports."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from conftest import tiny_model
 from test_app_common import arr, figures, new_app, texts

@@ -109,7 +109,6 @@ def test_allocation_without_a_model_says_so_instead_of_falling_back_to_a_profile
     assert not at.exception, at.exception
     assert "No model analysed yet" in texts(at)
     assert "profile" not in str(at.session_state["a_source"])
-    assert not any("profile" in str(f) for f in at.caption.values)
 
 
 def test_bad_values_in_the_address_are_named_and_left_out():
