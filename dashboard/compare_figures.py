@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from core.analysis import ZERO_RTOL
 from core.checks import html_file
 from core.compare import Comparison, delta_pivot, series_table, write_html
-from dashboard.figures import LAYOUT, esd_figure, kind_order, palette
+from dashboard.figures import LAYOUT, clickable_cells, esd_figure, kind_order, palette
 
 
 def depth_overlay_figure(long: pd.DataFrame, metric: str, sources: list[str]) -> go.Figure:
@@ -41,17 +41,19 @@ def depth_overlay_figure(long: pd.DataFrame, metric: str, sources: list[str]) ->
 
 
 def delta_heatmap_figure(deltas: pd.DataFrame, source: str, metric: str, reference: str) -> go.Figure:
-    """Change of ``metric`` (source minus reference) per block and kind, diverging around 0."""
+    """Change of ``metric`` (source minus reference) per block and kind, diverging around 0; a
+    click on a cell selects its marker, whose first customdata is the matrix key (``clickable_cells``)."""
     pivot = delta_pivot(deltas, source, metric)
     z = pivot.to_numpy(float).T
     top = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     keys = deltas[(deltas["source"] == source)].pivot_table(index="block", columns="kind", values="key",
                                                            aggfunc="first").reindex(index=pivot.index,
                                                                                     columns=pivot.columns)
-    fig = go.Figure(go.Heatmap(z=z, x=pivot.index.astype(str), y=list(pivot.columns), zmid=0, zmin=-top, zmax=top,
-                               colorscale="RdBu_r", colorbar=dict(title=f"Δ {metric}"),
-                               customdata=keys.to_numpy(object).T,
-                               hovertemplate="%{customdata}<br>Δ " + metric + " %{z:+.3f}<extra></extra>"))
+    x, y = [str(b) for b in pivot.index], [str(k) for k in pivot.columns]
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, zmid=0, zmin=-top, zmax=top, hoverinfo="skip",
+                               colorscale="RdBu_r", colorbar=dict(title=f"Δ {metric}")))
+    clickable_cells(fig, x, y, [keys.to_numpy(object).T, z],
+                    "%{customdata[0]}<br>Δ " + metric + " %{customdata[1]:+.3f}<br>click: open below<extra></extra>")
     fig.update_layout(**{**LAYOUT, "height": 320}, title=f"Δ {metric}: {source} minus {reference}",
                       xaxis_title="block", yaxis_title="kind")
     return fig

@@ -15,7 +15,7 @@ from dashboard.figures import FONT, wrap_title
 #: the size every chart is exported at (CSS px; PNGs at twice that): one layout for the file whatever
 #: the window's width, wide enough for a legend row of several entries (a narrow window wrapped it)
 EXPORT_SIZE = {"width": 1200}
-#: session key of the chart download format, "png" or "svg" (not yet in ``State``: it belongs there)
+#: session key of the chart download format, "png" or "svg" (``State.fig_format``)
 EXPORT_FORMAT = "fig_format"
 
 
@@ -52,8 +52,8 @@ def export_format_control(where=None) -> None:
     """The one chart-format switch (PNG or SVG) of the page, in the sidebar by default; kept for
     the whole session."""
     (where or st.sidebar).segmented_control(
-        "Chart downloads", ["png", "svg"], format_func=str.upper, key=EXPORT_FORMAT, default="png",
-        required=True, persist_state="session",
+        "Chart downloads", ["png", "svg"], format_func=str.upper, key=EXPORT_FORMAT,
+        required=True,
         help="the format the camera button of every chart saves (SVG: vector, for papers and slides)")
 
 

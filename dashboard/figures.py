@@ -364,18 +364,29 @@ def heatmap_figure(pivot: pd.DataFrame, metric: str) -> go.Figure:
     else:
         color = dict(colorscale="Viridis", colorbar=dict(title=dict(text=f"{metric}<br><sub>λ of WᵀW</sub>")))
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, hoverinfo="skip", xgap=1, ygap=1, **color))
+    clickable_cells(fig, x, y, [z], "block %{customdata[1]} · %{customdata[2]}<br>" + metric
+                    + " %{customdata[0]:.4g}<br>click: open in Spectra<extra></extra>")
+    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} by block and kind",
+                      xaxis_title="block", yaxis_title="kind")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def clickable_cells(fig: go.Figure, x: list[str], y: list[str], data: list[np.ndarray], hovertemplate: str) -> None:
+    """A transparent square marker on every cell of ``fig``'s heatmap (columns ``x``, rows ``y``):
+    Streamlit reports clicks on scatter points, not on heatmap cells, so a click on a cell selects
+    its marker (``st.plotly_chart(on_select=...)``; the marker is curve 1, at the cell's x and y).
+    ``customdata`` of a marker: its cell's value in each of ``data`` (arrays of rows x columns),
+    then its x and y; the hover shows ``hovertemplate``."""
     bx, ky = np.meshgrid(np.arange(len(x)), np.arange(len(y)))
+    columns = [np.asarray(d, dtype=object).ravel() for d in data] + [np.array(x)[bx.ravel()], np.array(y)[ky.ravel()]]
     fig.add_trace(go.Scatter(
         x=[x[i] for i in bx.ravel()], y=[y[j] for j in ky.ravel()], mode="markers", name="cells",
         marker=dict(symbol="square", size=14, color="rgba(0,0,0,0)"), showlegend=False,
-        customdata=np.stack([np.array(x)[bx.ravel()], np.array(y)[ky.ravel()], z.ravel()], axis=1),
-        hovertemplate="block %{customdata[0]} · %{customdata[1]}<br>" + metric
-                      + " %{customdata[2]:.4g}<br>click: open in Spectra<extra></extra>"))
-    fig.update_layout(**{**LAYOUT, "height": 320}, title=f"{metric} by block and kind",
-                      xaxis_title="block", yaxis_title="kind", hoverdistance=-1, clickmode="event+select")
+        customdata=np.stack(columns, axis=1), hovertemplate=hovertemplate))
+    fig.update_layout(hoverdistance=-1, clickmode="event+select")
     fig.update_xaxes(type="category", showgrid=False)
-    fig.update_yaxes(type="category", showgrid=False, autorange="reversed")
-    return fig
+    fig.update_yaxes(type="category", showgrid=False)
 
 
 def depth_figure(table: pd.DataFrame, metric: str, kinds: list[str]) -> go.Figure:

@@ -371,8 +371,9 @@ def panel(commands: tuple[str, ...], done: Done, *, follow: str | None = None, l
         st.subheader("Jobs")
         ended_now = False
         for job in recent:
-            if card(job, done) == "done" and job.id == follow and not st.session_state.get(f"seen_{job.id}"):
-                st.session_state[f"seen_{job.id}"] = True
+            seen = st.session_state.setdefault(State.seen_jobs, set())
+            if card(job, done) == "done" and job.id == follow and job.id not in seen:
+                seen.add(job.id)
                 ended_now = True
         if ended_now:
             st.rerun()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import streamlit as st
@@ -17,7 +18,12 @@ except ImportError:  # pragma: no cover - another Streamlit version
     get_session_state = None
 
 from core import allocation
+from core.analysis import analyze, cache_folder
+from core.choices import MAPPINGS, PRUNE_METHODS, XMIN_METHODS
 from core.models import resolve_source
+from core.profiles import list_profiles
+from dashboard.errors import USER_ERRORS, message
+from dashboard.loaders import cached_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -50,8 +56,10 @@ def allocation_label(method: str) -> str:
 
 
 class State:
-    """Every session-state key with its default. Widget keys keep their value across pages
-    (``setup()`` re-assigns those the browser does not show, so Streamlit does not clean them up)."""
+    """Every session-state key of every page, with its default (one rule: no page keeps a key of
+    its own). Widget keys keep their value across pages (``setup()`` re-assigns those the browser
+    does not show, so Streamlit does not clean them up); ``URL`` lists those also kept in the
+    page's address, so that a reload or a shared link restores them."""
 
     # model and analysis (Home)
     source = "source"
@@ -61,6 +69,10 @@ class State:
     analysis = "analysis"        # core.analysis.Analysis
     sources = "sources"          # {weights identity: the model text that loaded them}
     load_error = "load_error"
+    load_seconds = "load_seconds"  # seconds the last "Load and analyse" spent loading the model
+    linked = "linked"            # the model the page's address names, when it could not be restored: a message
+    fig_format = "fig_format"    # the chart download format, "png" or "svg" (dashboard.exports)
+    seen_jobs = "seen_jobs"      # ids of the jobs whose end a page has already rerun for
     # Spectra
     sp_blocks = "sp_blocks"
     sp_kinds = "sp_kinds"
@@ -72,6 +84,7 @@ class State:
     q_metric = "q_metric"
     q_block = "q_block"
     q_kind = "q_kind"
+    q_open = "q_open"            # a matrix a click asked to open, (block, kind); used once
     # Allocation (A is what Prune uses; B is the comparison)
     a_source = "a_source"
     a_method = "a_method"
@@ -88,6 +101,7 @@ class State:
     b_epsilon = "b_epsilon"
     owl = "owl"                  # {OWL cache file: id of the job computing it}
     sens = "sens"                # {sensitivity cache file: id of the job measuring it}
+    a_fallback = "a_metric_fallback"   # (table shown, the user's metric, the metric used instead)
     # Prune
     p_method = "p_method"
     p_nm = "p_nm"
@@ -97,6 +111,8 @@ class State:
     p_save = "p_save"
     p_analyze = "p_analyze"
     p_job = "p_job"
+    p_compare_runs = "p_compare_runs"  # the analysed runs "Compare with the dense model" opens
+    p_compare_newest = "p_compare_newest"   # the newest of them when last shown (a newer one is picked)
     # Sweep & tune (calibration and evaluation sizes: Prune's p_calib_n, p_seqlen, p_eval_windows)
     s_methods = "s_methods"
     s_allocations = "s_allocations"
@@ -113,6 +129,19 @@ class State:
     t_metrics = "t_metrics"
     t_holdout = "t_holdout"
     s_job = "s_job"
+    s_seeded = "s_seeded"        # the Allocation page's settings the sweep's were last set from
+    s_handed = "s_handed"        # set by "Use this allocation": the whole page reruns once
+    # Compare
+    cmp_sources = "cmp_sources"  # the analyses compared (labels; the first is the reference)
+    cmp_metric = "cmp_metric"
+    cmp_target = "cmp_target"
+    cmp_matrix = "cmp_matrix"
+    cmp_fit = "cmp_fit"
+    cmp_add = "cmp_add"
+    cmp_extra = "cmp_extra"      # {label: core.compare.Entry} added with "Analyse and add"
+    cmp_pending = "cmp_pending"  # the selection after an add (set before the widget exists)
+    cmp_runs = "cmp_runs"        # run ids to preselect against their dense model (the Prune page)
+    cmp_picks = "cmp_picks"      # {chart: the matrix its last click picked} (a chart keeps its selection)
     # Learn
     l_n = "l_n"
     l_m = "l_m"
@@ -125,6 +154,11 @@ class State:
     l_noise = "l_noise"
     l_steps = "l_steps"
     l_runs = "l_runs"
+    l_lesson = "l_lesson"
+    l_spike_var = "l_spike_var"
+    l_phase_real = "l_phase_real"
+    l_S = "l_S"
+    l_eps = "l_eps"
 
     DEFAULTS = {
         source: "demo", device: "auto", xmin: "peak", loaded: None, sources: {}, analysis: None, load_error: None,
@@ -141,12 +175,35 @@ class State:
         t_holdout: 4, s_job: None,
         l_n: 800, l_m: 400, l_var: 1.0, l_mu: 1.5, l_spike: 1.5, l_seed: 0,
         l_lr: 0.1, l_batch: 16, l_noise: 0.0, l_steps: 1200, l_runs: [],
+        l_lesson: "1 · Random matrix", l_spike_var: 1.0, l_phase_real: False, l_S: 0.7, l_eps: 0.3,
+        load_seconds: None, linked: None, fig_format: "png", seen_jobs: set(), q_open: None, a_fallback: None,
+        p_compare_runs: [], p_compare_newest: None, s_seeded: None, s_handed: False,
+        cmp_sources: [], cmp_metric: "alpha", cmp_target: None, cmp_matrix: None, cmp_fit: True, cmp_add: "",
+        cmp_extra: {}, cmp_pending: None, cmp_runs: None, cmp_picks: {},
     }
+    #: the settings kept in the page's address (``?a_sparsity=0.6&sp_kinds=q&sp_kinds=k``), each
+    #: with the values it may take there: a (low, high) range, the choices, a test, or None (any
+    #: value of its default's type; the page keeps what exists). ``setup`` writes them as they
+    #: change (those at their default are left out) and restores them in a new session (a reload,
+    #: a shared link); the model itself goes as ``model``, ``xmin`` and ``device`` (``MODEL``).
+    URL = {
+        a_source: lambda v: v == "loaded model" or v.removeprefix("profile: ") in list_profiles(),
+        a_method: ALLOCATIONS, a_metric: METRICS, a_mapping: MAPPINGS, a_sparsity: (0.0, 0.95),
+        a_epsilon: (0.0, 0.9), a_auto: None, a_rmax: (0.5, 0.999), a_dense: None, a_compare: None,
+        b_method: ALLOCATIONS, b_mapping: MAPPINGS, b_epsilon: (0.0, 0.9),
+        sp_blocks: None, sp_kinds: None, sp_linear: None, sp_fit: None, sp_mp: None,
+        q_metric: METRICS, p_method: PRUNE_METHODS,
+        cmp_sources: None, cmp_metric: None,
+    }
+    MODEL = {"model": source, "xmin": xmin, "device": device}
+    URL_READ = "_url_read"       # set once the address of the session's first run was read
     #: every widget's last value (``setup`` restores a widget key Streamlit dropped from here)
     KEPT = "_kept_widget_values"
     PAGE = "shown_page"          # script hash of the page shown by the last run
     #: keys that are not widgets (never re-assigned by ``setup``)
-    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, sens, s_job, l_runs}
+    OBJECTS = {loaded, analysis, sources, load_error, p_job, owl, sens, s_job, l_runs, load_seconds, linked,
+               seen_jobs, q_open, a_fallback, p_compare_newest, s_seeded, s_handed, cmp_extra, cmp_pending,
+               cmp_runs, cmp_picks}
 
 
 def setup() -> None:
@@ -166,6 +223,9 @@ def setup() -> None:
     back to the browser, undoing a change the user made while this run was in flight (the
     browser then shows one value and the next click sends another)."""
     ss = st.session_state
+    if State.URL_READ not in ss:        # a new session (a reload, a link): the address's work first
+        ss[State.URL_READ] = True
+        _from_url(ss)
     kept = ss.setdefault(State.KEPT, {})
     ctx = get_script_run_ctx()
     page = ctx.page_script_hash if ctx is not None else None
@@ -195,6 +255,124 @@ def setup() -> None:
     if changed:
         log.info("widget values restored from the kept ones: %s", ", ".join(changed))
     _remember_source(ss)
+    if ss[State.loaded] is not None:
+        ss[State.linked] = None
+    to_url()
+
+
+# --- the page's address: settings and model of the session -----------------------------------
+
+def _encode(value: object) -> list[str]:
+    """A setting as query values: a list as one value per item, a bool as 1/0, a float in short."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = ["1" if v is True else "0" if v is False else f"{v:.6g}" if isinstance(v, float) else str(v) for v in items]
+    return out if isinstance(value, (list, tuple)) else out[:1]
+
+
+def _decode(key: str, values: list[str]) -> object:
+    """A query value of ``key`` as its default's type, checked against ``State.URL[key]``;
+    ValueError when it is not one the page could show."""
+    default, allowed = State.DEFAULTS[key], State.URL[key]
+
+    def one(text: str, like: object) -> object:
+        if isinstance(like, bool):
+            if text.lower() not in ("1", "0", "true", "false"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true")
+        return type(like)(text) if isinstance(like, (int, float)) else text
+
+    if isinstance(default, list):
+        like = default[0] if default else ""
+        return [one(v, like) for v in values if v != ""]
+    value = one(values[-1], default if default is not None else "")
+    if isinstance(allowed, tuple) and len(allowed) == 2 and all(isinstance(x, float) for x in allowed):
+        if not allowed[0] <= value <= allowed[1]:
+            raise ValueError(values[-1])
+    elif callable(allowed):
+        if not allowed(value):
+            raise ValueError(values[-1])
+    elif allowed is not None and value not in allowed:
+        raise ValueError(values[-1])
+    return value
+
+
+def _from_url(ss) -> None:
+    """A new session: the settings the address holds (a value a page could not show is left out,
+    with a warning naming it), then the model it names, from the disk caches."""
+    params = st.query_params
+    bad = []
+    for key in State.URL:
+        if key in params:
+            try:
+                ss[key] = _decode(key, params.get_all(key))
+            except (ValueError, TypeError):
+                bad.append(f"{key}={'&'.join(params.get_all(key))}")
+    for name, valid in (("xmin", lambda v: v in XMIN_METHODS),
+                        ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v))):
+        if name in params:
+            if valid(params[name]):
+                ss[State.MODEL[name]] = params[name]
+            else:
+                bad.append(f"{name}={params[name]}")
+    if bad:
+        st.warning("Left out of the page's address, not valid here: " + ", ".join(f"`{b}`" for b in bad)
+                   + " (the defaults are used instead).", icon=":material/link_off:")
+    if params.get("model", "").strip():
+        ss[State.source] = params["model"].strip()
+        _restore_model(ss, ss[State.source], ss.get(State.xmin, "peak"), ss.get(State.device, "auto"))
+        if ss.get(State.linked):
+            st.warning(ss[State.linked], icon=":material/link:")
+
+
+def _restore_model(ss, text: str, xmin: str, device: str) -> None:
+    """Load the model ``text`` and its analysis with ``xmin`` when that analysis is in the disk
+    cache (a reload is then as fast as a page switch); else ``State.linked`` says it must be
+    analysed first (the Home box holds it), never another model in its place."""
+    what = f"{text} (xmin {xmin})"
+    try:
+        src = resolve_source(text)
+        if not cache_folder(src.identity(), xmin).is_dir():
+            ss[State.linked] = (f"The page's address names the model **{what}**, which has no cached analysis on "
+                                "this machine: it must be analysed first. Press **Load and analyse** on Home / model "
+                                "(the model box holds it).")
+            return
+        with st.spinner(f"Restoring {what} from the page's address (the analysis from the disk cache)..."):
+            loaded = cached_model(src.identity(), text, device)
+            analysis = analyze(loaded, xmin=xmin, device=device)
+    except (*USER_ERRORS, RuntimeError) as exc:
+        ss[State.linked] = f"The model the page's address names, {what}, could not be restored: {message(exc)}"
+        return
+    ss[State.loaded], ss[State.analysis] = loaded, analysis
+    ss.setdefault(State.sources, {})[loaded.identity] = text
+    log.info("restored %s from the page's address", what)
+
+
+def _model_params(ss) -> dict[str, str]:
+    """``model``, ``xmin`` and ``device`` of the address: the loaded model and its analysis's xmin,
+    or the model the address named while it could not be restored."""
+    analysis, source = ss.get(State.analysis), loaded_source()
+    if analysis is not None and source is not None:
+        return {"model": source, "xmin": analysis.xmin, "device": ss[State.device]}
+    if ss.get(State.linked):
+        return {"model": ss[State.source], "xmin": ss[State.xmin], "device": ss[State.device]}
+    return {}
+
+
+def to_url() -> None:
+    """Write the session's settings (``State.URL``) and model into the page's address: each
+    parameter that changed, those at their default left out. ``setup`` calls it every run; a
+    page that changes a setting from code after ``setup`` may call it again."""
+    ss, params = st.session_state, st.query_params
+    wanted = {name: [value] for name, value in _model_params(ss).items()
+              if name == "model" or value != State.DEFAULTS[State.MODEL[name]]}
+    for key in State.URL:
+        if key in ss and _encode(ss[key]) != _encode(State.DEFAULTS[key]) and ss[key] is not None:
+            wanted[key] = _encode(ss[key]) or [""]
+    for name in [*State.MODEL, *State.URL]:
+        if name not in wanted and name in params:
+            del params[name]
+        elif name in wanted and params.get_all(name) != wanted[name]:
+            params[name] = wanted[name]
 
 
 def _sent_by_browser() -> set[str] | None:
@@ -224,7 +402,7 @@ def _remember_source(ss) -> None:
     text = (ss[State.source] or "demo").strip() or "demo"
     try:
         if resolve_source(text).identity() == loaded.identity:
-            ss[State.sources][loaded.identity] = text
+            ss.setdefault(State.sources, {})[loaded.identity] = text
     except (ValueError, OSError):
         pass
 
@@ -272,6 +450,10 @@ def job_model() -> tuple[str, str, str]:
 def require_analysis():
     """The current analysis, or a hint with a link to Home and ``st.stop()``."""
     analysis = st.session_state.get(State.analysis)
+    if analysis is None and st.session_state.get(State.linked):
+        st.warning(st.session_state[State.linked], icon=":material/link:")
+        st.page_link(PAGES["home"][0], label="Go to Home / model", icon=":material/home:")
+        st.stop()
     if analysis is None:
         st.info("No model analysed yet. Choose a model on **Home / model** (the demo model works offline) "
                 "and press **Load and analyse**.", icon=":material/info:")

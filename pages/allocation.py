@@ -17,25 +17,27 @@ from dashboard.exports import export_format_control, show
 from dashboard.figures import block_ratios_figure, correlation_text, fmt_params, kind_order, ratios_figure
 from dashboard.figures import sensitivity_figure
 from dashboard.results import LEGEND_BELOW, file_name
-from dashboard.state import ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, setup
+from dashboard.state import (ALLOCATIONS, METRICS, PAGES, State, allocation_label, loaded_source, require_analysis,
+                             setup)
 
 setup()
 ss = st.session_state
-_FALLBACK = "a_metric_fallback"   # (table shown, the user's metric, the metric used instead)
+_FALLBACK = State.a_fallback   # (table shown, the user's metric, the metric used instead)
 st.title("Allocation")
 st.caption("How much of each matrix to prune so that the parameter-weighted mean is the target sparsity S. "
            "AlphaPruning prunes matrices with larger alpha (less well trained) more. The allocation set here "
            "(A) is what **Prune & compare** uses.")
 
 analysis, loaded = ss[State.analysis], ss[State.loaded]
-sources = (["loaded model"] if analysis is not None else []) + [f"profile: {p}" for p in list_profiles()]
+sources = ["loaded model"] + [f"profile: {p}" for p in list_profiles()]   # never a silent switch to a profile
 if ss[State.a_source] not in sources:
     ss[State.a_source] = sources[0]
 st.selectbox("Metrics from", sources, key=State.a_source,
              help="the analysed model, or a published LLaMA alpha profile (for models too large to load here)")
-if analysis is None:
-    st.caption("No model analysed yet: the published profiles work without one (Home / model loads a model).")
-elif ss[State.a_source] == "loaded model":
+if ss[State.a_source] == "loaded model":
+    if analysis is None:
+        st.caption("The published LLaMA profiles (**Metrics from** above) work without a model.")
+    analysis = require_analysis()      # or why there is none (a hint, or the address's model) and stop
     st.caption(f"Power-law fits with xmin **{analysis.xmin}** (set on Home / model, or by a tuning on Sweep & tune).")
 if ss[State.a_source] == "loaded model":
     table, identity = analysis.table, analysis.identity
@@ -96,8 +98,8 @@ def owl_job(job_id: str, what: str = "OWL statistics") -> None:
         frac, msg = job.progress()
         st.progress(frac, text=f"{what}: {msg}")
         st.caption("This runs in a separate process: the other pages stay usable.")
-    elif not ss.get(f"seen_{job_id}"):
-        ss[f"seen_{job_id}"] = True
+    elif job_id not in ss[State.seen_jobs]:
+        ss[State.seen_jobs].add(job_id)
         st.rerun()
 
 

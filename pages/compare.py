@@ -14,22 +14,19 @@ from dashboard.errors import shown_errors
 from dashboard.compare_figures import (delta_heatmap_figure, depth_overlay_figure, distribution_figure,
                                        esd_overlay_figure, report_html, series_figure)
 from dashboard.exports import export_format_control, show
-from dashboard.state import METRICS, PAGES, State, assign, setup
+from dashboard.state import METRICS, PAGES, State, assign, setup, to_url
 
-#: this page's session keys (widgets keep their values across pages: re-assigned below)
-SOURCES, METRIC, TARGET, MATRIX, FIT, ADD, EXTRA = ("cmp_sources", "cmp_metric", "cmp_target", "cmp_matrix",
-                                                    "cmp_fit", "cmp_add", "cmp_extra")
-#: run ids to preselect against their dense model (the Prune page may set it; or ?runs=3,4)
-PRESELECT = "cmp_runs"
+#: this page's session keys (in ``State``: kept across pages, the selection also in the address)
+SOURCES, METRIC, TARGET, MATRIX, FIT, ADD, EXTRA = (State.cmp_sources, State.cmp_metric, State.cmp_target,
+                                                    State.cmp_matrix, State.cmp_fit, State.cmp_add, State.cmp_extra)
+#: the link's run ids to preselect against their dense model (``/compare?runs=3,4``): read once
+RUNS_PARAM = "runs"
 
 setup()
 ss = st.session_state
-for key in (SOURCES, METRIC, TARGET, FIT, ADD):
-    if key in ss:
-        ss[key] = ss[key]
-ss.setdefault(EXTRA, {})
-if "cmp_pending" in ss:      # sources added by the button of the previous run
-    ss[SOURCES] = ss.pop("cmp_pending")
+if ss[State.cmp_pending] is not None:      # sources added by the button of the previous run
+    assign(SOURCES, ss[State.cmp_pending])
+    ss[State.cmp_pending] = None
 st.title("Compare")
 st.caption("Several analyses side by side: a model against its pruned outputs, a fine-tune against its base, "
            "a training run's checkpoints. Matrices are matched by name (by block and kind across families); "
@@ -75,7 +72,11 @@ def comparable(e: Entry) -> None:
     """ValueError naming ``e``'s source when its table cannot be compared at all (columns missing,
     a block that is not a number, ...): checked when it is added, so that a bad table never joins."""
     try:
-        compare([e, replace(e, label=f"{e.label} (check)")])
+        if e.table.empty:
+            raise ValueError("it has no rows (no matrices)")
+        long = compare([e, replace(e, label=f"{e.label} (check)")]).long
+        if text := [m for m in METRICS if m in long.columns and not pd.api.types.is_numeric_dtype(long[m])]:
+            raise ValueError(f"the metric columns {', '.join(text)} are not numbers")
     except (ValueError, KeyError, TypeError) as exc:
         what = f"missing column {exc}" if isinstance(exc, KeyError) else str(exc).strip().split("\n")[0]
         name = e.source or e.label
@@ -83,10 +84,20 @@ def comparable(e: Entry) -> None:
                          f"({what})") from exc
 
 
-wanted = ss.pop(PRESELECT, None) or [int(x) for x in st.query_params.get("runs", "").split(",") if x.strip().isdigit()]
+# The Prune page's runs, or the link's ``?runs=``: they seed the selection once (the parameter is
+# then removed); from there the widget owns it, and ``setup`` writes it into the address.
+wanted, ss[State.cmp_runs] = ss[State.cmp_runs], None
+if RUNS_PARAM in st.query_params:
+    wanted = wanted or [int(x) for x in st.query_params[RUNS_PARAM].split(",") if x.strip().isdigit()]
+    del st.query_params[RUNS_PARAM]
 if wanted:
-    ss[SOURCES] = preselect(wanted)
-ss[SOURCES] = [s for s in ss.get(SOURCES, []) if s in options]
+    assign(SOURCES, preselect(wanted))
+if gone := [s for s in ss[SOURCES] if s not in options]:
+    assign(SOURCES, [s for s in ss[SOURCES] if s in options])
+    st.warning("Not available here, left out of the selection: " + ", ".join(f"`{s}`" for s in gone)
+               + " (an analysis not in this machine's cache, or a source added in another session: add it again).",
+               icon=":material/warning:")
+to_url()
 
 with st.container(border=True):
     st.multiselect("Analyses to compare (the first is the reference)", list(options), key=SOURCES,
@@ -95,7 +106,7 @@ with st.container(border=True):
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
     c1.text_input("Add a source", key=ADD, placeholder="a model folder, .gguf, metrics table, run:ID, "
                   "checkpoints folder, LoRA adapter folder, or LABEL=SOURCE")
-    if c2.button("Analyse and add", icon=":material/add:") and ss.get(ADD, "").strip():
+    if c2.button("Analyse and add", icon=":material/add:") and ss[ADD].strip():
         with shown_errors(f"Could not add {ss[ADD].strip()!r}") as ok:
             with st.spinner("analysing (cached after the first time)"):
                 new = entries_for([ss[ADD].strip()], device=ss[State.device], xmin=ss[State.xmin])
@@ -104,7 +115,7 @@ with st.container(border=True):
         if ok:
             for e in new:
                 ss[EXTRA][e.label] = e
-            ss["cmp_pending"] = list(dict.fromkeys(ss[SOURCES] + [e.label for e in new]))
+            ss[State.cmp_pending] = list(dict.fromkeys(ss[SOURCES] + [e.label for e in new]))
             st.rerun()
 
 chosen = ss[SOURCES]
@@ -139,11 +150,10 @@ long, deltas = result.long, result.deltas
 labels = result.labels
 
 metrics = [m for m in METRICS + ["n_zero"] if m in long.columns and long[m].notna().any()]
-if ss.get(METRIC) not in metrics:
-    ss[METRIC] = metrics[0]
-if ss.get(TARGET) not in labels[1:]:
-    ss[TARGET] = labels[1]
-ss.setdefault(FIT, True)
+if ss[METRIC] not in metrics:
+    assign(METRIC, metrics[0])
+if ss[TARGET] not in labels[1:]:
+    assign(TARGET, labels[1])
 c1, c2 = st.columns(2)
 metric = c1.selectbox("Metric", metrics, key=METRIC)
 target = c2.selectbox("Deltas of", labels[1:], key=TARGET, help=f"minus the reference {labels[0]}")
@@ -169,9 +179,9 @@ def picked(event) -> str | None:
 def follow(event, chart: str) -> None:
     """Open the clicked matrix (only when the click is new: a chart keeps its selection)."""
     key = picked(event)
-    if key and key != ss.get(f"_pick_{chart}"):
-        ss[MATRIX] = key
-    ss[f"_pick_{chart}"] = key
+    if key and key != ss[State.cmp_picks].get(chart):
+        assign(MATRIX, key)
+    ss[State.cmp_picks][chart] = key
 
 
 export_format_control()
@@ -187,8 +197,8 @@ st.caption("Click a point or a cell to open that matrix below. Red: the metric g
 
 st.subheader("One matrix across sources")
 keys = list(dict.fromkeys(long["key"]))
-if ss.get(MATRIX) not in keys:
-    ss[MATRIX] = keys[0]
+if ss[MATRIX] not in keys:
+    assign(MATRIX, keys[0])
 c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
 c1.selectbox("Matrix", keys, key=MATRIX)
 c2.toggle("Power-law fit", key=FIT)
@@ -233,12 +243,14 @@ else:
 st.subheader("Export")
 stem = "comparison-" + "-vs-".join(Path(str(x)).name.replace(" ", "_")[:20] for x in labels[:3])
 c1, c2, c3, c4 = st.columns(4)
-c1.download_button("Long table (CSV)", long.to_csv(index=False).encode(), f"{stem}-long.csv", "text/csv",
-                   icon=":material/download:")
-c2.download_button("Deltas (CSV)", deltas.to_csv(index=False).encode(), f"{stem}-deltas.csv", "text/csv",
-                   icon=":material/download:")
-c3.download_button("Deltas (Parquet)", deltas.to_parquet(index=False), f"{stem}-deltas.parquet",
-                   "application/octet-stream", icon=":material/download:")
-c4.download_button("HTML report (offline)", report_html(result, metric).encode(), f"{stem}.html", "text/html",
-                   icon=":material/description:")
-st.caption("Figures: the camera icon of each chart saves a PNG.")
+# built when clicked (deferred downloads), not on every rerun: the report alone is 5 MB (plotly.js inline)
+c1.download_button("Long table (CSV)", lambda: long.to_csv(index=False).encode(), f"{stem}-long.csv", "text/csv",
+                   icon=":material/download:", on_click="ignore")
+c2.download_button("Deltas (CSV)", lambda: deltas.to_csv(index=False).encode(), f"{stem}-deltas.csv", "text/csv",
+                   icon=":material/download:", on_click="ignore")
+c3.download_button("Deltas (Parquet)", lambda: deltas.to_parquet(index=False), f"{stem}-deltas.parquet",
+                   "application/octet-stream", icon=":material/download:", on_click="ignore")
+c4.download_button("HTML report (offline)", lambda: report_html(result, metric).encode(), f"{stem}.html",
+                   "text/html", icon=":material/description:", on_click="ignore")
+st.caption("Figures: the camera icon of each chart saves a PNG. The tables and the report are built when "
+           "their button is clicked.")

@@ -13,8 +13,8 @@ from dashboard.figures import fmt_params, kind_box_figure, kind_order
 from dashboard.loaders import PHASES, PhaseProgress, cached_model, load_plan
 from dashboard.state import PAGES, State, setup
 
-#: seconds the last successful "Load and analyse" spent loading the model (not yet in ``State``)
-LOAD_SECONDS = "load_seconds"
+#: seconds the last successful "Load and analyse" spent loading the model
+LOAD_SECONDS = State.load_seconds
 
 setup()
 export_format_control()

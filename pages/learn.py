@@ -22,7 +22,7 @@ from dashboard.state import State, setup
 LESSON, SPIKE_VAR, PHASE_REAL, L_S, L_EPS = "l_lesson", "l_spike_var", "l_phase_real", "l_S", "l_eps"
 LESSONS = ["1 · Random matrix", "2 · Heavy tails", "3 · Spikes", "4 · Phases of training", "5 · alpha → sparsity",
            "6 · Watch a network learn"]
-KEEP = dict(persist_state="session")      # widget values survive page switches and hidden lessons
+KEEP = {}      # widget values survive page switches and hidden lessons: their keys are in State (setup)
 
 setup()
 export_format_control()

@@ -15,7 +15,7 @@ from dashboard import jobs
 from dashboard.errors import shown_errors
 from dashboard.results import file_name, results_figure, with_baselines
 from dashboard.exports import export_format_control, show
-from dashboard.state import PAGES, State, allocation_label, job_model, setup
+from dashboard.state import PAGES, State, allocation_label, assign, job_model, setup
 
 setup()
 export_format_control()
@@ -225,9 +225,16 @@ if not analysed.empty:
     labels = {int(r.id): f"run {r.id}: {r.method} {allocation_label(r.allocation)} "
               + (f"N:M {r.nm}" if isinstance(r.nm, str) and r.nm else f"S={float(r.sparsity):.2f}")
               for r in analysed.itertuples()}
+    newest = max(labels)
+    if ss[State.p_compare_newest] != newest:     # a run finished since: it is the one compared
+        ss[State.p_compare_newest] = newest
+        assign(State.p_compare_runs, [newest])
+    if any(r not in labels for r in ss[State.p_compare_runs]):
+        assign(State.p_compare_runs, [r for r in ss[State.p_compare_runs] if r in labels])
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
-    picked = c1.multiselect("Pruned runs whose output was analysed", list(labels), default=list(labels)[-2:],
-                            format_func=labels.get, key="p_compare_runs")
-    if c2.button("Compare with the dense model", icon=":material/compare:", disabled=not picked):
-        ss["cmp_runs"] = list(picked)        # Compare preselects the dense analysis and these runs
+    picked = c1.multiselect("Pruned runs whose output was analysed", list(labels), format_func=labels.get,
+                            key=State.p_compare_runs, help="the newest is picked when it finishes")
+    which = ", ".join(f"run {r}" for r in picked) or "a run"
+    if c2.button(f"Compare {which} with the dense model", icon=":material/compare:", disabled=not picked):
+        ss[State.cmp_runs] = list(picked)     # Compare preselects the dense analysis and these runs
         st.switch_page(PAGES["compare"][0])

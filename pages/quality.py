@@ -7,7 +7,7 @@ from dashboard.figures import depth_figure, distribution_figure, heatmap_figure,
 from dashboard.state import METRICS, PAGES, State, analysis_page, assign
 
 #: a matrix a click asked to open, (block, kind); set by a selection callback, used once below
-OPEN = "q_open"
+OPEN = State.q_open
 
 ss = st.session_state
 analysis = analysis_page("Layer quality")

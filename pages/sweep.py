@@ -23,8 +23,8 @@ from dashboard.sweeps import RAY_HELP, sweep_argv, sweep_table, tune_argv, tune_
 setup()
 export_format_control()
 ss = st.session_state
-_SEEDED = "s_seeded"      # the Allocation page's settings the sweep's were last set from
-_HANDED = "s_handed"      # set by "Use this allocation": the whole page reruns once (its card is a fragment)
+_SEEDED = State.s_seeded      # the Allocation page's settings the sweep's were last set from
+_HANDED = State.s_handed      # set by "Use this allocation": the whole page reruns once (its card is a fragment)
 st.title("Sweep & tune")
 st.caption("Many prune runs at once, as one background job (the `spectrascope` CLI in a separate process: it "
            "survives page switches and reloads). Every run lands in the runs registry, so **Prune & compare** "

@@ -48,7 +48,7 @@ def test_dense_kinds_and_comparison(demo_analysis_full):
 def test_published_profile_without_a_model():
     at = new_app("allocation")
     assert not at.exception, at.exception
-    assert at.selectbox(key="a_source").value == "profile: llama-13b-hf"
+    assert at.selectbox(key="a_source").value == "loaded model"     # says no model is loaded, no silent profile
     at.selectbox(key="a_source").set_value("profile: llama-7b-hf").run()
     assert len(at.dataframe[0].value) == 32 * 7
     assert float(metric(at, "Parameter-weighted mean")) == 0.7

@@ -85,7 +85,7 @@ def test_prune_and_eval_job_saves_and_reaches_the_comparison(demo, demo_analysis
     params = Registry().get(int(row["id"]))["allocation_params"]
     assert params["analysis"]["identity"]                       # recorded by --analyze-output
     assert "How did pruning change each layer's spectrum?" in [h.value for h in at.subheader]
-    button = next(b for b in at.button if b.label == "Compare with the dense model")
+    button = next(b for b in at.button if b.label == f"Compare run {int(row['id'])} with the dense model")
     button.click().run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Compare"

@@ -64,4 +64,4 @@ def test_a_remembered_click_opens_spectra_once(demo_analysis_full):
     assert not at.exception, at.exception
     assert at.title[0].value == "Spectra"
     assert at.session_state["sp_blocks"] == [7] and at.session_state["sp_kinds"] == ["v"]
-    assert "q_open" not in at.session_state
+    assert at.session_state["q_open"] is None

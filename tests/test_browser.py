@@ -614,3 +614,110 @@ def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home):
         log.close()
         (ARTIFACTS / "timings-first-load.json").write_text(json.dumps(timings, indent=1))
         print("first-load timings:", json.dumps(timings))
+
+
+# --- issue 21: a reload and a shared link keep the work; Compare's link and heatmap click ------
+
+def load_demo_full(page, server) -> None:
+    """A fresh page (no address parameters) with the demo model analysed at xmin=full (cached)."""
+    page.goto(server)
+    page.get_by_role("button", name="Load and analyse").wait_for()
+    wait_idle(page)
+    page.get_by_test_id("stSelectbox").filter(has_text="xmin method").click()
+    page.get_by_role("option", name="full", exact=True).click()
+    page.get_by_role("button", name="Load and analyse").click()
+    page.get_by_text("Median alpha").first.wait_for(timeout=180_000)
+    wait_idle(page)
+
+
+def press_slider(page, label: str, key: str, times: int) -> None:
+    thumb = page.get_by_test_id("stSlider").filter(has_text=label).get_by_role("slider")
+    for _ in range(times):
+        thumb.press(key)
+    settle(page)
+
+
+def test_a_reload_keeps_the_model_and_the_allocation_settings(page, server):
+    load_demo_full(page, server)
+    open_page(page, "Allocation", "sparsity per block")
+    press_slider(page, "Mean sparsity S", "ArrowLeft", 5)           # 0.70 -> 0.65
+    press_slider(page, "epsilon (tau range)", "ArrowRight", 5)      # 0.30 -> 0.35
+    assert (slider_value(page, "Mean sparsity S"), slider_value(page, "epsilon (tau range)")) == ("0.65", "0.35")
+    page.wait_for_function("() => location.search.includes('a_sparsity=0.65') && location.search.includes("
+                           "'a_epsilon=0.35') && location.search.includes('model=demo')", timeout=10_000)
+    page.reload()
+    page.get_by_role("heading", name="Allocation", exact=True).wait_for()
+    page.locator(".js-plotly-plot").filter(has_text="sparsity per block").first.wait_for(timeout=60_000)
+    wait_idle(page)
+    assert slider_value(page, "Mean sparsity S") == "0.65"
+    assert slider_value(page, "epsilon (tau range)") == "0.35"
+    page.get_by_text("Power-law fits with xmin full").wait_for()     # the demo's analysis, restored
+    assert page.evaluate("() => document.querySelector('input[aria-label=\"Metrics from\"]')?.value") == "loaded model"
+    assert page.get_by_test_id("stException").count() == 0
+    shot(page, "allocation-reloaded")
+    open_page(page, "Spectra", "Empirical spectral density")          # the model serves every page
+    assert "model=demo" in page.evaluate("() => location.search")
+
+
+@pytest.fixture(scope="module")
+def two_runs(browser_home):
+    """A tiny model analysed, and two pruned runs of it whose output was analysed, in the
+    server's home: (dense label prefix, run ids)."""
+    from conftest import saved_tiny
+    from core.analysis import analyze
+    from core.experiments import prune_and_eval
+    from core.models import load_model
+    from core.spec import PruneSpec
+
+    loaded = load_model(str(saved_tiny("llama")), device="cpu")
+    analyze(loaded, device="cpu")
+    ids = [prune_and_eval(PruneSpec(method="magnitude", sparsity=s, analyze_output=True, device="cpu"), loaded).run_id
+           for s in (0.3, 0.6)]
+    return ids
+
+
+def test_a_compare_link_seeds_the_selection_and_the_heatmap_opens_a_matrix(page, server, two_runs):
+    r1, r2 = two_runs
+    page.goto(f"{server}/compare?runs={r1}")
+    page.get_by_role("heading", name="Compare", exact=True).wait_for()
+    page.locator(".js-plotly-plot").filter(has_text="against depth").first.wait_for(timeout=60_000)
+    wait_idle(page)
+    label = "Analyses to compare"
+    chosen = multiselect_values(page, label)
+    assert len(chosen) == 2 and chosen[1].startswith(f"run {r1}:"), chosen
+    multiselect(page, label).locator("input").click()
+    page.keyboard.type(f"run {r2}:")
+    page.get_by_role("option").filter(has_text=f"run {r2}:").first.click()
+    page.keyboard.press("Escape")
+    settle(page)
+    remove_option(page, page, label, chosen[1])                       # remove run 1: it stays removed
+    page.wait_for_timeout(1500)
+    settle(page)
+    now = multiselect_values(page, label)
+    assert len(now) == 2 and now[0] == chosen[0] and now[1].startswith(f"run {r2}:"), now
+    search = page.evaluate("() => decodeURIComponent(location.search)")
+    assert "runs=" not in search and f"run {r2}:" in search.replace("+", " "), search
+
+    # a click on a cell of the delta heatmap opens that matrix below
+    page.locator(".js-plotly-plot").filter(has_text="minus").first.wait_for()
+    wait_idle(page)
+    target = page.evaluate(
+        "() => { const p = Array.from(document.querySelectorAll('.js-plotly-plot')).find(p => p.textContent"
+        ".includes('minus')); const t = p._fullData.findIndex(t => t.name === 'cells');"
+        " const keys = p._fullData[t].customdata.map(c => c[0]);"
+        " const current = document.querySelector('input[aria-label=\"Matrix\"]')?.value;"
+        " const i = keys.findIndex(k => k && k !== current && k.includes('1.'));"
+        " return {trace: t, index: i, key: keys[i]}; }")
+    assert target["index"] >= 0, target
+    heat = page.locator(".js-plotly-plot").filter(has_text="minus").first
+    heat.scroll_into_view_if_needed()                                 # a click lands only within the window
+    page.wait_for_timeout(300)
+    point = heat.locator(".scatterlayer .trace").nth(0).locator(".points path").nth(target["index"])
+    box = point.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    settle(page)
+    page.wait_for_function("(k) => document.querySelector('input[aria-label=\"Matrix\"]')?.value === k",
+                           arg=target["key"], timeout=15_000)
+    page.locator(".js-plotly-plot").filter(has_text="ESD and power-law fit across sources").first.wait_for()
+    assert page.get_by_test_id("stException").count() == 0
+    shot(page, "compare-heatmap-click")
