@@ -101,6 +101,7 @@ class State:
     b_epsilon = "b_epsilon"
     owl = "owl"                  # {OWL cache file: id of the job computing it}
     sens = "sens"                # {sensitivity cache file: id of the job measuring it}
+    a_recipe_method = "a_recipe_method"   # the llm-compressor modifier of allocation A's recipe
     a_fallback = "a_metric_fallback"   # (table shown, the user's metric, the metric used instead)
     # Prune
     p_method = "p_method"
@@ -168,7 +169,7 @@ class State:
         a_sparsity: 0.7, a_epsilon: 0.3, a_auto: True, a_rmax: 0.99, a_dense: [], a_compare: False,
         b_method: "uniform", b_mapping: "matrix", b_epsilon: 0.2,
         p_method: "wanda", p_nm: "none", p_calib_n: 8, p_seqlen: 128, p_eval_windows: 8, p_save: False, p_analyze: True,
-        p_job: None, owl: {}, sens: {},
+        p_job: None, owl: {}, sens: {}, a_recipe_method: "wanda",
         s_methods: ["magnitude", "wanda"], s_allocations: ["uniform", "alpha"], s_sparsities: [0.5, 0.6, 0.7],
         s_epsilons: [0.3], s_metric: "alpha", s_xmin: "peak", s_mapping: "block", s_rmax: 0.99, s_dense: [],
         s_ray: "", t_epsilons: [0.1, 0.2, 0.3, 0.4], t_xmins: ["peak"], t_metrics: ["alpha", "alpha_hat"],

@@ -267,7 +267,7 @@ c2.page_link(PAGES["prune"][0], label="Prune with allocation A", icon=":material
 from core.recipes import RECIPE_METHODS, build_recipe  # noqa: E402  (kept with its block)
 
 r1, r2 = st.columns([1, 2])
-recipe_method = r1.radio("llm-compressor pruner", RECIPE_METHODS, horizontal=True, key="a_recipe_method",
+recipe_method = r1.radio("llm-compressor pruner", RECIPE_METHODS, horizontal=True, key=State.a_recipe_method,
                          help="the recipe's modifier: WandaPruningModifier or SparseGPTModifier")
 try:
     recipe = build_recipe(ratios, recipe_method, label=f"{model}, {', '.join(settings)}")

@@ -225,7 +225,7 @@ st.dataframe(long.loc[long["key"] == ss[MATRIX], [c for c in cols if c in long.c
              width="stretch")
 
 st.subheader("Summary per kind")
-st.dataframe(result.by_kind(metric), hide_index=True, width="stretch",
+st.dataframe(result.by_kind(metric), hide_index=True, width="stretch", placeholder="—",
              column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("mean", "change")})
 
 st.subheader("Distributions")
@@ -238,7 +238,7 @@ st.subheader("Missing matrices")
 if result.missing.empty:
     st.caption("Every matrix is in every source.")
 else:
-    st.dataframe(result.missing, hide_index=True, width="stretch")
+    st.dataframe(result.missing, hide_index=True, width="stretch", placeholder="—")
 
 st.subheader("Export")
 stem = "comparison-" + "-vs-".join(Path(str(x)).name.replace(" ", "_")[:20] for x in labels[:3])
