@@ -222,7 +222,7 @@ if c3.button("Open in Spectra", icon=":material/ssid_chart:"):
     st.switch_page(PAGES["spectra"][0])
 cols = ["source", "name", "alpha", "xmin", "D", "n_tail", "n_zero", "rank", "log_spectral_norm", "status", "quant"]
 st.dataframe(long.loc[long["key"] == ss[MATRIX], [c for c in cols if c in long.columns]], hide_index=True,
-             width="stretch")
+             width="stretch", placeholder="—")
 
 st.subheader("Summary per kind")
 st.dataframe(result.by_kind(metric), hide_index=True, width="stretch", placeholder="—",
