@@ -34,10 +34,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from core.deploy import is_2of4, to_semi_structured, unsupported  # noqa: E402
-from core.models import LoadedModel, family_of, prunable_matrices  # noqa: E402
+from core.models import LoadedModel  # noqa: E402
 from core.pruning import prune  # noqa: E402
+from common import random_llama  # noqa: E402  (benchmarks/common.py)
 
 FULL = dict(hidden=4096, inter=11008, blocks=4, heads=32, vocab=32000, tokens=(1, 16, 2048), batches=(1, 16),
             prompt=128, new=64)
@@ -96,17 +98,7 @@ def matmuls(s: dict, device: str, dtype: torch.dtype, repeat: int = 20) -> list[
 
 
 def _llama(s: dict, device: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["blocks"],
-                      num_attention_heads=s["heads"], num_key_value_heads=s["heads"], vocab_size=s["vocab"],
-                      max_position_embeddings=s["prompt"] + s["new"] + 8)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    family = family_of(model)
-    label = f"deploy llama {s['hidden']}x{s['blocks']}"
-    return LoadedModel(model, None, family, label, "mem:" + label, prunable_matrices(model, family))
+    return random_llama(s, s["blocks"], device, dtype, s["prompt"] + s["new"] + 8)
 
 
 @torch.no_grad()

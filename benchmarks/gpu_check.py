@@ -55,12 +55,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.analysis import build_table  # noqa: E402
-from core.models import LoadedModel, MatrixInfo, family_of, prunable_matrices  # noqa: E402
+from core.models import LoadedModel, MatrixInfo  # noqa: E402
 from core.pruning import prune  # noqa: E402
 from core.spectra import compute_spectra, eigenvalues  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_deploy  # noqa: E402  (benchmarks/bench_deploy.py)
+from common import random_llama  # noqa: E402  (benchmarks/common.py)
 import projection  # noqa: E402  (benchmarks/projection.py)
 
 FULL = dict(hidden=4096, inter=11008, blocks=32, heads=32, vocab=32000, nsamples=128, seqlen=2048)
@@ -172,19 +173,8 @@ def routes(device: str, n: int) -> dict:
 
 
 def _llama(s: dict, blocks: int, device: str, dtype: torch.dtype) -> LoadedModel:
-    """A random LLaMA of these shapes, built on ``device`` (its identity is its shape: hashing
-    a 7B model's weights would take longer than pruning it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=blocks,
-                      num_attention_heads=s["heads"], num_key_value_heads=s["heads"], vocab_size=s["vocab"],
-                      max_position_embeddings=s["seqlen"])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    family = family_of(model)
-    label = f"gpu-check llama {s['hidden']}x{blocks}"
-    return LoadedModel(model, None, family, label, "mem:" + label, prunable_matrices(model, family))
+    """A random LLaMA of these shapes, built on ``device``."""
+    return random_llama(s, blocks, device, dtype, s["seqlen"])
 
 
 def pruned(s: dict, device: str, dtype: torch.dtype, method: str, blocks: int = 1) -> dict:

@@ -61,34 +61,45 @@ def browser_home(home, demo_analysis_full):
     os.environ["SPECTRASCOPE_HOME"] = before
 
 
-@pytest.fixture(scope="module")
-def server(browser_home):
-    """The dashboard on a free localhost port, in the test's own home (see ``browser_home``)."""
+def start_streamlit(home: str, log_name: str):
+    """``streamlit run app.py`` on a free localhost port with ``home`` as its Spectrascope home:
+    (process, url, log file), once it answers its health check."""
     port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit.log", "wb")
-    env = {**os.environ, "SPECTRASCOPE_HOME": browser_home}
+    log = open(ARTIFACTS / log_name, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
-                             str(port), "--server.headless", "true"], cwd=ROOT, env=env, stdout=log,
+                             str(port), "--server.headless", "true"], cwd=ROOT,
+                            env={**os.environ, "SPECTRASCOPE_HOME": home}, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://localhost:{port}"
     deadline = time.time() + 60
     while True:
         try:
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
+                return proc, url, log
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"streamlit did not start: {(ARTIFACTS / 'streamlit.log').read_text()[-2000:]}")
+            stop_streamlit(proc, log)
+            raise RuntimeError(f"streamlit did not start: {(ARTIFACTS / log_name).read_text()[-2000:]}")
         time.sleep(0.3)
-    yield url
+
+
+def stop_streamlit(proc, log) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser_home):
+    """The dashboard on a free localhost port, in the test's own home (see ``browser_home``)."""
+    proc, url, log = start_streamlit(browser_home, "streamlit.log")
+    yield url
+    stop_streamlit(proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -529,24 +540,9 @@ def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home):
     empty = Path(home) / "first-load-home"
     shutil.rmtree(empty, ignore_errors=True)
     empty.mkdir()
-    port = free_port()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-first-load.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port",
-                             str(port), "--server.headless", "true"], cwd=ROOT,
-                            env={**os.environ, "SPECTRASCOPE_HOME": str(empty)}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url, timings = f"http://localhost:{port}", {}
+    proc, url, log = start_streamlit(str(empty), "streamlit-first-load.log")
+    timings = {}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "streamlit did not start"
-            time.sleep(0.3)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -606,12 +602,7 @@ def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home):
             timings["content_width_at_800px_after_links"] = content_width(page)
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_streamlit(proc, log)
         (ARTIFACTS / "timings-first-load.json").write_text(json.dumps(timings, indent=1))
         print("first-load timings:", json.dumps(timings))
 
