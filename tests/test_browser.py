@@ -103,15 +103,22 @@ def server(browser_home):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
+    """One Chromium for the module (Playwright's sync API runs one instance per thread)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1300})
-        pg.set_default_timeout(30_000)
-        yield pg
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1300})
+    pg.set_default_timeout(30_000)
+    yield pg
+    pg.close()
 
 
 def shot(page, name: str) -> None:
@@ -528,79 +535,75 @@ def test_learn_watch_a_network_learn(page, server):
     page.set_viewport_size({"width": 1400, "height": 1300})
 
 
-def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home):
+def test_first_load_shows_its_phases_and_narrow_windows_keep_the_width(home, browser):
     """Issue 21, on a server of its own with an EMPTY home (nothing converted, nothing cached):
     the Home box names the phases with the conversion's estimate; after "Load and analyse" the
     conversion's progress shows within seconds and moves (core's ticking, from its thread), then
     the spectra; a second load is fast. At 800 px the sidebar closes again after each page link
     (the content keeps the width) and the Prune page's headings fit. Timings to
     tests/artifacts/timings-first-load.json."""
-    from playwright.sync_api import sync_playwright
-
     empty = Path(home) / "first-load-home"
     shutil.rmtree(empty, ignore_errors=True)
     empty.mkdir()
     proc, url, log = start_streamlit(str(empty), "streamlit-first-load.log")
     timings = {}
     try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.set_default_timeout(30_000)
-            page.goto(url)
-            page.get_by_role("button", name="Load and analyse").wait_for()
-            box = page.get_by_test_id("stAlert").first.inner_text()
-            estimate = int(re.search(r"convert the GGUF: about (\d+) s", box).group(1))
-            assert "spectra" in box and "fits" in box, box
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.get_by_role("button", name="Load and analyse").wait_for()
+        box = page.get_by_test_id("stAlert").first.inner_text()
+        estimate = int(re.search(r"convert the GGUF: about (\d+) s", box).group(1))
+        assert "spectra" in box and "fits" in box, box
 
-            start = time.perf_counter()
-            page.get_by_role("button", name="Load and analyse").click()
-            bar = page.get_by_test_id("stProgress")
-            bar.filter(has_text="convert").first.wait_for(timeout=10_000)
-            timings["first_progress_s"] = round(time.perf_counter() - start, 2)
-            seen: list[str] = []
-            while not page.get_by_text("Median alpha").count():
-                texts = page.get_by_test_id("stProgress").all_inner_texts()
-                if texts and (not seen or texts[0] != seen[-1]):
-                    seen.append(texts[0])
-                assert time.perf_counter() - start < 400, seen[-5:]
-                page.wait_for_timeout(400)
-            timings["first_load_s"] = round(time.perf_counter() - start, 1)
-            timings["conversion_estimate_s"] = estimate
-            converting = [t for t in seen if "convert" in t]
-            assert len(converting) >= 3, seen                  # it moves while transformers reads the GGUF
-            assert any("spectra" in t for t in seen), seen     # and the analysis reports its phase
-            assert timings["first_progress_s"] < 10
+        start = time.perf_counter()
+        page.get_by_role("button", name="Load and analyse").click()
+        bar = page.get_by_test_id("stProgress")
+        bar.filter(has_text="convert").first.wait_for(timeout=10_000)
+        timings["first_progress_s"] = round(time.perf_counter() - start, 2)
+        seen: list[str] = []
+        while not page.get_by_text("Median alpha").count():
+            texts = page.get_by_test_id("stProgress").all_inner_texts()
+            if texts and (not seen or texts[0] != seen[-1]):
+                seen.append(texts[0])
+            assert time.perf_counter() - start < 400, seen[-5:]
+            page.wait_for_timeout(400)
+        timings["first_load_s"] = round(time.perf_counter() - start, 1)
+        timings["conversion_estimate_s"] = estimate
+        converting = [t for t in seen if "convert" in t]
+        assert len(converting) >= 3, seen                  # it moves while transformers reads the GGUF
+        assert any("spectra" in t for t in seen), seen     # and the analysis reports its phase
+        assert timings["first_progress_s"] < 10
 
-            page.goto(url)                                     # a new session: converted, cached on disk
-            page.get_by_role("button", name="Load and analyse").wait_for()
-            assert "done before" in page.get_by_test_id("stAlert").first.inner_text()
-            start = time.perf_counter()
-            page.get_by_role("button", name="Load and analyse").click()
-            page.get_by_text("Median alpha").first.wait_for(timeout=120_000)
-            timings["warm_load_s"] = round(time.perf_counter() - start, 1)
+        page.goto(url)                                     # a new session: converted, cached on disk
+        page.get_by_role("button", name="Load and analyse").wait_for()
+        assert "done before" in page.get_by_test_id("stAlert").first.inner_text()
+        start = time.perf_counter()
+        page.get_by_role("button", name="Load and analyse").click()
+        page.get_by_text("Median alpha").first.wait_for(timeout=120_000)
+        timings["warm_load_s"] = round(time.perf_counter() - start, 1)
 
-            # 800 px: each page link closes the sidebar again, the content keeps the width
-            page.set_viewport_size({"width": 800, "height": 900})
+        # 800 px: each page link closes the sidebar again, the content keeps the width
+        page.set_viewport_size({"width": 800, "height": 900})
+        wait_sidebar(page, collapsed=True)
+        for title in ("Prune & compare", "Spectra", "Layer quality"):
+            page.get_by_test_id("stExpandSidebarButton").click()
+            wait_sidebar(page, collapsed=False)
+            page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
+            page.get_by_role("heading", name=title, exact=True).wait_for()
             wait_sidebar(page, collapsed=True)
-            for title in ("Prune & compare", "Spectra", "Layer quality"):
-                page.get_by_test_id("stExpandSidebarButton").click()
-                wait_sidebar(page, collapsed=False)
-                page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
-                page.get_by_role("heading", name=title, exact=True).wait_for()
-                wait_sidebar(page, collapsed=True)
-                assert content_width(page) > 700, title
-                wait_idle(page)
-                if title == "Prune & compare":     # no heading runs past the content's right edge
-                    overflow = page.evaluate(
-                        "() => { const m = document.querySelector('[data-testid=\"stMain\"]').getBoundingClientRect();"
-                        " return Array.from(document.querySelectorAll('h1, h2, h3, .gtitle')).filter(h => "
-                        "h.getBoundingClientRect().right > m.right + 1 || h.scrollWidth > h.clientWidth + 1)"
-                        ".map(h => h.textContent); }")
-                    assert not overflow, overflow
-            shot(page, "quality-800")
-            timings["content_width_at_800px_after_links"] = content_width(page)
-            browser.close()
+            assert content_width(page) > 700, title
+            wait_idle(page)
+            if title == "Prune & compare":     # no heading runs past the content's right edge
+                overflow = page.evaluate(
+                    "() => { const m = document.querySelector('[data-testid=\"stMain\"]').getBoundingClientRect();"
+                    " return Array.from(document.querySelectorAll('h1, h2, h3, .gtitle')).filter(h => "
+                    "h.getBoundingClientRect().right > m.right + 1 || h.scrollWidth > h.clientWidth + 1)"
+                    ".map(h => h.textContent); }")
+                assert not overflow, overflow
+        shot(page, "quality-800")
+        timings["content_width_at_800px_after_links"] = content_width(page)
+        page.close()
     finally:
         stop_streamlit(proc, log)
         (ARTIFACTS / "timings-first-load.json").write_text(json.dumps(timings, indent=1))
