@@ -40,14 +40,6 @@ def in_this_session(update: Progress) -> Progress:
     return call
 
 
-def progress_callback(bar) -> Progress:
-    """A ``core`` progress callback drawing on an ``st.progress`` element."""
-    def update(done: int, total: int, message: str) -> None:
-        frac = min(max(done / total, 0.0), 1.0) if total else 0.0
-        bar.progress(frac, text=f"{message} ({done}/{total})" if total and "(" not in message else message)
-    return in_this_session(update)
-
-
 #: the phases of "Load and analyse", in order, as the Home page names them
 PHASES = {"convert": "convert the GGUF", "load": "load the model", "spectra": "spectra (eigenvalues of WᵀW)",
           "fits": "power-law fits and metrics"}
