@@ -4,7 +4,7 @@ pruning, evaluation) shares with its caller.
 ``progress(done, total, message)`` is called by long work; the CLI draws a bar (or writes
 JSON lines), the dashboard an ``st.progress``; ``None`` means nobody listens. ``cancel`` is
 a ``threading.Event`` or a callable returning True; stages check it between units of work
-and raise ``Cancelled``. ``install_sigterm_handler`` makes SIGTERM stop work like Ctrl-C.
+and raise ``Cancelled``. ``install_interrupt_handlers`` makes SIGTERM stop work like Ctrl-C.
 """
 from __future__ import annotations
 
@@ -103,10 +103,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 
-def install_sigterm_handler() -> bool:
+def install_interrupt_handlers() -> dict:
     """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread, like Ctrl-C, so that
-    temporaries are removed on the way out. False (and nothing changed) outside the main thread."""
+    temporaries are removed on the way out; and SIGINT too where this process inherited it
+    ignored (a shell starts background commands, ``nohup ... &``, with SIGINT ignored, and the
+    dashboard's Cancel is a SIGINT). Returns the handlers replaced, to restore (empty, and
+    nothing changed, outside the main thread)."""
     if threading.current_thread() is not threading.main_thread():
-        return False
+        return {}
+    replaced = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    return True
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        replaced[signal.SIGINT] = signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return replaced
+
+
+def restore_handlers(replaced: dict) -> None:
+    """Put back the handlers ``install_interrupt_handlers`` replaced."""
+    for signum, handler in replaced.items():
+        signal.signal(signum, handler)

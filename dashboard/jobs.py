@@ -277,7 +277,10 @@ def start(args: list[str], title: str, *, out: str | None = None) -> Job:
     cmd = [sys.executable, "-m", "core.cli", "--progress-json", *args]
     cmd += ["--out", str(folder / out)] if out else []
     cmd += ["--json"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # CANCEL_FILE: a Cancel that comes before the process handles SIGINT (it may start with SIGINT
+    # ignored, inherited from a server started in the background) is read from this file instead
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "SPECTRASCOPE_CANCEL_FILE": str(folder / "cancel")}
     with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
                                 cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)

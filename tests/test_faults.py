@@ -181,8 +181,8 @@ def test_atomic_file_leaves_no_temporary_on_failure(tmp_path):
 _CACHE_WRITE = """
 import pathlib, sys, time
 import numpy as np
-from core.progress import install_sigterm_handler
-install_sigterm_handler()
+from core.progress import install_interrupt_handlers
+install_interrupt_handlers()
 savez = np.savez
 def stuck(f, **kw):
     savez(f, **kw)
@@ -194,6 +194,30 @@ np.savez = stuck
 from core.analysis import analyze
 analyze(sys.argv[1], device="cpu")
 """
+
+
+_IGNORING_SIGINT = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)     # inherited so by `nohup spectrascope ... &` (a shell's background)
+from core import cli
+def slow(args, progress):
+    pathlib.Path(sys.argv[1]).write_text("running")
+    time.sleep(600)
+cli.COMMANDS["runs"] = cli.COMMANDS["runs"]._replace(run=slow)
+sys.exit(cli.main(["runs"]))
+"""
+
+
+def test_a_cli_started_with_sigint_ignored_still_stops_on_sigint(home, tmp_path):
+    """The dashboard's Cancel is a SIGINT to the job's process group; a process started in the
+    background by a shell inherits SIGINT ignored, and the job then ran on (the dashboard, or the
+    test suite, started with `nohup ... &`). The CLI makes SIGINT stop its work wherever it runs."""
+    ready = tmp_path / "ready"
+    proc = spawn(_IGNORING_SIGINT, str(ready), home=home)
+    wait_for(ready, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, proc.stderr.read()
+    assert proc.stderr.read().strip() == "spectrascope runs: interrupted"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "TERM"])
@@ -476,3 +500,15 @@ def test_disk_full_writing_the_cache_is_a_warning(home, caplog, monkeypatch):
     assert len(result.table) == 14
     assert any("no space left" in r.getMessage() for r in caplog.records)
     assert leftovers(home / "analyses") == []
+
+
+def test_a_dashboard_cancel_that_came_before_the_job_handled_sigint_is_read_from_its_file(home, tmp_path):
+    """Cancel touches the job's cancel file, then signals: a job that had not yet installed its
+    SIGINT handler (started with SIGINT ignored) stops as it starts, before any work."""
+    flag = tmp_path / "cancel"
+    flag.touch()
+    env = {**os.environ, "SPECTRASCOPE_HOME": str(home), "SPECTRASCOPE_CANCEL_FILE": str(flag),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "core.cli", "eval", "--model", "demo", "--max-windows", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "spectrascope eval: interrupted", proc.stderr

@@ -242,7 +242,7 @@ def test_allocation_page_offers_the_recipe():
     """The Allocation page offers allocation A as a recipe (a published profile: no model needed)."""
     from test_app_common import new_app
 
-    at = new_app("allocation")
+    at = new_app("allocation", a_source="profile: llama-7b-hf")     # without a model the page says so and stops
     assert not at.exception, at.exception
     buttons = [b for b in at.get("download_button") if "llm-compressor" in b.proto.label]
     assert len(buttons) == 1, [b.proto.label for b in at.get("download_button")]

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -98,8 +99,10 @@ def test_a_damaged_job_folder_does_not_break_sweep_and_tune(jobs_home):
 
 
 def sleeper() -> subprocess.Popen:
-    """An unrelated process group (a `sleep` in a session of its own)."""
-    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+    """An unrelated process group (a sleeping process in a session of its own) that SIGINT ends,
+    even where this test run inherited SIGINT ignored (started in the background by a shell)."""
+    return subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                             "signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(60)"], start_new_session=True)
 
 
 @pytest.mark.parametrize("recorded", ["wrong_start", "no_start", "other_host"])

@@ -19,8 +19,8 @@ import argparse
 import importlib.abc
 import json
 import logging
+import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from ..config import home
-from ..progress import Progress, install_sigterm_handler
+from ..progress import Progress, install_interrupt_handlers, restore_handlers
 from .analyze import add_allocate, add_analyze, run_allocate, run_analyze
 from .compare import add_compare, run_compare
 from .owl import add_owl_scores, run_owl_scores
@@ -290,14 +290,12 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    installed = install_sigterm_handler()
+    replaced = install_interrupt_handlers()
     try:
         with _output(args):
             return _run(args)
     finally:
-        if installed:
-            signal.signal(signal.SIGTERM, sigterm)
+        restore_handlers(replaced)
 
 
 def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
@@ -317,6 +315,9 @@ def _unexpected(args: argparse.Namespace, exc: Exception) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        cancel_file = os.environ.get("SPECTRASCOPE_CANCEL_FILE")     # the dashboard's Cancel, if it came first
+        if cancel_file and Path(cancel_file).exists():
+            raise KeyboardInterrupt(f"cancelled before it started ({cancel_file})")
         with _progress_for(args) as progress:
             text = COMMANDS[args.command].run(args, progress)
     except USER_ERRORS as exc:
