@@ -211,7 +211,7 @@ def conversion_seconds(gguf: str | os.PathLike) -> float | None:
     ``conversion_rate``); None when its converted folder is complete (nothing to convert)."""
     gguf = Path(gguf).expanduser().resolve()
     dest = _converted_folder(gguf)
-    if dest.exists() and converted_problem(dest) is None:
+    if dest.exists() and is_converted(dest):
         return None
     return gguf.stat().st_size / conversion_rate()
 

@@ -156,17 +156,17 @@ def tune(base: PruneSpec, *, epsilons: Sequence[float] | None = None, xmins: Seq
                                save=None)
                 ratios = choose_allocation(spec, loaded, metrics=table).ratio_by_name()
                 same = tuple(sorted((k, round(v, 12)) for k, v in ratios.items()))
-                candidates.setdefault(same, (ratios, f"epsilon {eps:g}, xmin {xmin}, {metric}"))
+                candidates.setdefault(same, (spec, ratios, f"epsilon {eps:g}, xmin {xmin}, {metric}"))
                 grid.append((eps, xmin, metric, same))
     scores: dict[tuple, tuple[float, float]] = {}
     ppl = None
-    for k, (same, (ratios, what)) in enumerate(candidates.items()):
+    for k, (same, (spec, ratios, what)) in enumerate(candidates.items()):
         log.info("tune: %s", what)
         step = within(progress, f"candidate {k + 1} of {len(candidates)} ({what}) · ")
-        pruned = prune(loaded, ratios, method=base.method, device=base.device, copy=True,
-                       calibration=calib if base.method != "magnitude" else None, progress=step, cancel=cancel)
+        pruned = prune(loaded, ratios, method=spec.method, device=spec.device, copy=True,
+                       calibration=calib if spec.needs_calibration else None, progress=step, cancel=cancel)
         ppl = perplexity(pruned.model, ids=held, seqlen=calib.seqlen, max_windows=holdout_windows,
-                         device=base.device, bos=calib.bos, progress=step, cancel=cancel)
+                         device=spec.device, bos=calib.bos, progress=step, cancel=cancel)
         scores[same] = (ppl.perplexity, pruned.sparsity)
         del pruned
     rows = [{"epsilon": float(eps), "xmin": xmin, "metric": metric, "perplexity": scores[same][0],
