@@ -141,6 +141,8 @@ def writable_file(path: str | os.PathLike, name: str = "", *, overwrite: bool = 
     if path.exists() and not overwrite:
         raise ValueError(f"{what} already exists; nothing was written: choose a new name or add --overwrite to "
                          "replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {what}: {path.parent} is a file, not a folder; choose another folder")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {what}: folder {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK | os.X_OK):

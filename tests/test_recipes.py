@@ -176,9 +176,11 @@ def test_unwritable_recipe_path_is_refused(tmp_path, capsys, where):
     if where == "existing file":
         target.write_text("mine\n")
     csv = tmp_path / "a.csv"
-    refused(capsys, ["allocate", "--profile", "llama-7b-hf", "--sparsity", "0.5", "--recipe", str(target),
-                     "--out", str(csv)], "--recipe", within=5)
+    line = refused(capsys, ["allocate", "--profile", "llama-7b-hf", "--sparsity", "0.5", "--recipe", str(target),
+                            "--out", str(csv)], "--recipe", within=5)
     assert not csv.exists()
+    if where == "parent is a file":             # named as what it is, not as a missing folder
+        assert "is a file, not a folder" in line, line
     assert (target.read_text() == "mine\n") if where == "existing file" else not target.exists()
 
 
